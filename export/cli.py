@@ -1,0 +1,33 @@
+"""Arguments of ``stn export`` and ``stn bench export`` (light: heavy imports happen in run_*)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+
+def configure_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="checkpoint written by `stn train` (.pt)")
+    p.add_argument("-o", "--output", required=True, help="ONNX file to write")
+    p.add_argument("--grid-sample", default="onnx", choices=["onnx", "contrib", "gather"],
+                   help="sampler lowering: standard GridSample (opset-16 attributes), com.microsoft::GridSample, "
+                        "or core ops only (default: onnx)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18; the onnx lowering needs <= 19)")
+    p.add_argument("--name", help="model name in metadata (default: from the checkpoint, else the output file stem)")
+    p.add_argument("--version", dest="model_version", help="model version in metadata (default: from the checkpoint)")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from export.onnx_export import ExportError, export_checkpoint
+    from models.checkpoint import CheckpointError
+
+    command = "stn export " + shlex.join(sys.argv[2:] if len(sys.argv) > 2 else [args.checkpoint, "-o", args.output])
+    try:
+        report = export_checkpoint(args.checkpoint, args.output, lowering=args.grid_sample, opset=args.opset,
+                                   name=args.name, version=args.model_version, command=command)
+    except (CheckpointError, ExportError, ValueError) as e:
+        print(f"stn export: error: {e}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    return 0

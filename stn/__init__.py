@@ -1,0 +1,1 @@
+"""The ``stn`` command (see ``stn.cli``)."""

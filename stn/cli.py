@@ -1,0 +1,72 @@
+"""``stn``: one command, thin over library functions.
+
+Each subcommand's arguments are declared by a light module of the package that does the
+work (``models.cli``, ``export.cli``, ``service.cli``); heavy imports (torch,
+onnxruntime) happen only inside the chosen subcommand, so ``stn serve`` never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> module providing configure_<name>(parser) and run_<name>(args) -> int
+SUBCOMMANDS = {
+    "train": ("models.cli", "Train an STN (classification or self-supervised rectification)."),
+    "export": ("export.cli", "Export a checkpoint to a self-describing ONNX model."),
+    "serve": ("service.cli", "Serve ONNX models over HTTP (FastAPI + onnxruntime)."),
+    "batch": ("service.cli", "Rectify many images offline."),
+}
+BENCHMARKS = {
+    "export": ("export.cli", "onnxruntime vs PyTorch eager, per lowering and batch size."),
+    "serve": ("service.cli", "The HTTP service vs the bare pipeline and a naive server."),
+    "batch": ("service.cli", "The batch engine vs a naive loop and the bare model."),
+}
+
+
+def _load(module: str):  # noqa: ANN202
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stn", description="Spatial Transformer Networks: train, export, serve.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        mod = _load(module)
+        configure = getattr(mod, f"configure_{name}", None)
+        if configure is None:
+            p.set_defaults(handler=lambda args, n=name: _unavailable(n))
+            continue
+        configure(p)
+        p.set_defaults(handler=getattr(mod, f"run_{name}"))
+    bench = sub.add_parser("bench", help="Benchmarks, side by side with a baseline in one run.")
+    bsub = bench.add_subparsers(dest="bench", required=True, metavar="WHAT")
+    for name, (module, help_text) in BENCHMARKS.items():
+        p = bsub.add_parser(name, help=help_text, description=help_text)
+        mod = _load(module)
+        configure = getattr(mod, f"configure_bench_{name}", None)
+        if configure is None:
+            p.set_defaults(handler=lambda args, n=name: _unavailable(f"bench {n}"))
+            continue
+        configure(p)
+        p.set_defaults(handler=getattr(mod, f"run_bench_{name}"))
+    return parser
+
+
+def _unavailable(name: str) -> int:
+    print(f"stn {name}: not available in this installation", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.handler(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
