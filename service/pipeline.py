@@ -1,0 +1,153 @@
+"""The per-image pipeline, as plain functions (no HTTP, no asyncio): reused by the app and by batch engines.
+
+::
+
+    bytes --prepare--> Prepared (raw image at full resolution + normalized small copy)
+    [Prepared.loc, ...] --ModelRuntime.localise (batched)--> theta per image
+    Prepared + theta --rectify--> Rectified (sampled at full resolution, any output size)
+    Rectified --geometry / encode / result_json--> what the API returns
+
+Public API:
+
+- :func:`prepare` (bytes -> :class:`Prepared`; raises ``images.BadImageError`` /
+  ``images.ImageTooLargeError``) and :func:`prepare_array` (an already decoded [C, H, W] array).
+- :func:`localise` (a list of Prepared -> theta per image, one batched localiser call).
+- :func:`rectify` (Prepared + theta + output size -> :class:`Rectified`).
+- :func:`geometry` (theta -> pixel matrices, or TPS control points, in the uploaded image's frame).
+- :func:`result_json` (Rectified -> the ``results[i]`` object of ``POST /v1/rectify``).
+- :func:`rectify_images` (the whole thing for a list of uploads, sequentially: the bare pipeline).
+
+Normalization: see ``service.runtime``: the localiser gets the normalized small copy, the
+sampler the raw [0, 1] image (zeros padding is black, as OpenCV's default border).
+All matrix math comes from ``models.frames`` (conventions in its module docstring).
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from models import frames
+from service import images
+from service.runtime import DeviceImage, ModelRuntime
+
+
+@dataclass
+class Prepared:
+    """One decoded upload: the raw image (for the sampler) and the localiser's input."""
+
+    filename: str
+    image: DeviceImage  # [1, C, H, W] float32 in [0, 1], full resolution
+    loc: np.ndarray  # [C, lh, lw] float32, normalized with the model's mean/std
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.image.size
+
+
+@dataclass
+class Rectified:
+    """One result: the transform and the rectified image (float32 [C, h, w] in [0, 1])."""
+
+    filename: str
+    input_size: tuple[int, int]  # (H, W) of the image as uploaded (after EXIF orientation)
+    output_size: tuple[int, int]  # (h, w) of the rectified image
+    theta: np.ndarray  # as the model exports it: [2,3], [3,3] or [K,2]
+    image: np.ndarray
+
+
+def prepare_array(model: ModelRuntime, array: np.ndarray, filename: str = "image") -> Prepared:
+    """A decoded [C, H, W] float32 image in [0, 1] -> Prepared (exported resize, then normalize)."""
+    image = model.upload(array)
+    loc = model.normalize(model.resize(image))[0]
+    return Prepared(filename, image, loc)
+
+
+def prepare(model: ModelRuntime, data: bytes, limits: images.Limits, filename: str = "image") -> Prepared:
+    """Check limits, decode to the model's channels, resize and normalize (the CPU-heavy front half)."""
+    return prepare_array(model, images.decode(data, model.info.in_channels, limits, filename), filename)
+
+
+def localise(model: ModelRuntime, items: Sequence[Prepared]) -> list[np.ndarray]:
+    """theta for each item, from one batched localiser call."""
+    if not items:
+        return []
+    return list(model.localise(np.stack([p.loc for p in items])))
+
+
+def rectify(model: ModelRuntime, item: Prepared, theta: np.ndarray,
+            output_size: tuple[int, int] | None = None) -> Rectified:
+    """Sample the full-resolution image with ``theta`` into ``output_size`` (default: the model's)."""
+    size = tuple(output_size or model.info.output_size)
+    out = model.sample(item.image, theta[None], size)[0]
+    return Rectified(item.filename, item.input_size, (int(size[0]), int(size[1])), np.asarray(theta), out)
+
+
+def _rows(m: np.ndarray) -> list[list[float]]:
+    return [[float(v) for v in row] for row in np.asarray(m)]
+
+
+def geometry(transform: str, theta: np.ndarray, input_size: tuple[int, int],
+             output_size: tuple[int, int], tps_grid: tuple[int, int] = (4, 4)) -> dict[str, Any]:
+    """Pixel matrices (affine-like, projective) or control points (TPS), in the uploaded image's frame.
+
+    Affine/projective: ``input_px_from_output_px`` and ``output_px_from_input_px`` (3x3, see
+    ``models.frames``). TPS: ``control_points`` is theta (normalized source points, [K, 2]);
+    ``source_points_px`` are the same points in input pixels, ``target_points_px`` where they
+    land in the rectified image (the regular grid of ``models.frames.tps_control_points``).
+    """
+    if transform == "tps":
+        src = np.asarray(theta, np.float64)
+        tgt = frames.tps_control_points(tps_grid)
+        to_px_in, to_px_out = frames.px_from_norm(input_size), frames.px_from_norm(output_size)
+        return {
+            "control_points": _rows(src),
+            "source_points_px": _rows(src @ to_px_in[:2, :2].T + to_px_in[:2, 2]),
+            "target_points_px": _rows(tgt @ to_px_out[:2, :2].T + to_px_out[:2, 2]),
+        }
+    return {
+        "input_px_from_output_px": _rows(frames.input_px_from_output_px(theta, input_size, output_size)),
+        "output_px_from_input_px": _rows(frames.output_px_from_input_px(theta, input_size, output_size)),
+    }
+
+
+def result_json(model: ModelRuntime, result: Rectified, encoded_png: bytes | None = None) -> dict[str, Any]:
+    """The ``results[i]`` object of ``POST /v1/rectify`` (``image``: base64 PNG)."""
+    h, w = result.output_size
+    out: dict[str, Any] = {
+        "filename": result.filename,
+        "width": w,
+        "height": h,
+        "input_width": result.input_size[1],
+        "input_height": result.input_size[0],
+        "theta": np.asarray(result.theta, np.float64).tolist(),
+    }
+    out.update(geometry(model.info.transform, result.theta, result.input_size, result.output_size,
+                        model.info.tps_grid))
+    if encoded_png is None:
+        encoded_png = images.encode(result.image, "png")
+    out["image"] = base64.b64encode(encoded_png).decode("ascii")
+    return out
+
+
+def rectify_images(model: ModelRuntime, uploads: Iterable[tuple[str, bytes]], limits: images.Limits,
+                   output_size: tuple[int, int] | None = None, batch_size: int = 32) -> list[Rectified]:
+    """The bare pipeline, sequentially: decode, batched localisation, full-resolution sampling."""
+    results: list[Rectified] = []
+    pending: list[Prepared] = []
+
+    def flush() -> None:
+        for item, theta in zip(pending, localise(model, pending), strict=True):
+            results.append(rectify(model, item, theta, output_size))
+        pending.clear()
+
+    for filename, data in uploads:
+        pending.append(prepare(model, data, limits, filename))
+        if len(pending) >= batch_size:
+            flush()
+    flush()
+    return results

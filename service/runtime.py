@@ -1,0 +1,325 @@
+"""onnxruntime sessions for stn models: provider choice, loading, the three sub-models, warm-up.
+
+Public API (used by the HTTP app and by batch engines; no HTTP, no asyncio, no torch):
+
+- :func:`resolve_providers` (requested execution providers -> the usable ones, probing GPU
+  providers once per process and warning once when one falls back to CPU).
+- :class:`SessionConfig` (providers and thread counts) and :func:`load_model` (one ``.onnx``
+  file -> :class:`ModelRuntime`, or :class:`ModelLoadError` with a reason a person can act on).
+- :func:`load_model_dir` (every ``*.onnx`` in a folder -> loaded models and failures by name).
+- :class:`ModelRuntime`: ``info`` (:class:`export.metadata.ModelInfo`), ``upload``, ``resize``,
+  ``normalize``, ``localise``, ``sample``, ``base_grid``, ``warmup``, ``describe``.
+
+Each model is split (``export.contract.split``) into ``resize``, ``localiser`` and ``sampler``
+sessions, so localisation can be batched across images of different sizes while each image
+is sampled at its own full resolution and at any output size. Every method is thread-safe
+(onnxruntime's ``run`` is) and releases the GIL while onnxruntime computes.
+
+Normalization: the contract's ``image`` input is normalized with the model's mean/std. The
+service resizes the *raw* [0, 1] image with the exported ``resize`` sub-model and normalizes
+the small copy afterwards (resize is linear, so this equals resizing the normalized image),
+feeds that to the localiser, and feeds the *raw* image to the sampler: zeros padding is then
+black, and OpenCV's ``warpAffine`` with its default ``borderValue=0`` reproduces the result.
+
+On a GPU provider the full-resolution image is uploaded once (:meth:`ModelRuntime.upload`) and
+bound with IO binding to both the resize and the sampler sessions.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from export.contract import ContractError, split
+from export.metadata import BASE_GRID, INPUT_IMAGE, LOC_INPUT, OUTPUT_RECTIFIED, OUTPUT_THETA, MetadataError, ModelInfo, read_props
+from models import frames
+
+log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+GPU_DEVICES = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda"}
+
+_probe_lock = threading.Lock()
+_probed: dict[str, bool] = {}
+
+
+class ModelLoadError(RuntimeError):
+    """A model file that cannot be served; the message says why."""
+
+
+def _probe_model() -> bytes:
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)], ir_version=8).SerializeToString()
+
+
+def _provider_works(provider: str) -> bool:
+    with _probe_lock:
+        if provider not in _probed:
+            ort.set_default_logger_severity(4)  # the failed CUDA load logs errors; we log one warning instead
+            try:
+                sess = ort.InferenceSession(_probe_model(), providers=[provider, CPU])
+                _probed[provider] = provider in sess.get_providers()
+            except Exception:  # noqa: BLE001 (any failure means: not usable)
+                _probed[provider] = False
+            finally:
+                ort.set_default_logger_severity(2)
+            if not _probed[provider]:
+                log.warning("%s is not usable here (no GPU, or its CUDA/cuDNN libraries are missing); "
+                            "falling back to the next provider", provider)
+        return _probed[provider]
+
+
+def resolve_providers(requested: Sequence[str]) -> list[str]:
+    """The requested execution providers that work here, in order; CPU is always last resort."""
+    available = set(ort.get_available_providers())
+    usable = []
+    for p in requested:
+        if p not in available:
+            log.warning("execution provider %s is not in this onnxruntime build (has: %s); skipped",
+                        p, ", ".join(sorted(available)))
+            continue
+        if p == CPU or _provider_works(p):
+            usable.append(p)
+    if CPU not in usable:
+        usable.append(CPU)
+    return usable
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """How sessions are created: providers (already resolved or not) and thread counts."""
+
+    providers: tuple[str, ...] = ("CUDAExecutionProvider", CPU)
+    intra_op_threads: int = 1  # 0: onnxruntime decides
+    inter_op_threads: int = 1
+    io_binding: bool | None = None  # None: on GPU providers only
+
+    def session_options(self) -> ort.SessionOptions:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.intra_op_threads
+        so.inter_op_num_threads = self.inter_op_threads
+        so.log_severity_level = 3
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # no busy-waiting between requests
+        return so
+
+
+class DeviceImage:
+    """A full-resolution image [N, C, H, W] float32 in [0, 1], on the host and, on a GPU, on the device."""
+
+    __slots__ = ("array", "ortvalue")
+
+    def __init__(self, array: np.ndarray, ortvalue: ort.OrtValue | None = None) -> None:
+        self.array = array
+        self.ortvalue = ortvalue
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.array.shape[-2]), int(self.array.shape[-1])
+
+
+class ModelRuntime:
+    """One loaded stn model: its metadata and its resize, localiser and sampler sessions."""
+
+    def __init__(self, name: str, path: Path, info: ModelInfo, sessions: dict[str, ort.InferenceSession],
+                 config: SessionConfig) -> None:
+        self.name = name
+        self.path = path
+        self.info = info
+        self._resize = sessions["resize"]
+        self._localiser = sessions["localiser"]
+        self._sampler = sessions["sampler"]
+        self.providers: list[str] = self._sampler.get_providers()
+        self.device = next((GPU_DEVICES[p] for p in self.providers if p in GPU_DEVICES), "cpu")
+        self.io_binding = (self.device != "cpu") if config.io_binding is None else config.io_binding
+        self._mean = np.asarray(info.mean, np.float32).reshape(-1, 1, 1)
+        self._inv_std = (1.0 / np.asarray(info.std, np.float32)).reshape(-1, 1, 1)
+        self._grids: OrderedDict[tuple[int, int], Any] = OrderedDict()
+        self._grid_lock = threading.Lock()
+        self.warmed_up = False
+        self.load_seconds = 0.0
+
+    # ---- pieces -------------------------------------------------------------------------
+    def upload(self, image: np.ndarray) -> DeviceImage:
+        """Wrap [C, H, W] or [N, C, H, W] float32 in [0, 1]; on a GPU, copy it to the device once."""
+        a = image[None] if image.ndim == 3 else image
+        self._check_image(a)
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        value = ort.OrtValue.ortvalue_from_numpy(a, self.device, 0) if self.io_binding else None
+        return DeviceImage(a, value)
+
+    def resize(self, image: DeviceImage) -> np.ndarray:
+        """The exported resize sub-model: [N, C, H, W] -> [N, C, lh, lw] (no normalization)."""
+        return self._run(self._resize, {INPUT_IMAGE: image}, LOC_INPUT)
+
+    def normalize(self, x: np.ndarray) -> np.ndarray:
+        """(x - mean) / std per channel, for [C, h, w] or [N, C, h, w]."""
+        return ((x - self._mean) * self._inv_std).astype(np.float32, copy=False)
+
+    def localise(self, loc_batch: np.ndarray) -> np.ndarray:
+        """Normalized [N, C, lh, lw] -> theta [N, *info.theta_shape]."""
+        c, (lh, lw) = self.info.in_channels, self.info.loc_size
+        if loc_batch.ndim != 4 or loc_batch.shape[1:] != (c, lh, lw):
+            raise ValueError(f"localiser input must be [N, {c}, {lh}, {lw}], got {list(loc_batch.shape)}")
+        return self._run(self._localiser, {LOC_INPUT: np.ascontiguousarray(loc_batch, np.float32)}, OUTPUT_THETA)
+
+    def sample(self, image: DeviceImage, theta: np.ndarray, output_size: tuple[int, int] | None = None) -> np.ndarray:
+        """The exported sampler at full resolution: [N, C, H, W] + theta [N, ...] -> [N, C, h, w]."""
+        size = tuple(output_size or self.info.output_size)
+        theta = np.ascontiguousarray(theta, np.float32).reshape(-1, *self.info.theta_shape)
+        if theta.shape[0] != image.array.shape[0]:
+            raise ValueError(f"{image.array.shape[0]} images but {theta.shape[0]} thetas")
+        return self._run(self._sampler, {INPUT_IMAGE: image, OUTPUT_THETA: theta, BASE_GRID: self.base_grid(size)},
+                         OUTPUT_RECTIFIED)
+
+    def base_grid(self, output_size: tuple[int, int]) -> np.ndarray | ort.OrtValue:
+        """models.frames.base_grid for this model's family at ``output_size`` (cached; on the device on GPU)."""
+        key = (int(output_size[0]), int(output_size[1]))
+        with self._grid_lock:
+            if key in self._grids:
+                self._grids.move_to_end(key)
+                return self._grids[key]
+        grid = frames.base_grid(self.info.transform, key, self.info.tps_grid)
+        if self.io_binding:
+            grid = ort.OrtValue.ortvalue_from_numpy(grid, self.device, 0)
+        with self._grid_lock:
+            self._grids[key] = grid
+            while len(self._grids) > 16:
+                self._grids.popitem(last=False)
+        return grid
+
+    def warmup(self, max_batch_size: int = 1) -> float:
+        """Run every session once at the model's sizes (and the localiser at 1 and max batch); returns seconds."""
+        t0 = time.perf_counter()
+        c, (lh, lw) = self.info.in_channels, self.info.loc_size
+        image = self.upload(np.zeros((1, c, lh * 2, lw * 2), np.float32))
+        loc = self.normalize(self.resize(image))
+        for n in sorted({1, max_batch_size}):
+            theta = self.localise(np.repeat(loc, n, axis=0))
+        self.sample(image, theta[:1])
+        self.warmed_up = True
+        return time.perf_counter() - t0
+
+    def describe(self) -> dict[str, Any]:
+        """What /v1/models shows: metadata, providers, sizes."""
+        info = self.info
+        return {
+            "name": self.name, "version": info.version, "file": self.path.name, "model_name": info.name,
+            "transform": info.transform, "in_channels": info.in_channels, "loc_size": list(info.loc_size),
+            "output_size": list(info.output_size), "mean": list(info.mean), "std": list(info.std),
+            "interpolation": info.interpolation, "padding_mode": info.padding_mode, "grid_sample": info.grid_sample,
+            "tps_grid": list(info.tps_grid) if info.transform == "tps" else None,
+            "theta_shape": list(info.theta_shape), "classes": list(info.classes) if info.classes else None,
+            "dataset": info.dataset, "metrics": info.metrics, "created_by": info.created_by,
+            "providers": self.providers, "io_binding": self.io_binding, "warmed_up": self.warmed_up,
+        }
+
+    # ---- internals ----------------------------------------------------------------------
+    def _check_image(self, a: np.ndarray) -> None:
+        if a.ndim != 4 or a.shape[1] != self.info.in_channels:
+            raise ValueError(f"image must be [N, {self.info.in_channels}, H, W], got {list(a.shape)}")
+
+    def _run(self, sess: ort.InferenceSession, feeds: dict[str, Any], output: str) -> np.ndarray:
+        if not self.io_binding:
+            plain = {k: (v.array if isinstance(v, DeviceImage) else v) for k, v in feeds.items()}
+            return sess.run([output], plain)[0]
+        binding = sess.io_binding()
+        for k, v in feeds.items():
+            if isinstance(v, DeviceImage):
+                v = v.ortvalue if v.ortvalue is not None else v.array
+            if isinstance(v, ort.OrtValue):
+                binding.bind_ortvalue_input(k, v)
+            else:
+                binding.bind_cpu_input(k, np.ascontiguousarray(v))
+        binding.bind_output(output, "cpu")
+        sess.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+
+def load_model(path: str | Path, config: SessionConfig, name: str | None = None) -> ModelRuntime:
+    """Load, validate and split one stn ONNX file; raise ModelLoadError with the reason."""
+    path = Path(path)
+    name = name or path.stem
+    t0 = time.perf_counter()
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: no such file")
+    try:
+        proto = onnx.load(str(path))
+    except Exception as e:  # noqa: BLE001 (protobuf raises DecodeError and friends)
+        raise ModelLoadError(f"{path.name}: not a readable ONNX file ({type(e).__name__}: {e})") from None
+    try:
+        info = ModelInfo.from_props(read_props(proto))
+        if info.in_channels not in (1, 3, 4):
+            raise MetadataError(f"stn.in_channels={info.in_channels}: images are served as 1, 3 or 4 channels")
+        subs = split(proto, info)
+    except (MetadataError, ContractError) as e:
+        raise ModelLoadError(f"{path.name}: {e}") from None
+    providers = resolve_providers(config.providers)
+    sessions = {}
+    for part, sub in (("resize", subs.resize), ("localiser", subs.localiser), ("sampler", subs.sampler)):
+        try:
+            sessions[part] = ort.InferenceSession(sub.SerializeToString(), config.session_options(),
+                                                  providers=providers)
+        except Exception as e:  # noqa: BLE001 (onnxruntime raises its own exception types)
+            raise ModelLoadError(f"{path.name}: onnxruntime cannot load its {part}: {e}") from None
+    runtime = ModelRuntime(name, path, info, sessions, config)
+    runtime.load_seconds = time.perf_counter() - t0
+    return runtime
+
+
+@dataclass
+class LoadedModels:
+    """The outcome of loading a model folder: ready models and failures, by served name."""
+
+    models: dict[str, ModelRuntime] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+
+
+def model_files(model_dir: str | Path) -> list[Path]:
+    """``*.onnx`` files in ``model_dir`` (sorted), or directly the file when given one."""
+    p = Path(model_dir)
+    if p.is_file():
+        return [p]
+    return sorted(q for q in p.glob("*.onnx") if q.is_file()) if p.is_dir() else []
+
+
+def load_model_dir(model_dir: str | Path, config: SessionConfig, warmup_batch: int | None = 1) -> LoadedModels:
+    """Load every model in ``model_dir``; a failure is recorded with its reason and skips only that model.
+
+    The served name of a model is its file stem. ``warmup_batch=None`` skips warm-up.
+    """
+    out = LoadedModels()
+    files = model_files(model_dir)
+    if not files:
+        out.failures[str(model_dir)] = (f"no .onnx model in {model_dir} (set STN_MODEL_DIR to a folder of models "
+                                        "exported with `stn export`)")
+        return out
+    for path in files:
+        try:
+            runtime = load_model(path, config)
+            if warmup_batch is not None:
+                runtime.warmup(warmup_batch)
+        except ModelLoadError as e:
+            log.error("model %s not loaded: %s", path.stem, e)
+            out.failures[path.stem] = str(e)
+            continue
+        except Exception as e:  # noqa: BLE001 (warm-up failing means the model cannot run)
+            log.error("model %s failed its warm-up: %s", path.stem, e)
+            out.failures[path.stem] = f"{path.name}: warm-up failed: {type(e).__name__}: {e}"
+            continue
+        log.info("model %s (%s v%s, %s) loaded in %.2fs on %s", runtime.name, runtime.info.transform,
+                 runtime.info.version, path.name, runtime.load_seconds, ", ".join(runtime.providers))
+        out.models[runtime.name] = runtime
+    return out

@@ -1,0 +1,81 @@
+"""Service settings: one typed object read from ``STN_*`` environment variables (pydantic-settings).
+
+Every field is listed, with its default, in docs/SERVING.md (the README's settings table).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def default_model_dir() -> Path:
+    """``models/default/`` next to the installed ``models`` package, found without importing it (or torch)."""
+    spec = importlib.util.find_spec("models")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    if not locations:
+        return Path("models/default")
+    return Path(locations[0]) / "default"
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """All knobs of ``stn serve``; env var = ``STN_`` + field name in upper case."""
+
+    model_config = SettingsConfigDict(env_prefix="STN_", case_sensitive=False, extra="ignore")
+
+    model_dir: Path = Field(default_factory=default_model_dir)  # folder of .onnx models; each file is one model
+    default_model: str = ""  # model used when a request names none (default: the first by name)
+    providers: Annotated[list[str], NoDecode] = ["CUDAExecutionProvider", "CPUExecutionProvider"]  # in order of preference
+    host: str = "127.0.0.1"  # bind address of `stn serve`
+    port: int = Field(8000, ge=0, le=65535)  # bind port of `stn serve`
+    max_batch_size: int = Field(32, ge=1)  # most images per localisation batch
+    max_queue_delay_ms: float = Field(2.0, ge=0)  # longest a queued image waits for a batch to fill
+    max_queue_size: int = Field(256, ge=1)  # images waiting for localisation per model; beyond it: 503
+    request_timeout_s: float = Field(30.0, gt=0)  # a request waiting longer gets 503
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1)  # per image (and per raw body)
+    max_image_pixels: int = Field(40_000_000, ge=1)  # width x height per image, read from the header before decoding
+    max_files: int = Field(16, ge=1)  # images per request
+    max_output_pixels: int = Field(16_000_000, ge=1)  # width x height of a requested `size`
+    intra_op_threads: int = Field(0, ge=0)  # onnxruntime threads per session (0: onnxruntime decides)
+    inter_op_threads: int = Field(0, ge=0)  # onnxruntime inter-op threads (0: onnxruntime decides)
+    workers: int = Field(0, ge=0)  # threads decoding, sampling and encoding images (0: CPU count, at most 8)
+    warmup: bool = True  # run each model once at startup, before readiness
+    api_keys: Annotated[list[str], NoDecode] = Field([], repr=False)  # comma-separated; when set, requests need `X-API-Key` or Bearer
+    cors_origins: Annotated[list[str], NoDecode] = []  # comma-separated allowed origins (default: none)
+    log_level: str = "info"  # debug, info, warning, error
+
+    @field_validator("providers", "api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        value = value.lower()
+        if value not in ("critical", "error", "warning", "info", "debug"):
+            raise ValueError(f"log_level must be one of debug, info, warning, error, critical; got {value!r}")
+        return value
+
+    @property
+    def worker_threads(self) -> int:
+        import os
+
+        return self.workers or min(8, os.cpu_count() or 1)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """Settings from the environment, read once (the app takes an explicit Settings in tests)."""
+    return Settings()
