@@ -31,3 +31,27 @@ def run_export(args: argparse.Namespace) -> int:
         return 2
     print(report.summary())
     return 0
+
+
+def configure_bench_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", nargs="?", help="checkpoint to benchmark (default: the bundled default model "
+                                                  "and a 3x224x224 affine model with a 64x64 localisation size)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--lowerings", nargs="+", default=["onnx", "contrib", "gather"],
+                   choices=["onnx", "contrib", "gather"])
+    p.add_argument("--threads", type=int, help="threads for both PyTorch and onnxruntime (default: cores, max 4)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; each number is the median")
+    p.add_argument("--min-seconds", type=float, default=0.4, help="minimum time per contender per round")
+
+
+def run_bench_export(args: argparse.Namespace) -> int:
+    import logging
+
+    from export.bench import format_table, ratios_json, run_bench
+
+    logging.basicConfig(level=logging.WARNING)
+    rows, ratios = run_bench(args.checkpoint, tuple(args.batch_sizes), tuple(args.lowerings), args.threads,
+                             args.rounds, args.min_seconds)
+    print(format_table(rows))
+    print(ratios_json(ratios))
+    return 0

@@ -24,6 +24,8 @@ from export.metadata import BASE_GRID, INPUT_IMAGE, LOC_INPUT, OUTPUT_RECTIFIED,
 from models.stn import SpatialTransformer
 
 log = logging.getLogger(__name__)
+# The exporter warns once per missing optional package (torchvision ops); not our concern.
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 PARITY_ATOL = 1e-4  # float32, whole model (conv stacks add rounding); the sampler alone is held to 1e-5 in tests
 

@@ -1,0 +1,155 @@
+"""``stn bench export``: onnxruntime vs PyTorch eager on the same STN, side by side in one run.
+
+For each model and batch size it times PyTorch eager (``torch.inference_mode``) and
+onnxruntime (CPU provider unless ``--provider`` says otherwise) with each sampler
+lowering, at the same thread count. Contenders run interleaved, round after round, and
+each number is the median over rounds, so a noisy neighbour hurts all contenders alike.
+The last line printed is one JSON object with ``<model>_b<batch>_vs_torch`` ratios
+(throughput of onnxruntime with the default lowering / PyTorch's).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from export.onnx_export import export_onnx, info_for
+from models.stn import SpatialTransformer, STNConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LOWERING = "onnx"
+
+
+@dataclass
+class Contender:
+    name: str
+    run: Callable[[], object]
+    per_round: list[float] = field(default_factory=list)  # images/s, one per round
+
+
+def synthetic_affine224(seed: int = 0) -> SpatialTransformer:
+    """A 3x224x224 affine STN with a 64x64 localisation size, with non-trivial (random) weights."""
+    torch.manual_seed(seed)
+    cfg = STNConfig(transform="affine", in_channels=3, loc_size=(64, 64), output_size=(224, 224),
+                    mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    stn = SpatialTransformer(cfg)
+    torch.nn.init.normal_(stn.localisation.regressor.weight, std=0.01)
+    return stn.eval()
+
+
+def default_checkpoint() -> Path | None:
+    folder = Path(__file__).resolve().parent.parent / "models" / "default"
+    found = sorted(folder.glob("*.pt"))
+    return found[0] if found else None
+
+
+def _time_round(fn: Callable[[], object], min_seconds: float, min_iters: int) -> float:
+    """Seconds per call over one round (at least ``min_iters`` calls and ``min_seconds``)."""
+    n, start = 0, time.perf_counter()
+    while True:
+        fn()
+        n += 1
+        elapsed = time.perf_counter() - start
+        if n >= min_iters and elapsed >= min_seconds:
+            return elapsed / n
+
+
+def bench_model(name: str, stn: SpatialTransformer, batch_sizes: tuple[int, ...], lowerings: tuple[str, ...],
+                threads: int, rounds: int, min_seconds: float, image_size: tuple[int, int] | None,
+                providers: list[str], workdir: Path) -> list[dict]:
+    """Rows of {model, batch, contender, images_per_s, ms_per_batch, vs_torch} for one model."""
+    import onnxruntime as ort
+
+    cfg = stn.config
+    h, w = image_size or cfg.output_size
+    sessions = {}
+    for lowering in lowerings:
+        path = workdir / f"{name}-{lowering}.onnx"
+        try:
+            export_onnx(stn, path, info_for(stn, {}, lowering, name, "bench", "stn bench export"), lowering=lowering)
+        except ValueError as e:
+            log.warning("skipping lowering %s for %s: %s", lowering, name, e)
+            continue
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        sessions[lowering] = ort.InferenceSession(str(path), so, providers=providers)
+    rows = []
+    for batch in batch_sizes:
+        x = torch.rand(batch, cfg.in_channels, h, w, generator=torch.Generator().manual_seed(batch))
+        x_np = x.numpy()
+
+        def torch_run(x: torch.Tensor = x) -> object:
+            with torch.inference_mode():
+                return stn(x)
+
+        contenders = [Contender("torch-eager", torch_run)]
+        for lowering, sess in sessions.items():
+            contenders.append(Contender(f"ort-{lowering}", lambda s=sess, a=x_np: s.run(None, {"image": a})))
+        for c in contenders:  # warm-up
+            for _ in range(3):
+                c.run()
+        for _ in range(rounds):
+            for c in contenders:
+                c.per_round.append(batch / _time_round(c.run, min_seconds, 3))
+        torch_ips = statistics.median(contenders[0].per_round)
+        for c in contenders:
+            ips = statistics.median(c.per_round)
+            rows.append({"model": name, "batch": batch, "contender": c.name, "images_per_s": ips,
+                         "ms_per_batch": 1e3 * batch / ips, "vs_torch": ips / torch_ips})
+    return rows
+
+
+def run_bench(checkpoint: str | None, batch_sizes: tuple[int, ...] = (1, 32),
+              lowerings: tuple[str, ...] = ("onnx", "contrib", "gather"), threads: int | None = None,
+              rounds: int = 5, min_seconds: float = 0.4, providers: list[str] | None = None) -> tuple[list[dict], dict]:
+    """Benchmark; returns (rows, ratios). Without ``checkpoint``: the bundled default model and affine224."""
+    from models.checkpoint import load_checkpoint
+
+    threads = threads or min(os.cpu_count() or 1, 4)
+    torch.set_num_threads(threads)
+    providers = providers or ["CPUExecutionProvider"]
+    models: list[tuple[str, SpatialTransformer, tuple[int, int] | None]] = []
+    if checkpoint:
+        stn = load_checkpoint(checkpoint).build_stn()
+        models.append((Path(checkpoint).stem, stn, None))
+    else:
+        default = default_checkpoint()
+        if default is not None:
+            models.append(("default", load_checkpoint(default).build_stn(), None))
+        else:
+            log.warning("no bundled default checkpoint under models/default; benchmarking affine224 only")
+        models.append(("affine224", synthetic_affine224(), (224, 224)))
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, stn, size in models:
+            rows += bench_model(name, stn, batch_sizes, lowerings, threads, rounds, min_seconds, size, providers,
+                                Path(tmp))
+    ratios = {f"{r['model']}_b{r['batch']}_vs_torch": round(r["vs_torch"], 3)
+              for r in rows if r["contender"] == f"ort-{DEFAULT_LOWERING}"}
+    return rows, ratios
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'model':<12} {'batch':>5} {'contender':<12} {'images/s':>10} {'ms/batch':>9} {'vs torch':>8}"]
+    for r in rows:
+        lines.append(f"{r['model']:<12} {r['batch']:>5} {r['contender']:<12} {r['images_per_s']:>10.1f} "
+                     f"{r['ms_per_batch']:>9.2f} {r['vs_torch']:>7.2f}x")
+    return "\n".join(lines)
+
+
+def ratios_json(ratios: dict) -> str:
+    return json.dumps(ratios, sort_keys=True)
+
+
+__all__ = ["run_bench", "format_table", "ratios_json", "synthetic_affine224"]
