@@ -47,10 +47,12 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1)  # width x height per image, read from the header before decoding
     max_files: int = Field(16, ge=1)  # images per request
     max_output_pixels: int = Field(16_000_000, ge=1)  # width x height of a requested `size`
-    intra_op_threads: int = Field(0, ge=0)  # onnxruntime threads per session (0: onnxruntime decides)
-    inter_op_threads: int = Field(0, ge=0)  # onnxruntime inter-op threads (0: onnxruntime decides)
+    intra_op_threads: int = Field(1, ge=0)  # onnxruntime threads per session run (0: onnxruntime decides); images run in parallel anyway
+    inter_op_threads: int = Field(1, ge=0)  # onnxruntime inter-op threads (0: onnxruntime decides)
     workers: int = Field(0, ge=0)  # threads decoding, sampling and encoding images (0: CPU count, at most 8)
     warmup: bool = True  # run each model once at startup, before readiness
+    strict_readiness: bool = False  # not ready while any model in the folder failed to load (Triton's strict readiness)
+    access_log: bool = False  # uvicorn's per-request access log
     api_keys: Annotated[list[str], NoDecode] = Field([], repr=False)  # comma-separated; when set, requests need `X-API-Key` or Bearer
     cors_origins: Annotated[list[str], NoDecode] = []  # comma-separated allowed origins (default: none)
     log_level: str = "info"  # debug, info, warning, error

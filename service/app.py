@@ -1,0 +1,63 @@
+"""The FastAPI app: ``create_app(settings)``; models load in the lifespan (readiness waits for them).
+
+Nothing heavy happens at import; ``uvicorn service.app:app`` works too (settings from the
+environment). See docs/SERVING.md for the API and the settings.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from service import errors
+from service.metrics import MetricsMiddleware
+from service.routes import ops, v1, v2
+from service.settings import Settings, get_settings
+from service.state import ServiceState
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A new app with its own state and metrics registry (several can live in one process)."""
+    settings = settings or get_settings()
+    state = ServiceState(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        import asyncio
+
+        loader = asyncio.create_task(state.start(), name="stn-load-models")
+        try:
+            yield
+        finally:
+            loader.cancel()
+            await state.stop()
+
+    app = FastAPI(
+        title="stn",
+        summary="Spatial Transformer Networks: upload images, get them rectified.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.stn = state
+    errors.install(app)
+    app.include_router(v1.router)
+    app.include_router(v2.router)
+    app.include_router(v2.models_router)
+    app.include_router(ops.router)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["*"], expose_headers=["*"])
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    return app
+
+
+def __getattr__(name: str) -> FastAPI:  # `uvicorn service.app:app`: built on first access, not at import
+    if name == "app":
+        return create_app()
+    raise AttributeError(name)

@@ -1,0 +1,159 @@
+"""What the app holds while it runs (models, batchers, thread pool, metrics) and the request dependencies."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated
+
+import numpy as np
+from fastapi import Depends, Request
+
+from service import images
+from service.dynamic_batcher import DynamicBatcher
+from service.errors import Problem
+from service.metrics import Metrics
+from service.runtime import LoadedModels, ModelRuntime, SessionConfig, load_model_dir
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class ServiceState:
+    """Everything heavy, created in the app's lifespan; routes get it through :data:`StateDep`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.limits = images.Limits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels)
+        self.loaded = LoadedModels()
+        self.batchers: dict[str, DynamicBatcher] = {}
+        self.inflight: dict[str, int] = {}
+        self.executor: ThreadPoolExecutor | None = None
+        self.loading = True
+        self.started = time.time()
+
+    @property
+    def models(self) -> dict[str, ModelRuntime]:
+        return self.loaded.models
+
+    @property
+    def ready(self) -> bool:
+        """Loaded and warmed up: at least one model, and with STN_STRICT_READINESS no failures."""
+        if self.loading or not self.models:
+            return False
+        return not (self.settings.strict_readiness and self.loaded.failures)
+
+    @property
+    def default_model(self) -> str | None:
+        if self.settings.default_model:
+            return self.settings.default_model
+        return next(iter(sorted(self.models)), None)
+
+    async def start(self) -> None:
+        """Load every model in a thread (the loop keeps answering /healthz), then start their batchers."""
+        s = self.settings
+        self.executor = ThreadPoolExecutor(s.worker_threads, thread_name_prefix="stn-worker")
+        config = SessionConfig(providers=tuple(s.providers), intra_op_threads=s.intra_op_threads,
+                               inter_op_threads=s.inter_op_threads)
+        try:
+            self.loaded = await asyncio.to_thread(load_model_dir, s.model_dir, config,
+                                                  s.max_batch_size if s.warmup else None)
+            for name, model in self.models.items():
+                self.batchers[name] = self._make_batcher(model)
+                self.batchers[name].start()
+                self.inflight[name] = 0
+        except Exception as e:  # noqa: BLE001 (report, never crash the process)
+            log.exception("loading models failed")
+            self.loaded.failures[str(s.model_dir)] = f"loading failed: {type(e).__name__}: {e}"
+        finally:
+            self.loading = False
+        self.metrics.ready.set(1 if self.ready else 0)
+        if self.ready:
+            log.info("ready: %d model(s) (%s); default %s", len(self.models), ", ".join(sorted(self.models)),
+                     self.default_model)
+        else:
+            log.error("not ready: %s", "; ".join(f"{k}: {v}" for k, v in self.loaded.failures.items()) or "no models")
+
+    async def stop(self) -> None:
+        for b in self.batchers.values():
+            await b.stop()
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def _make_batcher(self, model: ModelRuntime) -> DynamicBatcher:
+        s, name = self.settings, model.name
+        depth = self.metrics.queue_depth.labels(name)
+
+        def run_batch(locs: list[np.ndarray]) -> list[np.ndarray]:
+            return list(model.localise(np.stack(locs)))
+
+        def on_batch(size: int, queue_seconds: list[float], compute: float) -> None:
+            self.metrics.observe_batch(name, size, queue_seconds, compute)
+            depth.set(self.batchers[name].depth)
+
+        return DynamicBatcher(run_batch, max_batch_size=s.max_batch_size, max_queue_delay_s=s.max_queue_delay_ms / 1e3,
+                              max_queue_size=s.max_queue_size, name=f"localise-{name}", on_batch=on_batch)
+
+    def get_model(self, name: str | None, **extra: object) -> ModelRuntime:
+        """The named (or default) model; Problem 404 if unknown, 503 if not loaded (yet)."""
+        if self.loading:
+            raise Problem(503, "models are still loading; retry shortly (see /readyz)", {"Retry-After": "1"}, **extra)
+        key = name or self.default_model
+        if key in self.models:
+            return self.models[key]
+        if key in self.loaded.failures:
+            raise Problem(503, f"model {key!r} failed to load: {self.loaded.failures[key]}", **extra)
+        known = ", ".join(sorted(self.models)) or "none"
+        if key is None:
+            raise Problem(503, f"no model is loaded (STN_MODEL_DIR={self.settings.model_dir})", **extra)
+        raise Problem(404, f"unknown model {key!r}; served models: {known}", **extra)
+
+    def check_room(self, model: str, n: int, **extra: object) -> None:
+        """Problem 503 (with Retry-After) at once when ``n`` more images do not fit in the model's queue.
+
+        The bound counts every image admitted and not finished (decoding, waiting, computing),
+        so a burst cannot pile up unbounded work anywhere in the pipeline.
+        """
+        used = self.inflight.get(model, 0)
+        if used + n > self.settings.max_queue_size:
+            raise Problem(503, f"the queue of model {model!r} is full ({used} of {self.settings.max_queue_size} "
+                               "images in flight; STN_MAX_QUEUE_SIZE); retry after a moment", {"Retry-After": "1"},
+                          **extra)
+
+    def admit(self, model: str, n: int, **extra: object) -> None:
+        """Reserve room for ``n`` images in the model's queue, or Problem 503 at once; pair with :meth:`release`."""
+        self.check_room(model, n, **extra)
+        self.inflight[model] = self.inflight.get(model, 0) + n
+
+    def release(self, model: str, n: int) -> None:
+        self.inflight[model] = max(0, self.inflight.get(model, 0) - n)
+
+
+def get_state(request: Request) -> ServiceState:
+    return request.app.state.stn
+
+
+StateDep = Annotated[ServiceState, Depends(get_state)]
+
+
+def require_api_key(request: Request, state: StateDep) -> None:
+    """With STN_API_KEYS set, an ``X-API-Key`` header or ``Authorization: Bearer <key>`` must match one."""
+    keys = state.settings.api_keys
+    if not keys:
+        return
+    given = request.headers.get("x-api-key")
+    auth = request.headers.get("authorization", "")
+    if given is None and auth.lower().startswith("bearer "):
+        given = auth[7:].strip()
+    if given is None:
+        raise Problem(401, "this server needs an API key: send it as `X-API-Key: <key>` or "
+                           "`Authorization: Bearer <key>`", {"WWW-Authenticate": "Bearer"})
+    if not any(hmac.compare_digest(given.encode(), k.encode()) for k in keys):
+        raise Problem(401, "the API key is not valid", {"WWW-Authenticate": "Bearer"})
+
+
+AuthDep = Depends(require_api_key)
