@@ -41,7 +41,16 @@ import onnx
 import onnxruntime as ort
 
 from export.contract import ContractError, split
-from export.metadata import BASE_GRID, INPUT_IMAGE, LOC_INPUT, OUTPUT_RECTIFIED, OUTPUT_THETA, MetadataError, ModelInfo, read_props
+from export.metadata import (
+    BASE_GRID,
+    INPUT_IMAGE,
+    LOC_INPUT,
+    OUTPUT_RECTIFIED,
+    OUTPUT_THETA,
+    MetadataError,
+    ModelInfo,
+    read_props,
+)
 from models import frames
 
 log = logging.getLogger(__name__)
