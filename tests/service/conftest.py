@@ -34,7 +34,7 @@ def export_model(path: Path, name: str, seed: int = 0, **cfg: object) -> Path:
     import torch
 
     from export.onnx_export import export_onnx, info_for
-    from models.stn import STNConfig, SpatialTransformer
+    from models.stn import SpatialTransformer, STNConfig
 
     torch.manual_seed(seed)
     m = SpatialTransformer(STNConfig(**cfg))
