@@ -11,6 +11,9 @@ stays free. While one batch runs, the next one fills: under load batches grow by
 - A caller waiting longer than its timeout gets :class:`QueueTimeoutError`; its values are
   dropped from the queue if they have not started.
 - A batch that raises is retried one value at a time, so a failing value fails only its caller.
+- ``expected()`` (optional) says how many values are on their way (e.g. images still being
+  decoded). The batcher waits for batch-mates only while some are expected: a lone request
+  on an idle server is not delayed by ``max_queue_delay_s``, and a busy one still batches.
 """
 
 from __future__ import annotations
@@ -42,6 +45,11 @@ class _Item:
     enqueued: float
 
 
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 BatchObserver = Callable[[int, Sequence[float], float], None]  # (batch size, queue seconds per item, compute seconds)
 
 
@@ -50,7 +58,7 @@ class DynamicBatcher:
 
     def __init__(self, run_batch: Callable[[list[Any]], Sequence[Any]], *, max_batch_size: int = 32,
                  max_queue_delay_s: float = 0.002, max_queue_size: int = 256, name: str = "batcher",
-                 on_batch: BatchObserver | None = None) -> None:
+                 on_batch: BatchObserver | None = None, expected: Callable[[], int] | None = None) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or max_queue_delay_s < 0:
             raise ValueError("max_batch_size and max_queue_size must be >= 1 and max_queue_delay_s >= 0")
         self.run_batch = run_batch
@@ -59,8 +67,10 @@ class DynamicBatcher:
         self.max_queue_size = max_queue_size
         self.name = name
         self.on_batch = on_batch
+        self.expected = expected
         self._queue: deque[_Item] = deque()
-        self._arrived: asyncio.Event | None = None
+        self._waiter: asyncio.Future | None = None  # set when values arrive (cheaper than an Event + wait_for)
+        self._running = False
         self._task: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"{name}-batch")
 
@@ -72,7 +82,7 @@ class DynamicBatcher:
     def start(self) -> None:
         """Start the batching loop on the running event loop."""
         if self._task is None:
-            self._arrived = asyncio.Event()
+            self._running = True
             self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"{self.name}-loop")
 
     async def stop(self) -> None:
@@ -91,7 +101,7 @@ class DynamicBatcher:
 
     async def submit_many(self, values: Sequence[Any], timeout: float | None = None) -> list[Any]:
         """Queue all ``values`` (or none: QueueFullError) and wait for their results, in order."""
-        if self._task is None or self._arrived is None:
+        if self._task is None:
             raise RuntimeError(f"{self.name}: start() the batcher first")
         self._purge_cancelled()
         if len(self._queue) + len(values) > self.max_queue_size:
@@ -100,7 +110,8 @@ class DynamicBatcher:
         now = time.perf_counter()
         items = [_Item(v, loop.create_future(), now) for v in values]
         self._queue.extend(items)
-        self._arrived.set()
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
         try:
             return list(await asyncio.wait_for(asyncio.gather(*(i.future for i in items)), timeout))
         except TimeoutError:
@@ -117,25 +128,32 @@ class DynamicBatcher:
         while self._queue and self._queue[0].future.done():
             self._queue.popleft()
 
+    async def _wait_for_arrival(self, timeout: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        self._waiter = waiter = loop.create_future()
+        timer = loop.call_later(timeout, _wake, waiter) if timeout is not None else None
+        try:
+            await waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+            self._waiter = None
+
     async def _loop(self) -> None:
-        assert self._arrived is not None
         loop = asyncio.get_running_loop()
         while True:
             self._purge_cancelled()
             if not self._queue:
-                self._arrived.clear()
-                await self._arrived.wait()
+                await self._wait_for_arrival(None)
                 continue
             deadline = self._queue[0].enqueued + self.max_queue_delay_s
             while len(self._queue) < self.max_batch_size:
+                if self.expected is not None and self.expected() <= 0:
+                    break
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
                     break
-                self._arrived.clear()
-                try:
-                    await asyncio.wait_for(self._arrived.wait(), remaining)
-                except TimeoutError:
-                    break
+                await self._wait_for_arrival(remaining)
             batch: list[_Item] = []
             while self._queue and len(batch) < self.max_batch_size:
                 item = self._queue.popleft()

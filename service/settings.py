@@ -49,7 +49,7 @@ class Settings(BaseSettings):
     max_output_pixels: int = Field(16_000_000, ge=1)  # width x height of a requested `size`
     intra_op_threads: int = Field(1, ge=0)  # onnxruntime threads per session run (0: onnxruntime decides); images run in parallel anyway
     inter_op_threads: int = Field(1, ge=0)  # onnxruntime inter-op threads (0: onnxruntime decides)
-    workers: int = Field(0, ge=0)  # threads decoding, sampling and encoding images (0: CPU count, at most 8)
+    workers: int = Field(0, ge=0)  # threads decoding, sampling and encoding images (0: CPUs this process may use, at most 8)
     warmup: bool = True  # run each model once at startup, before readiness
     strict_readiness: bool = False  # not ready while any model in the folder failed to load (Triton's strict readiness)
     access_log: bool = False  # uvicorn's per-request access log
@@ -74,7 +74,8 @@ class Settings(BaseSettings):
     def worker_threads(self) -> int:
         import os
 
-        return self.workers or min(8, os.cpu_count() or 1)
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return self.workers or max(1, min(8, cpus))
 
 
 @lru_cache

@@ -31,7 +31,8 @@ class ServiceState:
         self.limits = images.Limits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels)
         self.loaded = LoadedModels()
         self.batchers: dict[str, DynamicBatcher] = {}
-        self.inflight: dict[str, int] = {}
+        self.inflight: dict[str, int] = {}  # images admitted and not finished, per model (the queue bound)
+        self.preparing: dict[str, int] = {}  # of those, images not yet handed to the batcher
         self.executor: ThreadPoolExecutor | None = None
         self.loading = True
         self.started = time.time()
@@ -66,6 +67,7 @@ class ServiceState:
                 self.batchers[name] = self._make_batcher(model)
                 self.batchers[name].start()
                 self.inflight[name] = 0
+                self.preparing[name] = 0
         except Exception as e:  # noqa: BLE001 (report, never crash the process)
             log.exception("loading models failed")
             self.loaded.failures[str(s.model_dir)] = f"loading failed: {type(e).__name__}: {e}"
@@ -96,7 +98,8 @@ class ServiceState:
             depth.set(self.batchers[name].depth)
 
         return DynamicBatcher(run_batch, max_batch_size=s.max_batch_size, max_queue_delay_s=s.max_queue_delay_ms / 1e3,
-                              max_queue_size=s.max_queue_size, name=f"localise-{name}", on_batch=on_batch)
+                              max_queue_size=s.max_queue_size, name=f"localise-{name}", on_batch=on_batch,
+                              expected=lambda: self.preparing.get(name, 0))
 
     def get_model(self, name: str | None, **extra: object) -> ModelRuntime:
         """The named (or default) model; Problem 404 if unknown, 503 if not loaded (yet)."""
@@ -128,19 +131,25 @@ class ServiceState:
         """Reserve room for ``n`` images in the model's queue, or Problem 503 at once; pair with :meth:`release`."""
         self.check_room(model, n, **extra)
         self.inflight[model] = self.inflight.get(model, 0) + n
+        self.preparing[model] = self.preparing.get(model, 0) + n
+
+    def prepared(self, model: str, n: int) -> None:
+        """``n`` admitted images are queued for localisation (or failed): the batcher stops expecting them."""
+        self.preparing[model] = max(0, self.preparing.get(model, 0) - n)
 
     def release(self, model: str, n: int) -> None:
+        """``n`` admitted images are done (call once per :meth:`admit`, whatever happened)."""
         self.inflight[model] = max(0, self.inflight.get(model, 0) - n)
 
 
-def get_state(request: Request) -> ServiceState:
+async def get_state(request: Request) -> ServiceState:
     return request.app.state.stn
 
 
-StateDep = Annotated[ServiceState, Depends(get_state)]
+StateDep = Annotated[ServiceState, Depends(get_state)]  # async: FastAPI runs sync dependencies in a thread pool, a hop per request
 
 
-def require_api_key(request: Request, state: StateDep) -> None:
+async def require_api_key(request: Request, state: StateDep) -> None:
     """With STN_API_KEYS set, an ``X-API-Key`` header or ``Authorization: Bearer <key>`` must match one."""
     keys = state.settings.api_keys
     if not keys:

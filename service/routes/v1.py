@@ -117,17 +117,23 @@ async def rectify_uploads(state: ServiceState, model: ModelRuntime, uploads: lis
         m.compute_time.labels(name, "rectify").observe(time.perf_counter() - t0)
         return r, encoded
 
-    prepared = await asyncio.gather(*(loop.run_in_executor(ex, prepare, f, d) for f, d in uploads),
-                                    return_exceptions=True)
-    for p in prepared:
-        if isinstance(p, images.ImageError):
-            raise _too_large(p)
-        if isinstance(p, BaseException):
-            raise p
+    handed_over = False
     try:
+        prepared = await asyncio.gather(*(loop.run_in_executor(ex, prepare, f, d) for f, d in uploads),
+                                        return_exceptions=True)
+        for p in prepared:
+            if isinstance(p, images.ImageError):
+                raise _too_large(p)
+            if isinstance(p, BaseException):
+                raise p
+        state.prepared(name, len(uploads))
+        handed_over = True
         thetas = await state.batchers[name].submit_many([p.loc for p in prepared])
     except QueueFullError as e:
         raise Problem(503, f"the queue is full ({e}); retry after a moment", {"Retry-After": "1"}) from None
+    finally:
+        if not handed_over:
+            state.prepared(name, len(uploads))
     results = await asyncio.gather(*(loop.run_in_executor(ex, finish, p, t) for p, t in zip(prepared, thetas, strict=True)))
     m.images.labels(name).inc(len(results))
     return results

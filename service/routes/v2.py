@@ -168,7 +168,10 @@ async def infer(name: str, request: Request, state: StateDep, version: str | Non
             def front() -> tuple[Any, np.ndarray]:
                 up = runtime.upload(image)
                 return up, runtime.resize(up)  # the input is already normalized; resize is linear
-            up, loc = await loop.run_in_executor(state.executor, front)
+            try:
+                up, loc = await loop.run_in_executor(state.executor, front)
+            finally:
+                state.prepared(runtime.name, n)
             thetas = np.stack(await state.batchers[runtime.name].submit_many(list(loc)))
             rect = await loop.run_in_executor(state.executor, runtime.sample, up, thetas, None)
             return rect, thetas

@@ -1,0 +1,423 @@
+"""``stn bench serve``: the HTTP service vs (a) the bare pipeline and (b) a naive FastAPI + PyTorch server.
+
+All three run pinned to the server CPUs (``taskset``); the load generator runs pinned to the
+client CPUs, so it does not steal the server's time. Each target gets the same JPEG uploads
+(a raw ``image/jpeg`` body per request; the response is the rectified image, ``--format``)
+at each concurrency, for ``--duration`` seconds after a short warm-up; we report
+throughput (images/s) and p50/p99 latency. The last line printed is one JSON object with the
+ratios at saturation (best throughput over the concurrency levels).
+
+Other work on the machine steals time from the pinned CPU, so targets are measured in
+interleaved rounds and each keeps its best round; each row also shows the server's CPU
+time per image (``img/cpu-s``, from /proc), which such interference barely moves.
+
+- (a) ``bare``: decode, resize, localise, sample and encode the same images with
+  ``service.pipeline`` in one process, no HTTP, one thread per concurrency slot.
+- (b) ``naive``: the server a user would otherwise write: FastAPI, PyTorch eager, one
+  image per request (``NAIVE_SERVER`` below).
+- ``service``: ``stn serve`` with default settings except the model folder.
+
+The bench may import torch (for the naive baseline and to export a stand-in model when the
+bundled default model is absent); the service it measures does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+GOALS = {"service_vs_bare": 0.85, "service_vs_naive": 2.0}
+# Stand-in model when models/default has none: an affine RGB STN (random localiser weights).
+FALLBACK = dict(transform="affine", in_channels=3, loc_size=(64, 64), output_size=(128, 128),
+                mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+
+NAIVE_SERVER = r'''
+# The naive baseline: FastAPI + PyTorch eager, one image per request, no batching.
+import io, sys
+import numpy as np, torch
+from fastapi import FastAPI, Request, Response
+from PIL import Image
+from models.checkpoint import load_checkpoint
+
+stn = load_checkpoint(sys.argv[1]).build_stn().eval()
+cfg = stn.config
+mean = torch.tensor(cfg.mean).view(1, -1, 1, 1)
+std = torch.tensor(cfg.std).view(1, -1, 1, 1)
+app = FastAPI()
+
+@app.post("/v1/rectify")
+async def rectify(request: Request) -> Response:
+    img = Image.open(io.BytesIO(await request.body())).convert("L" if cfg.in_channels == 1 else "RGB")
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
+    x = x[None, None] if x.dim() == 2 else x.permute(2, 0, 1)[None]
+    with torch.no_grad():
+        rectified, theta = stn((x - mean) / std)
+    out = ((rectified * std + mean).clamp(0, 1)[0] * 255 + 0.5).byte().permute(1, 2, 0).squeeze(-1).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(out).save(buf, "PNG", compress_level=1)
+    return Response(buf.getvalue(), media_type="image/png", headers={"X-STN-Theta": str(theta[0].tolist())})
+'''
+
+
+@dataclass
+class Level:
+    concurrency: int
+    images: int
+    seconds: float
+    errors: int
+    latencies: list[float]
+    cpu_seconds: float  # CPU time the measured process used meanwhile (all its threads)
+
+    def summary(self) -> dict:
+        lat = np.asarray(self.latencies) * 1e3 if self.latencies else np.asarray([np.nan])
+        return {"concurrency": self.concurrency, "throughput": round(self.images / self.seconds, 1),
+                "p50_ms": round(float(np.percentile(lat, 50)), 2), "p99_ms": round(float(np.percentile(lat, 99)), 2),
+                "errors": self.errors, "requests": self.images,
+                "img_per_cpu_s": round(self.images / max(self.cpu_seconds, 1e-9), 1),
+                "cpu_share": round(self.cpu_seconds / self.seconds, 2)}
+
+
+# ---- inputs -------------------------------------------------------------------------------------
+
+def make_jpegs(n: int, width: int, height: int, seed: int = 0) -> list[bytes]:
+    """``n`` distinct photographs-like JPEGs (smooth noise plus shapes), quality 90."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        base = (rng.random((height // 8 + 1, width // 8 + 1, 3)) * 255).astype(np.uint8)
+        img = Image.fromarray(base).resize((width, height), Image.BICUBIC).filter(ImageFilter.GaussianBlur(2))
+        draw = ImageDraw.Draw(img)
+        for _ in range(6):
+            x0, y0 = rng.integers(0, width - 20), rng.integers(0, height - 20)
+            draw.rectangle([x0, y0, x0 + rng.integers(10, width // 3), y0 + rng.integers(10, height // 3)],
+                           outline=tuple(int(v) for v in rng.integers(0, 255, 3)), width=3)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def resolve_model(model_dir: str | None, workdir: Path) -> tuple[Path, str, Path, str]:
+    """(model folder, model name, torch checkpoint for the naive server, description)."""
+    import torch  # noqa: F401 (the bench needs it for the naive baseline)
+
+    from export.metadata import ModelInfo, read_props
+    from models.checkpoint import save_checkpoint
+    from models.stn import SpatialTransformer, STNConfig
+    from service.runtime import model_files
+    from service.settings import default_model_dir
+
+    folder = Path(model_dir) if model_dir else default_model_dir()
+    files = model_files(folder)
+    if files:
+        import onnx
+
+        onnx_path = files[0]
+        pts = sorted(onnx_path.parent.glob("*.pt"))
+        if pts:
+            return folder, onnx_path.stem, pts[0], f"{onnx_path} (naive server: {pts[0].name})"
+        info = ModelInfo.from_props(read_props(onnx.load(str(onnx_path), load_external_data=False)))
+        cfg = STNConfig(transform=info.transform, in_channels=info.in_channels, loc_size=info.loc_size,
+                        output_size=info.output_size, mean=info.mean, std=info.std, tps_grid=info.tps_grid)
+        ckpt = workdir / "naive.pt"
+        save_checkpoint(ckpt, SpatialTransformer(cfg), {})
+        return folder, onnx_path.stem, ckpt, f"{onnx_path} (naive server: same architecture, random weights)"
+    from export.onnx_export import export_onnx, info_for
+
+    torch.manual_seed(0)
+    stn = SpatialTransformer(STNConfig(**FALLBACK))
+    torch.nn.init.normal_(stn.localisation.regressor.weight, std=0.02)
+    folder = workdir / "models"
+    export_onnx(stn, folder / "standin.onnx", info_for(stn, {}, "onnx", "standin", "1", "stn bench serve"))
+    ckpt = workdir / "standin.pt"
+    save_checkpoint(ckpt, stn, {})
+    desc = (f"stand-in (no model in {default_model_dir()}): {FALLBACK['transform']}, {FALLBACK['in_channels']} "
+            f"channels, loc {FALLBACK['loc_size']}, output {FALLBACK['output_size']}")
+    return folder, "standin", ckpt, desc
+
+
+# ---- the bare pipeline (a), a pinned subprocess taking commands on stdin ------------------------------
+
+def bare_main(model_dir: str, model: str, image_dir: str, fmt: str) -> None:
+    """For each stdin line ``concurrency duration warmup``, print one JSON result line (no HTTP)."""
+    from service import images, pipeline
+    from service.runtime import SessionConfig, load_model
+    from service.settings import Settings
+
+    s = Settings()
+    rt = load_model(Path(model_dir) / f"{model}.onnx", SessionConfig(providers=tuple(s.providers)))
+    rt.warmup(1)
+    jpegs = [p.read_bytes() for p in sorted(Path(image_dir).glob("*.jpg"))]
+    limits = images.Limits()
+
+    def one(data: bytes) -> bytes:
+        p = pipeline.prepare(rt, data, limits)
+        [theta] = pipeline.localise(rt, [p])
+        r = pipeline.rectify(rt, p, theta)
+        return images.encode(r.image, "png" if fmt == "json" else fmt)
+
+    print("ready", flush=True)
+    for line in sys.stdin:
+        c, duration, warmup = line.split()
+        print(json.dumps(_bare_level(one, jpegs, int(c), float(duration), float(warmup)).summary()), flush=True)
+
+
+def _bare_level(one, jpegs: list[bytes], c: int, duration: float, warmup: float) -> Level:  # noqa: ANN001
+    """``c`` threads each running ``one`` on the images for ``duration`` seconds after ``warmup``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    lat: list[float] = []
+
+    def worker(k: int, stop_at: float, record: bool) -> None:
+        i = k
+        while time.perf_counter() < stop_at:
+            t0 = time.perf_counter()
+            one(jpegs[i % len(jpegs)])
+            if record:
+                lat.append(time.perf_counter() - t0)
+            i += c
+
+    with ThreadPoolExecutor(c) as pool:
+        warm_until = time.perf_counter() + warmup
+        list(pool.map(lambda k: worker(k, warm_until, False), range(c)))
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        list(pool.map(lambda k: worker(k, t0 + duration, True), range(c)))
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    return Level(c, len(lat), seconds, 0, lat, cpu)
+
+
+# ---- load generator ---------------------------------------------------------------------------------
+
+async def _load(host: str, port: int, path: str, bodies: list[bytes], concurrency: int, duration: float,
+                warmup: float, server_pid: int) -> Level:
+    """Keep-alive HTTP/1.1 clients on raw sockets (a Python HTTP client library would be the bottleneck)."""
+    requests = [(f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: image/jpeg\r\n"
+                 f"Content-Length: {len(b)}\r\n\r\n").encode() + b for b in bodies]
+    lat: list[float] = []
+    counts = {"ok": 0, "err": 0}
+    start = time.perf_counter()
+    measure_from, stop_at = start + warmup, start + warmup + duration
+    cpu_marks: list[float] = []
+
+    async def mark_cpu() -> None:
+        await asyncio.sleep(max(0.0, measure_from - time.perf_counter()))
+        cpu_marks.append(process_cpu_seconds(server_pid))
+        await asyncio.sleep(max(0.0, stop_at - time.perf_counter()))
+        cpu_marks.append(process_cpu_seconds(server_pid))
+
+    async def client(k: int) -> None:
+        reader, writer = await asyncio.open_connection(host, port)
+        i = k
+        try:
+            while True:
+                t0 = time.perf_counter()
+                if t0 >= stop_at:
+                    return
+                writer.write(requests[i % len(requests)])
+                i += concurrency
+                head = await reader.readuntil(b"\r\n\r\n")
+                status = int(head[9:12])
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line[:15].lower() == b"content-length:":
+                        length = int(line[15:])
+                await reader.readexactly(length)
+                t1 = time.perf_counter()
+                if t0 >= measure_from and t1 <= stop_at:
+                    lat.append(t1 - t0)
+                    counts["ok" if status == 200 else "err"] += 1
+        finally:
+            writer.close()
+
+    await asyncio.gather(mark_cpu(), *(client(k) for k in range(concurrency)))
+    return Level(concurrency, counts["ok"], duration, counts["err"], lat, cpu_marks[1] - cpu_marks[0])
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of every thread of ``pid`` so far (Linux /proc)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+# ---- servers ----------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(port: int, path: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stdout.read() if proc.stdout else ''}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}{path}", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"server on port {port} not ready in {timeout}s")
+
+
+def _start(cmd: list[str], env: dict[str, str], port: int, ready_path: str) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _wait_ready(port, ready_path, proc)
+    except BaseException:
+        _stop(proc)
+        raise
+    return proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+class _Bare:
+    """The bare pipeline as a pinned subprocess (see :func:`bare_main`)."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, start_new_session=True)
+        line = self.proc.stdout.readline()
+        if line.strip() != "ready":
+            _stop(self.proc)
+            raise RuntimeError(f"the bare pipeline did not start: {line!r}")
+
+    def measure(self, c: int, duration: float, warmup: float) -> dict:
+        self.proc.stdin.write(f"{c} {duration} {warmup}\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def stop(self) -> None:
+        self.proc.stdin.close()
+        _stop(self.proc)
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    logging.basicConfig(level="WARNING")
+    conc = [int(c) for c in str(args.concurrency).split(",")]
+    w, h = (int(v) for v in args.image_size.lower().split("x"))
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    unknown = set(targets) - {"bare", "service", "naive"}
+    if unknown:
+        raise SystemExit(f"unknown targets {sorted(unknown)}; choose from bare, service, naive")
+    taskset = ["taskset", "-c", args.server_cpus]
+    py = sys.executable
+    best: dict[tuple[str, int], dict] = {}
+    with tempfile.TemporaryDirectory(prefix="stn-bench-") as tmp:
+        work = Path(tmp)
+        model_dir, model, ckpt, desc = resolve_model(args.model_dir, work)
+        model = args.model or model
+        jpegs = make_jpegs(32, w, h)
+        (work / "images").mkdir()
+        for i, b in enumerate(jpegs):
+            (work / "images" / f"{i:03d}.jpg").write_bytes(b)
+        print(f"model: {desc}")
+        print(f"uploads: 32 JPEGs {w}x{h} (~{sum(map(len, jpegs)) // len(jpegs) // 1024} kB) as raw image/jpeg bodies, "
+              f"response {args.format}; servers and bare pipeline on CPU {args.server_cpus} (taskset), load "
+              f"generator on CPU {args.client_cpus}; {args.rounds} interleaved rounds of {args.duration:g}s per "
+              "level, best round kept")
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "STN_MODEL_DIR": str(model_dir), "STN_LOG_LEVEL": "warning",
+               "STN_PROVIDERS": os.environ.get("STN_PROVIDERS", "CPUExecutionProvider")}
+        os.sched_setaffinity(0, set(_cpu_list(args.client_cpus)))  # the load generator: this process
+        query = f"/v1/rectify?model={model}&format={args.format}"
+        servers: dict[str, tuple[subprocess.Popen, int]] = {}
+        bare = None
+        try:
+            if "service" in targets:
+                port = _free_port()
+                servers["service"] = (_start([*taskset, py, "-m", "stn", "serve", "--port", str(port)], env, port,
+                                             "/readyz"), port)
+            if "naive" in targets:
+                port = _free_port()
+                script = work / "naive_server.py"
+                script.write_text(NAIVE_SERVER)
+                code = (f"import sys, runpy, uvicorn; sys.argv = ['naive', {str(ckpt)!r}]; "
+                        f"ns = runpy.run_path({str(script)!r}); "
+                        f"uvicorn.run(ns['app'], host='127.0.0.1', port={port}, log_level='warning', access_log=False)")
+                servers["naive"] = (_start([*taskset, py, "-c", code], env, port, "/docs"), port)
+            if "bare" in targets:
+                code = (f"from service.bench_serve import bare_main; bare_main({str(model_dir)!r}, {model!r}, "
+                        f"{str(work / 'images')!r}, {args.format!r})")
+                bare = _Bare([*taskset, py, "-c", code], env)
+            for _ in range(args.rounds):
+                for c in conc:
+                    for target in targets:
+                        if target == "bare":
+                            row = bare.measure(c, args.duration, args.warmup)
+                        else:
+                            proc, port = servers[target]
+                            row = asyncio.run(_load("127.0.0.1", port, query, jpegs, c, args.duration, args.warmup,
+                                                    proc.pid)).summary()
+                        if (target, c) not in best or row["throughput"] > best[(target, c)]["throughput"]:
+                            best[(target, c)] = row
+        finally:
+            for proc, _ in servers.values():
+                _stop(proc)
+            if bare is not None:
+                bare.stop()
+    print(f"{'target':8s} {'conc':>4s} {'img/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'img/cpu-s':>10s} {'cpu':>5s} errors")
+    for target in targets:
+        for c in conc:
+            r = best[(target, c)]
+            print(f"{target:8s} {c:4d} {r['throughput']:8.1f} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} "
+                  f"{r['img_per_cpu_s']:10.1f} {r['cpu_share']:5.2f} {r['errors']}")
+    sat = {t: max(best[(t, c)]["throughput"] for c in conc) for t in targets}
+    eff = {t: max(best[(t, c)]["img_per_cpu_s"] for c in conc) for t in targets}
+    summary: dict[str, object] = {}
+    for other in ("bare", "naive"):
+        if "service" in sat and other in sat:
+            summary[f"throughput_service_vs_{other}"] = round(sat["service"] / sat[other], 3)
+            summary[f"per_cpu_second_service_vs_{other}"] = round(eff["service"] / eff[other], 3)
+    summary.update({f"{t}_img_per_s": v for t, v in sat.items()})
+    summary["goals"] = {"throughput_service_vs_bare": GOALS["service_vs_bare"],
+                        "throughput_service_vs_naive": GOALS["service_vs_naive"]}
+    print(json.dumps(summary))
+    return 0
+
+
+def _cpu_list(spec: str) -> list[int]:
+    cpus: list[int] = []
+    for part in spec.split(","):
+        if "-" in part:
+            a, b = part.split("-")
+            cpus.extend(range(int(a), int(b) + 1))
+        elif part:
+            cpus.append(int(part))
+    return cpus
