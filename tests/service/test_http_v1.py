@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import re
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -163,8 +165,27 @@ def test_concurrent_requests_are_batched_and_get_their_own_results(model_dir: Pa
         assert "stn_queue_depth" in text and "stn_request_duration_seconds_bucket" in text
 
 
+@contextlib.contextmanager
+def slow_localiser(srv, model: str = "affine") -> Iterator[threading.Event]:  # noqa: ANN001
+    """Hold the model's localiser until the yielded event is set (the server runs in this process)."""
+    runtime = srv.state.models[model]
+    release = threading.Event()
+    original = runtime.localise
+
+    def held(batch):  # noqa: ANN001, ANN202
+        release.wait(10)
+        return original(batch)
+
+    runtime.localise = held
+    try:
+        yield release
+    finally:
+        release.set()
+        runtime.localise = original
+
+
 def test_full_queue_gets_503_at_once(model_dir: Path) -> None:
-    with live_server(model_dir=model_dir, max_queue_size=1, max_queue_delay_ms=1500, max_batch_size=8) as srv:
+    with live_server(model_dir=model_dir, max_queue_size=1) as srv, slow_localiser(srv) as release:
         body = encode(smooth_image(30, 30, 1))
         first: dict = {}
 
@@ -182,15 +203,17 @@ def test_full_queue_gets_503_at_once(model_dir: Path) -> None:
         assert time.monotonic() - t0 < 1.0
         assert_problem(r, 503, "queue")
         assert r.headers["retry-after"]
+        release.set()
         t.join(10)
         assert first["r"].status_code == 200
 
 
 def test_request_timeout_gets_503(model_dir: Path) -> None:
-    with live_server(model_dir=model_dir, request_timeout_s=0.2, max_queue_delay_ms=2000, max_batch_size=8) as srv:
+    with live_server(model_dir=model_dir, request_timeout_s=0.2) as srv, slow_localiser(srv):
         r = httpx.post(srv.url + "/v1/rectify?model=affine", content=encode(smooth_image(30, 30, 1)),
                        headers={"content-type": "image/png"}, timeout=10)
         assert_problem(r, 503, "no result within")
+        assert r.headers["retry-after"]
 
 
 # ---- bad input -----------------------------------------------------------------------------------
