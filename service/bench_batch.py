@@ -1,0 +1,201 @@
+"""``stn bench batch``: the local batch engine vs a naive loop and the bare model, side by side in one run.
+
+- **local**: ``service.batch.run_job`` (the engine of ``stn batch``) on a folder of generated JPEGs.
+- **naive**: one image at a time: read, decode (``service.images.decode``), normalize, the *full* exported
+  model through onnxruntime (default session options), encode (PNG), write. No overlap, no batching.
+- **bare**: the full model through onnxruntime, batched, on the same images decoded beforehand: only
+  ``session.run`` is timed; the ceiling for the model part.
+- **ray** (optional): ``run_job`` with the Ray Data engine on a local Ray.
+
+The report says where the time goes (seconds per stage) and ends with one JSON line of throughputs
+and ratios (``local_vs_naive``, ...). No torch: without a model, a bench model is exported by a
+subprocess (``python -c``, torch there only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from service import batch, images
+
+BENCH_MODEL = dict(transform="affine", in_channels=3, loc_size=(64, 64), output_size=(128, 128),
+                   mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+_EXPORT = """
+import sys, torch
+from export.onnx_export import export_onnx, info_for
+from models.stn import SpatialTransformer, STNConfig
+torch.manual_seed(0)
+m = SpatialTransformer(STNConfig(**{cfg}))
+torch.nn.init.normal_(m.localisation.regressor.weight, std=0.02)
+export_onnx(m, sys.argv[1], info_for(m, {{}}, "onnx", "bench", "1", "service/bench_batch.py"))
+"""
+
+
+def bench_model(model: str | None, folder: Path) -> Path:
+    """``--model`` (a file, a folder, a name in STN_MODEL_DIR), else the bench model (:data:`BENCH_MODEL`, an
+    untrained affine RGB STN, exported once into ``folder``): numbers that do not move with models/default."""
+    if model is not None:
+        return batch.resolve_model_path(model)
+    path = folder / "bench-model.onnx"
+    if not path.exists():
+        root = Path(__file__).resolve().parents[1]
+        code = _EXPORT.format(cfg=repr({k: v for k, v in BENCH_MODEL.items()}))
+        subprocess.run([sys.executable, "-c", code, str(path)], cwd=root, check=True)
+    return path
+
+
+def make_images(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> list[Path]:
+    """``n`` JPEGs of ``size`` (h, w) in ``folder``/img: gradients, boxes and noise (kept for the next run)."""
+    from PIL import Image, ImageDraw
+
+    d = folder / "img"
+    marker = folder / f"generated-{n}-{size[1]}x{size[0]}-{seed}"
+    files = [d / f"{i // 500:02d}" / f"img{i:05d}.jpg" for i in range(n)]
+    if marker.exists():
+        return files
+    shutil.rmtree(d, ignore_errors=True)
+    rng = np.random.default_rng(seed)
+    h, w = size
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    for f in files:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        a, b = rng.uniform(-1, 1, 2)
+        base = np.stack([x / w * 255 * a % 255, y / h * 255 * b % 255, (x + y) % 255], -1)
+        noise = rng.normal(0, 12, (h, w, 3))
+        img = Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(img)
+        for _ in range(4):
+            x0, y0 = rng.integers(0, w - 20), rng.integers(0, h - 20)
+            draw.rectangle([x0, y0, x0 + rng.integers(10, w // 2), y0 + rng.integers(10, h // 2)],
+                           fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+        img.save(f, "JPEG", quality=90)
+    marker.write_text("ok\n")
+    return files
+
+
+def _full_session(model_path: Path):  # noqa: ANN202 (onnxruntime.InferenceSession)
+    """The full exported model in onnxruntime with default session options (what a naive user would do)."""
+    import onnxruntime as ort
+
+    from service.runtime import resolve_providers
+
+    return ort.InferenceSession(str(model_path), providers=resolve_providers(batch.session_config().providers))
+
+
+def naive_loop(model_path: Path, files: list[Path], out: Path, fmt: str) -> tuple[float, dict[str, float]]:
+    """Read -> decode -> infer (full model, one image) -> encode -> write, one image at a time; (seconds, stages)."""
+    import onnx
+
+    from export.metadata import ModelInfo, read_props
+
+    info = ModelInfo.from_props(read_props(onnx.load(str(model_path), load_external_data=False)))
+    sess = _full_session(model_path)
+    mean = np.asarray(info.mean, np.float32).reshape(-1, 1, 1)
+    std = np.asarray(info.std, np.float32).reshape(-1, 1, 1)
+    limits = images.Limits()
+    stages = {"read_decode": 0.0, "infer": 0.0, "encode": 0.0, "write": 0.0}
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    for f in files:
+        t = time.perf_counter()
+        a = images.decode(f.read_bytes(), info.in_channels, limits, f.name)
+        t1 = time.perf_counter()
+        rect = sess.run(["rectified"], {"image": ((a - mean) / std)[None].astype(np.float32)})[0][0]
+        t2 = time.perf_counter()
+        data = batch.encode_output(rect * std + mean, fmt)
+        t3 = time.perf_counter()
+        (out / (f.stem + batch.OUTPUT_FORMATS[fmt])).write_bytes(data)
+        t4 = time.perf_counter()
+        for k, dt in zip(stages, (t1 - t, t2 - t1, t3 - t2, t4 - t3), strict=True):
+            stages[k] += dt
+    return time.perf_counter() - t0, stages
+
+
+def bare_model(model_path: Path, files: list[Path], batch_size: int) -> float:
+    """Seconds of ``session.run`` alone for all images (decoded and normalized beforehand), batched."""
+    import onnx
+
+    from export.metadata import ModelInfo, read_props
+
+    info = ModelInfo.from_props(read_props(onnx.load(str(model_path), load_external_data=False)))
+    sess = _full_session(model_path)
+    limits = images.Limits()
+    decoded = [images.to_uint8(images.decode(f.read_bytes(), info.in_channels, limits, f.name)) for f in files]
+    mean = np.asarray(info.mean, np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(info.std, np.float32).reshape(1, -1, 1, 1)
+    total = 0.0
+    for i in range(0, len(decoded), batch_size):
+        chunk = np.stack(decoded[i:i + batch_size])
+        chunk = chunk.transpose(0, 3, 1, 2) if chunk.ndim == 4 else chunk[:, None]
+        x = ((chunk.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
+        t = time.perf_counter()
+        sess.run(["rectified", "theta"], {"image": x})
+        total += time.perf_counter() - t
+    return total
+
+
+def _stages(stages: dict[str, float]) -> str:
+    total = sum(stages.values()) or 1.0
+    return ", ".join(f"{k} {v:.2f}s ({100 * v / total:.0f}%)" for k, v in stages.items())
+
+
+def run(args: argparse.Namespace) -> int:
+    folder = Path(args.data_dir or Path(tempfile.gettempdir()) / "stn-bench-batch")
+    folder.mkdir(parents=True, exist_ok=True)
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    h, w = args.image_size
+    t = time.perf_counter()
+    files = make_images(folder, args.images, (h, w))
+    print(f"{len(files)} JPEGs of {w}x{h} in {folder / 'img'} (ready in {time.perf_counter() - t:.1f}s)")
+    model_path = bench_model(args.model, folder)
+    workers = args.workers or min(8, os.cpu_count() or 1)
+    print(f"model {model_path}; output {args.format}; batch {args.batch_size}; local engine workers {workers}; "
+          f"{os.cpu_count()} CPUs")
+    rates: dict[str, float] = {}
+    rows: list[str] = []
+    n = len(files)
+    for target in targets:
+        out = folder / f"out-{target}"
+        shutil.rmtree(out, ignore_errors=True)
+        if target in ("local", "ray"):
+            cfg = batch.BatchConfig(input=str(folder / "img"), output=str(out), model=str(model_path),
+                                    format=args.format, batch_size=args.batch_size, workers=workers, engine=target,
+                                    progress=False, ray_num_cpus=os.cpu_count())
+            s = batch.run_job(cfg)
+            assert s.ok == n, f"{target}: {s.failed} images failed"
+            rates[target] = n / s.run_s
+            rows.append(f"{target:<6} {rates[target]:9.1f} img/s  {s.run_s:7.2f}s  "
+                        f"(stages, seconds summed over workers: {_stages(s.stages)})")
+        elif target == "naive":
+            secs, stages = naive_loop(model_path, files, out, args.format)
+            rates[target] = n / secs
+            rows.append(f"{target:<6} {rates[target]:9.1f} img/s  {secs:7.2f}s  (stages: {_stages(stages)})")
+        elif target == "bare":
+            secs = bare_model(model_path, files, args.batch_size)
+            rates[target] = n / secs
+            rows.append(f"{target:<6} {rates[target]:9.1f} img/s  {secs:7.2f}s  (session.run only, batch "
+                        f"{args.batch_size}, images decoded beforehand)")
+        else:
+            print(f"unknown target {target!r}; use local, naive, bare, ray", file=sys.stderr)
+            return 2
+        print(rows[-1], flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+    summary: dict[str, float | int] = {"images": n, **{f"{k}_img_s": round(v, 1) for k, v in rates.items()}}
+    if "naive" in rates:
+        for k in rates:
+            if k != "naive":
+                summary[f"{k}_vs_naive"] = round(rates[k] / rates["naive"], 2)
+    if "bare" in rates and "local" in rates:
+        summary["local_vs_bare"] = round(rates["local"] / rates["bare"], 2)
+    print(json.dumps(summary))
+    return 0

@@ -1,0 +1,380 @@
+"""``stn batch``: inputs (folder, manifest, glob), outputs and reports, safety, resume after kill, the Ray engine.
+
+"Equal outputs" means: the same set of files under OUTPUT, byte for byte, leaving out the job's
+own state folder ``OUTPUT/.stn-batch/`` (journal order depends on scheduling); results.jsonl and
+errors.jsonl are part of the comparison.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service import batch, images, pipeline
+from service.batch import BatchConfig, BatchError, run_job
+from service.runtime import SessionConfig, load_model
+
+ROOT = Path(__file__).resolve().parents[2]
+CPU = ("CPUExecutionProvider",)
+
+GOOD = ["a0.jpg", "a1.jpg", "gray.png", "rgba.png", "palette.png", "sub/b0.png", "sub/b1.jpg", "sub/same.jpg",
+        "sub/same.png", "sub/deep/c0.webp", "sub/deep/c1.bmp", "sub/deep/c2.tiff", "alias.jpg"]
+BAD = ["bad.jpg", "empty.jpg", "sub/trunc.png", "link_out.jpg", "linkdir"]
+
+
+def _img(rng: np.random.Generator, h: int, w: int, c: int = 3) -> np.ndarray:
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([(x * 255 // max(w - 1, 1)), (y * 255 // max(h - 1, 1)), ((x + y) * 3) % 256], -1)[..., :c]
+    return np.clip(base + rng.integers(-20, 20, base.shape), 0, 255).astype(np.uint8)
+
+
+def make_tree(root: Path) -> tuple[Path, Path]:
+    """INPUT folder with nested folders, mixed formats and modes, corrupt files and symlinks; and a folder outside."""
+    rng = np.random.default_rng(0)
+    src, outside = root / "in", root / "outside"
+    for d in (src / "sub" / "deep", outside):
+        d.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(_img(rng, 70, 90)).save(outside / "secret.jpg")
+    Image.fromarray(_img(rng, 60, 80)).save(src / "a0.jpg", quality=90)
+    Image.fromarray(_img(rng, 97, 61)).save(src / "a1.jpg", quality=80)
+    Image.fromarray(_img(rng, 50, 50)[..., 0]).save(src / "gray.png")
+    Image.fromarray(np.dstack([_img(rng, 40, 64), np.full((40, 64), 200, np.uint8)])).save(src / "rgba.png")
+    Image.fromarray(_img(rng, 33, 45)).convert("P").save(src / "palette.png")
+    Image.fromarray(_img(rng, 55, 75)).save(src / "sub" / "b0.png")
+    Image.fromarray(_img(rng, 64, 48)).save(src / "sub" / "b1.jpg")
+    Image.fromarray(_img(rng, 30, 30)).save(src / "sub" / "same.jpg")
+    Image.fromarray(_img(rng, 31, 31)).save(src / "sub" / "same.png")
+    Image.fromarray(_img(rng, 45, 81)).save(src / "sub" / "deep" / "c0.webp", quality=80)
+    Image.fromarray(_img(rng, 36, 36)).save(src / "sub" / "deep" / "c1.bmp")
+    Image.fromarray(_img(rng, 28, 52)).save(src / "sub" / "deep" / "c2.tiff")
+    (src / "bad.jpg").write_bytes(b"this is not a jpeg at all")
+    (src / "empty.jpg").write_bytes(b"")
+    good_png = io.BytesIO()
+    Image.fromarray(_img(rng, 80, 80)).save(good_png, "PNG")
+    (src / "sub" / "trunc.png").write_bytes(good_png.getvalue()[:200])
+    (src / "notes.txt").write_text("not an image: ignored")
+    (src / "link_out.jpg").symlink_to(outside / "secret.jpg")
+    (src / "alias.jpg").symlink_to(src / "a0.jpg")  # inside the root: allowed
+    (src / "linkdir").symlink_to(outside, target_is_directory=True)
+    return src, outside
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` except the job's state, by relative path."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and batch.STATE_DIR not in p.relative_to(folder).parts}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return make_tree(tmp_path_factory.mktemp("batch"))
+
+
+@pytest.fixture(scope="module")
+def rgb_model(model_dir: Path):  # noqa: ANN201
+    m = load_model(model_dir / "projective.onnx", SessionConfig(providers=CPU))
+    m.warmup()
+    return m
+
+
+def config(src: Path | str, out: Path, model_dir: Path, **kw: object) -> BatchConfig:
+    kw.setdefault("model", str(model_dir / "projective.onnx"))
+    return BatchConfig(input=str(src), output=str(out), providers=CPU, progress=False, batch_size=4, workers=2, **kw)
+
+
+@pytest.fixture(scope="module")
+def local_run(tree: tuple[Path, Path], model_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    out = tmp_path_factory.mktemp("local") / "out"
+    summary = run_job(config(tree[0], out, model_dir))
+    return out, summary
+
+
+def test_folder_job_outputs_reports_and_errors(local_run, tree, rgb_model, model_dir) -> None:  # noqa: ANN001
+    out, summary = local_run
+    src, outside = tree
+    expected_outputs = {"a0.png", "a1.png", "gray.png", "rgba.png", "palette.png", "sub/b0.png", "sub/b1.png",
+                        "sub/same.jpg.png", "sub/same.png.png", "sub/deep/c0.png", "sub/deep/c1.png",
+                        "sub/deep/c2.png", "alias.png"}
+    assert set(files_of(out)) == expected_outputs | {"results.jsonl", "errors.jsonl"}
+    h, w = rgb_model.info.output_size
+    for rel in expected_outputs:
+        with Image.open(out / rel) as im:
+            assert im.format == "PNG" and im.size == (w, h) and im.mode == "RGB"
+
+    results = read_jsonl(out / "results.jsonl")
+    assert [r["source"] for r in results] == sorted(GOOD)
+    for r in results:
+        assert set(r) >= {"source", "output", "theta", "input_px_from_output_px", "output_px_from_input_px",
+                          "width", "height", "input_width", "input_height", "model", "model_version"}
+        assert (r["model"], r["model_version"]) == ("projective", "1")
+        assert (r["height"], r["width"]) == (h, w)
+        assert (out / r["output"]).is_file()
+        with Image.open(src / r["source"]) as im:
+            assert (r["input_width"], r["input_height"]) == im.size
+        m = np.array(r["input_px_from_output_px"]) @ np.array(r["output_px_from_input_px"])
+        np.testing.assert_allclose(m / m[2, 2], np.eye(3), atol=1e-9)
+
+    errors = {e["source"]: e["error"] for e in read_jsonl(out / "errors.jsonl")}
+    assert sorted(errors) == sorted(BAD)
+    assert "not a supported image" in errors["bad.jpg"] and "empty" in errors["empty.jpg"]
+    assert "outside the input root" in errors["link_out.jpg"] and "not followed" in errors["linkdir"]
+    assert sorted(p.name for p in outside.iterdir()) == ["secret.jpg"]  # nothing written outside OUTPUT
+
+    assert (summary.ok, summary.failed, summary.processed, summary.skipped) == (len(GOOD), len(BAD), 16, 0)
+    assert summary.total == len(GOOD) + len(BAD) and summary.images_per_s > 0
+    assert {"read_decode", "localise", "sample", "encode", "write"} <= set(summary.stages)
+    assert any("images/s" in line for line in summary.lines())
+
+
+def test_same_implementation_as_the_server(local_run, tree, rgb_model) -> None:  # noqa: ANN001
+    """Output bytes and record equal what service.pipeline (the server's code path) gives for the same file."""
+    out, _ = local_run
+    src, _ = tree
+    records = {r["source"]: r for r in read_jsonl(out / "results.jsonl")}
+    for name in ("a1.jpg", "sub/deep/c0.webp", "rgba.png"):
+        [res] = pipeline.rectify_images(rgb_model, [(name, (src / name).read_bytes())], images.Limits())
+        assert (out / records[name]["output"]).read_bytes() == images.encode(res.image, "png")
+        server = pipeline.result_json(rgb_model, res)
+        for key in ("theta", "input_px_from_output_px", "output_px_from_input_px", "width", "input_height"):
+            assert records[name][key] == server[key], key
+
+
+def test_rerun_skips_everything_and_changes_nothing(local_run, tree, model_dir) -> None:  # noqa: ANN001
+    out, _ = local_run
+    before = files_of(out)
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+    summary = run_job(config(tree[0], out, model_dir))
+    assert (summary.processed, summary.skipped) == (len(BAD) - 2, len(GOOD))  # failures are retried (not symlinks)
+    assert files_of(out) == before
+    assert mtimes == {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+
+
+def test_other_settings_in_the_same_output_are_refused(local_run, tree, model_dir, tmp_path) -> None:  # noqa: ANN001
+    out, _ = local_run
+    with pytest.raises(BatchError, match="other settings"):
+        run_job(config(tree[0], out, model_dir, format="jpeg"))
+    copy = tmp_path / "out"
+    run_job(config(tree[0], copy, model_dir))
+    s = run_job(config(tree[0], copy, model_dir, format="jpeg", overwrite=True))
+    assert s.processed == 16 and s.skipped == 0
+    assert (copy / "a0.jpg").is_file()
+
+
+@pytest.mark.parametrize("fmt,size,pil_format", [("jpeg", (20, 50), "JPEG"), ("webp", None, "WEBP")])
+def test_formats_and_size(tree, model_dir, tmp_path, fmt, size, pil_format) -> None:  # noqa: ANN001
+    out = tmp_path / "out"
+    s = run_job(config(tree[0] / "sub", out, model_dir, format=fmt, size=size))
+    assert s.ok == 7 and s.failed == 1
+    suffix = batch.OUTPUT_FORMATS[fmt]
+    for r in read_jsonl(out / "results.jsonl"):
+        assert r["output"].endswith(suffix)
+        with Image.open(out / r["output"]) as im:
+            assert im.format == pil_format
+            if size:
+                assert im.size == (size[1], size[0]) and (r["height"], r["width"]) == size
+
+
+def test_gray_model_and_cli_size(tree, model_dir, tmp_path) -> None:  # noqa: ANN001
+    out = tmp_path / "out"
+    rc = batch.main([str(tree[0] / "sub" / "deep"), str(out), "--model", str(model_dir / "affine.onnx"),
+                     "--size", "33x21", "--providers", "CPUExecutionProvider", "--no-progress", "--workers", "1"])
+    assert rc == 0
+    for r in read_jsonl(out / "results.jsonl"):
+        with Image.open(out / r["output"]) as im:
+            assert im.mode == "L" and im.size == (33, 21)
+        assert np.array(r["theta"]).shape == (2, 3)
+
+
+def test_manifests_refuse_traversal(tree, model_dir, tmp_path) -> None:  # noqa: ANN001
+    src, outside = tree
+    entries = ["a0.jpg", "sub/b0.png", "sub/../a1.jpg", "a0.jpg", "../outside/secret.jpg", str(outside / "secret.jpg"),
+               str(src / "sub" / "deep" / "c0.webp"), "missing.jpg", "link_out.jpg"]
+    want_ok = ["a0.jpg", "a1.jpg", "sub/b0.png", "sub/deep/c0.webp"]
+    manifests = {
+        "list.txt": "# a comment\n" + "\n".join(entries) + "\n",
+        "list.csv": "id,path\n" + "".join(f"{i},{e}\n" for i, e in enumerate(entries)),
+        "list.jsonl": "".join(json.dumps({"path": e, "label": i}) + "\n" for i, e in enumerate(entries)),
+    }
+    outs = {}
+    for name, text in manifests.items():
+        manifest = src / name
+        manifest.write_text(text)
+        try:
+            out = tmp_path / name
+            run_job(config(manifest, out, model_dir))
+        finally:
+            manifest.unlink()
+        assert [r["source"] for r in read_jsonl(out / "results.jsonl")] == want_ok
+        errors = {e["source"]: e["error"] for e in read_jsonl(out / "errors.jsonl")}
+        assert "outside the input root" in errors["../outside/secret.jpg"]
+        assert "outside the input root" in errors[str(outside / "secret.jpg")]
+        assert "outside the input root" in errors["link_out.jpg"]
+        assert "could not read" in errors["missing.jpg"]
+        assert sorted(p.name for p in outside.iterdir()) == ["secret.jpg"]
+        outs[name] = files_of(out)
+    assert outs["list.txt"] == outs["list.csv"] == outs["list.jsonl"]
+
+
+def test_glob_input(tree, model_dir, tmp_path) -> None:  # noqa: ANN001
+    out = tmp_path / "out"
+    run_job(config(str(tree[0] / "sub" / "**" / "*.png"), out, model_dir))
+    assert [r["source"] for r in read_jsonl(out / "results.jsonl")] == ["b0.png", "same.png"]
+    assert [e["source"] for e in read_jsonl(out / "errors.jsonl")] == ["trunc.png"]
+    with pytest.raises(BatchError, match="no image matches"):
+        run_job(config(str(tree[0] / "nothing*.png"), tmp_path / "o2", model_dir))
+
+
+def test_symlink_in_output_cannot_lead_outside(tree, model_dir, tmp_path) -> None:  # noqa: ANN001
+    src, _ = tree
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sub").symlink_to(elsewhere, target_is_directory=True)
+    s = run_job(config(src, out, model_dir))
+    assert list(elsewhere.iterdir()) == []
+    errors = {e["source"]: e["error"] for e in read_jsonl(out / "errors.jsonl")}
+    assert "outside OUTPUT" in errors["sub/b0.png"] and "outside OUTPUT" in errors["sub/deep/c0.webp"]
+    assert s.ok == 6  # a0, a1, gray, rgba, palette, alias
+
+
+def test_no_model_is_a_clear_error(tree, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.setenv("STN_MODEL_DIR", str(tmp_path / "empty"))
+    with pytest.raises(BatchError, match="no .onnx model"):
+        batch.resolve_model_path(None)
+    assert batch.main([str(tree[0]), str(tmp_path / "o"), "--no-progress"]) == 2
+
+
+def test_default_model_resolution(model_dir, monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.setenv("STN_MODEL_DIR", str(model_dir))
+    assert batch.resolve_model_path(None).name == "affine.onnx"  # the first by name, as the server
+    monkeypatch.setenv("STN_DEFAULT_MODEL", "tps")
+    assert batch.resolve_model_path(None).name == "tps.onnx"
+    assert batch.resolve_model_path("projective").name == "projective.onnx"
+    assert batch.resolve_model_path(str(model_dir / "affine.onnx")).name == "affine.onnx"
+
+
+def test_parse_size_and_parser() -> None:
+    import argparse
+
+    assert batch.parse_size("64x32") == (32, 64)
+    with pytest.raises(argparse.ArgumentTypeError):
+        batch.parse_size("64")
+    p = argparse.ArgumentParser()
+    batch.configure_batch(p)
+    args = p.parse_args(["in", "out", "--format", "webp", "--size", "10x20", "--engine", "ray"])
+    assert (args.format, args.size, args.engine) == ("webp", (20, 10), "ray")
+    q = argparse.ArgumentParser()
+    batch.configure_bench_batch(q)
+    assert q.parse_args([]).images == 2000
+
+
+def _cli(src: Path, out: Path, model: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "service.batch", str(src), str(out), "--model", str(model), "--providers",
+            "CPUExecutionProvider", "--no-progress", *extra]
+
+
+def _journal_lines(out: Path) -> int:
+    j = out / batch.STATE_DIR / "journal.jsonl"
+    return j.read_text().count("\n") if j.exists() else 0
+
+
+def _interrupt(cmd: list[str], out: Path, sig: int, after_lines: int, timeout: float = 60) -> int:
+    """Start the job, send ``sig`` once ``after_lines`` images are journaled; the exit code."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    try:
+        while _journal_lines(out) < after_lines and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert proc.poll() is None, "the job finished before it could be interrupted"
+        proc.send_signal(sig)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+@pytest.mark.slow
+def test_resume_after_ctrl_c_and_kill_9_equals_a_clean_run(model_dir, tmp_path) -> None:  # noqa: ANN001
+    """Ctrl-C, then kill -9, in the middle of the job; the third run completes it: the same bytes as a clean run."""
+    rng = np.random.default_rng(1)
+    src = tmp_path / "in"
+    for i in range(48):
+        d = src / f"part{i % 3}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(_img(rng, 120 + i, 160)).save(d / f"img{i:03d}.jpg", quality=85)
+    (src / "part1" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    model = model_dir / "projective.onnx"
+    slow = ["--size", "400x400", "--workers", "1", "--batch-size", "4"]  # tens of ms per image: a window to interrupt
+
+    clean = tmp_path / "clean"
+    done = subprocess.run(_cli(src, clean, model, *slow), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "48 rectified, 1 failed" in done.stdout
+
+    out = tmp_path / "resumed"
+    assert _interrupt(_cli(src, out, model, *slow), out, signal.SIGINT, after_lines=8) == 130
+    first = _journal_lines(out)
+    assert 8 <= first < 49 and not (out / "results.jsonl").exists()
+    assert _interrupt(_cli(src, out, model, *slow), out, signal.SIGKILL, after_lines=first + 8) == -signal.SIGKILL
+    assert not (out / "results.jsonl").exists()
+    # a half-written temporary file, as kill -9 during a write leaves one
+    (out / batch.STATE_DIR / "tmp" / "999-1-1.tmp").write_bytes(b"partial")
+    resumed = subprocess.run(_cli(src, out, model, *slow), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "done by an earlier run" in resumed.stdout
+
+    assert files_of(out) == files_of(clean)
+    results = read_jsonl(out / "results.jsonl")
+    assert len(results) == 48 and len({r["source"] for r in results}) == 48
+    assert [e["source"] for e in read_jsonl(out / "errors.jsonl")] == ["part1/broken.jpg"]
+    assert not (out / batch.STATE_DIR / "tmp").exists()
+
+
+def test_batch_never_imports_torch(tree, model_dir, tmp_path) -> None:  # noqa: ANN001
+    code = ("import sys; from service import batch, batch_ray, bench_batch; "
+            f"rc = batch.main([{str(tree[0] / 'sub')!r}, {str(tmp_path / 'o')!r}, '--model', "
+            f"{str(model_dir / 'tps.onnx')!r}, '--providers', 'CPUExecutionProvider', '--no-progress']); "
+            "assert rc == 0; assert 'torch' not in sys.modules, 'torch was imported'")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert len(read_jsonl(tmp_path / "o" / "results.jsonl")) == 7
+
+
+@pytest.mark.slow
+def test_ray_engine_gives_the_local_engines_outputs(local_run, tree, model_dir, tmp_path) -> None:  # noqa: ANN001
+    """The Ray Data engine on a local Ray with 2 CPUs: the same bytes as the local engine; then a resume."""
+    ray = pytest.importorskip("ray")
+    local_out, _ = local_run
+    out = tmp_path / "ray"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        summary = run_job(config(tree[0], out, model_dir, engine="ray", ray_actors=1))
+        assert (summary.ok, summary.failed, summary.engine) == (len(GOOD), len(BAD), "ray")
+        assert files_of(out) == files_of(local_out)
+        # resume: drop some journal lines and outputs, as an interruption would; the Ray engine redoes just those
+        journal = out / batch.STATE_DIR / "journal.jsonl"
+        lines = journal.read_text().splitlines(keepends=True)
+        journal.write_text("".join(lines[:5]) + lines[5][:20])
+        (out / "results.jsonl").unlink()
+        kept = sum('"result"' in line for line in lines[:5])
+        again = run_job(config(tree[0], out, model_dir, engine="ray", ray_actors=1))
+        assert (again.skipped, again.processed) == (kept, 16 - kept)
+        assert files_of(out) == files_of(local_out)
+    finally:
+        ray.shutdown()
