@@ -113,7 +113,8 @@ class DynamicBatcher:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
         try:
-            return list(await asyncio.wait_for(asyncio.gather(*(i.future for i in items)), timeout))
+            async with asyncio.timeout(timeout):
+                return [await i.future for i in items]
         except TimeoutError:
             raise QueueTimeoutError(f"no result within {timeout:.3g}s") from None
         finally:

@@ -6,7 +6,6 @@ import asyncio
 import hmac
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated
 
 import numpy as np
@@ -18,6 +17,7 @@ from service.errors import Problem
 from service.metrics import Metrics
 from service.runtime import LoadedModels, ModelRuntime, SessionConfig, load_model_dir
 from service.settings import Settings
+from service.workers import CoalescingExecutor
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class ServiceState:
         self.batchers: dict[str, DynamicBatcher] = {}
         self.inflight: dict[str, int] = {}  # images admitted and not finished, per model (the queue bound)
         self.preparing: dict[str, int] = {}  # of those, images not yet handed to the batcher
-        self.executor: ThreadPoolExecutor | None = None
+        self.workers: CoalescingExecutor | None = None  # decode, resize, sample, encode
         self.loading = True
         self.started = time.time()
 
@@ -57,7 +57,7 @@ class ServiceState:
     async def start(self) -> None:
         """Load every model in a thread (the loop keeps answering /healthz), then start their batchers."""
         s = self.settings
-        self.executor = ThreadPoolExecutor(s.worker_threads, thread_name_prefix="stn-worker")
+        self.workers = CoalescingExecutor(s.worker_threads)
         config = SessionConfig(providers=tuple(s.providers), intra_op_threads=s.intra_op_threads,
                                inter_op_threads=s.inter_op_threads)
         try:
@@ -83,8 +83,8 @@ class ServiceState:
     async def stop(self) -> None:
         for b in self.batchers.values():
             await b.stop()
-        if self.executor is not None:
-            self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.workers is not None:
+            self.workers.shutdown()
 
     def _make_batcher(self, model: ModelRuntime) -> DynamicBatcher:
         s, name = self.settings, model.name

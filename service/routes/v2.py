@@ -162,18 +162,17 @@ async def infer(name: str, request: Request, state: StateDep, version: str | Non
     if n > s.max_files:
         raise _problem(413, f"{n} images; at most {s.max_files} per request (STN_MAX_FILES)")
     state.admit(runtime.name, n, error="queue full")
-    loop = asyncio.get_running_loop()
     try:
         async def run() -> tuple[np.ndarray, np.ndarray]:
             def front() -> tuple[Any, np.ndarray]:
                 up = runtime.upload(image)
                 return up, runtime.resize(up)  # the input is already normalized; resize is linear
             try:
-                up, loc = await loop.run_in_executor(state.executor, front)
+                up, loc = await state.workers.run(front)
             finally:
                 state.prepared(runtime.name, n)
             thetas = np.stack(await state.batchers[runtime.name].submit_many(list(loc)))
-            rect = await loop.run_in_executor(state.executor, runtime.sample, up, thetas, None)
+            rect = await state.workers.run(runtime.sample, up, thetas, None)
             return rect, thetas
         rectified, theta = await asyncio.wait_for(run(), s.request_timeout_s)
     except QueueFullError as e:

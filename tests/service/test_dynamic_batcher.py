@@ -124,3 +124,29 @@ def test_max_queue_delay_bounds_the_wait_of_a_lone_value() -> None:
             await b.stop()
 
     assert 0.04 < run(main()) < 0.5
+
+
+def test_coalescing_executor_chunks_calls_of_one_iteration() -> None:
+    import threading as th
+
+    from service.workers import CoalescingExecutor
+
+    seen: list[str] = []
+
+    def work(i: int) -> int:
+        seen.append(th.current_thread().name)
+        if i == 3:
+            raise ValueError("three")
+        return i * i
+
+    async def main() -> list:
+        ex = CoalescingExecutor(2)
+        try:
+            return await asyncio.gather(*(ex.run(work, i) for i in range(8)), return_exceptions=True)
+        finally:
+            ex.shutdown()
+
+    out = run(main())
+    assert isinstance(out[3], ValueError)
+    assert [o for i, o in enumerate(out) if i != 3] == [i * i for i in range(8) if i != 3]
+    assert len(set(seen)) <= 2
