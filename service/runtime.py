@@ -233,6 +233,8 @@ class ModelRuntime:
             "theta_shape": list(info.theta_shape), "classes": list(info.classes) if info.classes else None,
             "dataset": info.dataset, "metrics": info.metrics, "created_by": info.created_by,
             "providers": self.providers, "io_binding": self.io_binding, "warmed_up": self.warmed_up,
+            "sessions": {"resize": self._resize.get_providers(), "localiser": self._localiser.get_providers(),
+                         "sampler": self._sampler.get_providers()},
         }
 
     # ---- internals ----------------------------------------------------------------------

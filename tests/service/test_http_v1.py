@@ -327,6 +327,14 @@ def test_default_bundled_model(default_server) -> None:  # noqa: ANN001
         r = httpx.post(default_server.url + f"/v1/rectify?format={fmt}", content=encode(src),
                        headers={"content-type": "image/png"})
         assert r.status_code == 200 and r.headers["content-type"] == f"image/{fmt}"
+    srcs = [smooth_image(100 + 20 * i, 150 - 10 * i, c, seed=i) for i in range(3)]
+    r = httpx.post(default_server.url + "/v1/rectify?size=96x64",
+                   files=[("file", (f"m{i}.jpg", encode(s, "JPEG", quality=95), "image/jpeg")) for i, s in enumerate(srcs)])
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert [x["filename"] for x in results] == ["m0.jpg", "m1.jpg", "m2.jpg"]
+    assert all((x["width"], x["height"]) == (96, 64) for x in results)
+    assert all(m["sessions"]["sampler"][-1] == "CPUExecutionProvider" for m in models)
 
 
 def test_openapi_lists_the_api(server) -> None:  # noqa: ANN001
