@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # stn: the inference service (`stn serve`) and batch jobs (`stn batch`) on onnxruntime. No torch.
 #
 #   GPU (default):  docker build -t stn .
