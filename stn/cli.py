@@ -1,7 +1,7 @@
 """``stn``: one command, thin over library functions.
 
 Each subcommand's arguments are declared by a light module of the package that does the
-work (``models.cli``, ``export.cli``, ``service.cli``); heavy imports (torch,
+work (``models.cli``, ``export.cli``, ``service.cli``, ``service.batch``); heavy imports (torch,
 onnxruntime) happen only inside the chosen subcommand, so ``stn serve`` never imports torch.
 """
 
@@ -16,12 +16,12 @@ SUBCOMMANDS = {
     "train": ("models.cli", "Train an STN (classification or self-supervised rectification)."),
     "export": ("export.cli", "Export a checkpoint to a self-describing ONNX model."),
     "serve": ("service.cli", "Serve ONNX models over HTTP (FastAPI + onnxruntime)."),
-    "batch": ("service.cli", "Rectify many images offline."),
+    "batch": ("service.batch", "Rectify many images offline."),
 }
 BENCHMARKS = {
     "export": ("export.cli", "onnxruntime vs PyTorch eager, per lowering and batch size."),
     "serve": ("service.cli", "The HTTP service vs the bare pipeline and a naive server."),
-    "batch": ("service.cli", "The batch engine vs a naive loop and the bare model."),
+    "batch": ("service.batch", "The batch engine vs a naive loop and the bare model."),
 }
 
 
