@@ -153,7 +153,13 @@ async def infer(name: str, request: Request, state: StateDep, version: str | Non
     budget = s.max_upload_bytes * s.max_files + 64 * 1024
     if length and length.isdigit() and int(length) > budget:
         raise _problem(413, f"the request is {length} bytes; the limit is {budget}")
-    body = await request.body()
+    chunks, total = [], 0
+    async for chunk in request.stream():  # bounded even without a Content-Length (chunked uploads)
+        total += len(chunk)
+        if total > budget:
+            raise _problem(413, f"the request exceeds {budget} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
     req, binary = _parse_request(body, request.headers.get(HEADER_LENGTH))
     image = _input_tensor(req, binary, runtime.info.in_channels)
     n, _, h, w = image.shape

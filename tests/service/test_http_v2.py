@@ -97,3 +97,21 @@ def test_raw_json_infer(server) -> None:  # noqa: ANN001
     assert bad.status_code == 400 and "error" in bad.json()
     assert httpx.get(server.url + "/v2/health/ready").status_code == 200
     assert httpx.get(server.url + "/v2").json()["extensions"] == ["binary_tensor_data"]
+
+
+def test_infer_body_limit(model_dir) -> None:  # noqa: ANN001
+    from conftest import live_server
+
+    with live_server(model_dir=model_dir, max_upload_bytes=1000, max_files=1) as srv:
+        big = np.zeros((1, 1, 200, 200), np.float32)
+        body = {"inputs": [{"name": "image", "datatype": "FP32", "shape": list(big.shape), "data": big.ravel().tolist()}]}
+        r = httpx.post(srv.url + "/v2/models/affine/infer", json=body)
+        assert r.status_code == 413 and "error" in r.json()
+
+        def chunks():  # no Content-Length: chunked transfer encoding
+            yield b'{"inputs": ['
+            for _ in range(100):
+                yield b" " * 1000
+
+        r = httpx.post(srv.url + "/v2/models/affine/infer", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413
