@@ -499,7 +499,7 @@ class BatchConfig:
     quality: int = 90  # JPEG / WebP quality
     size: tuple[int, int] | None = None  # (h, w) of the outputs; None: the model's output size
     batch_size: int = 32  # images per localisation batch
-    workers: int = 0  # decode / sample / encode threads (0: CPU count, at most 8)
+    workers: int = 0  # decode / sample / encode threads (0: the CPUs this process may use, at most 8)
     engine: str = "local"  # local or ray
     input_root: str | None = None  # sources and outputs are relative to it (default: from INPUT)
     overwrite: bool = False  # start over in an OUTPUT that holds another (or the same) job
@@ -521,7 +521,7 @@ class Summary:
     ok: int  # lines of results.jsonl
     wall_s: float  # the whole command: model load, input listing, processing, reports
     run_s: float  # processing only (what the throughput is measured over)
-    stages: dict[str, float]  # stage -> seconds summed over workers (read_decode, prepare, localise, sample, encode, write)
+    stages: dict[str, float]  # stage -> seconds summed over workers (read_decode, prepare, localise, sample, ...)
     engine: str
     model: str
     output: str
@@ -549,8 +549,16 @@ def _progress(total: int, initial: int, enabled: bool):  # noqa: ANN202 (tqdm)
                 desc="stn batch")
 
 
+def cpus() -> int:
+    """CPUs this process may use (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def workers_for(config: BatchConfig) -> int:
-    return config.workers or min(8, os.cpu_count() or 1)
+    return config.workers or min(8, cpus())
 
 
 def run_job(config: BatchConfig, model: ModelRuntime | None = None) -> Summary:
@@ -574,7 +582,7 @@ def run_job(config: BatchConfig, model: ModelRuntime | None = None) -> Summary:
         if config.engine == "ray":
             from service.batch_ray import run_ray
 
-            run_ray(job, config, path, bar, timer)
+            run_ray(job, config, path, model.info, bar, timer)
         else:
             run_local(job, model, config, bar, timer)
     finally:
@@ -589,9 +597,10 @@ def run_job(config: BatchConfig, model: ModelRuntime | None = None) -> Summary:
 
 
 def run_local(job: Job, model: ModelRuntime, config: BatchConfig, bar: Any, timer: Timer) -> None:
-    """The local engine: a thread pool reads and decodes (and resizes) images ahead while the calling thread
-    localises full batches; the same pool samples, encodes and writes each image. Bounded: at most
-    a few batches of images are in memory."""
+    """The local engine: a pool of CPU threads reads, decodes and resizes images ahead while the calling
+    thread localises full batches; the same pool samples and encodes each image, and a small I/O pool
+    writes it (so a slow disk does not hold a CPU worker). Bounded: at most a few batches of images
+    are in memory."""
     from service import pipeline
 
     limits = default_limits()
@@ -609,21 +618,27 @@ def run_local(job: Job, model: ModelRuntime, config: BatchConfig, bar: Any, time
         except Exception as e:  # noqa: BLE001 (any unreadable file is an error line; the job goes on)
             return item, None, _reason(e)
 
-    def finish(item: Item, prepared: Prepared, theta: np.ndarray) -> None:
+    def write(item: Item, data: bytes, record: dict[str, Any]) -> None:
+        with timer("write"):
+            job.write_result(item, data, record)
+
+    def finish(item: Item, prepared: Prepared, theta: np.ndarray) -> Future | None:
         try:
             data, record = finish_image(model, item, prepared, theta, config.format, config.quality, config.size,
                                         timer)
-            with timer("write"):
-                job.write_result(item, data, record)
+            return io_pool.submit(write, item, data, record)
         except Exception as e:  # noqa: BLE001
             job.write_error(item, _reason(e))
+            return None
 
     todo = iter(job.todo)
     exhausted = False
     decoding: set[Future] = set()
     finishing: set[Future] = set()
+    writing: set[Future] = set()
     ready: list[tuple[Item, Prepared]] = []
     pool = ThreadPoolExecutor(workers, thread_name_prefix="stn-batch")
+    io_pool = ThreadPoolExecutor(max(2, workers // 2), thread_name_prefix="stn-batch-io")
     try:
         while True:
             while not exhausted and len(decoding) + len(ready) < window:
@@ -639,10 +654,11 @@ def run_local(job: Job, model: ModelRuntime, config: BatchConfig, bar: Any, time
                 for (item, prepared), theta in zip(chunk, thetas, strict=True):
                     finishing.add(pool.submit(finish, item, prepared, theta))
                 continue
-            if not decoding and not finishing:
+            if not decoding and not finishing and not writing:
                 break
-            # finishing first when too many are queued, so memory stays bounded
-            waiting = finishing if len(finishing) >= window else (decoding | finishing)
+            # the later stages first when too much is queued, so memory stays bounded
+            later = finishing | writing
+            waiting = later if len(later) >= window else (decoding | later)
             done, _ = wait(waiting, return_when=FIRST_COMPLETED)
             for f in done:
                 if f in decoding:
@@ -653,12 +669,21 @@ def run_local(job: Job, model: ModelRuntime, config: BatchConfig, bar: Any, time
                         bar.update(1)
                     else:
                         ready.append((item, prepared))
-                else:
+                elif f in finishing:
                     finishing.discard(f)
+                    written = f.result()
+                    if written is None:
+                        bar.update(1)
+                    else:
+                        writing.add(written)
+                else:
+                    writing.discard(f)
                     f.result()
                     bar.update(1)
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # on Ctrl-C: started writes complete, queued work is dropped
+        # on Ctrl-C: running work completes, queued decoding and sampling is dropped, queued writes finish
+        pool.shutdown(wait=True, cancel_futures=True)
+        io_pool.shutdown(wait=True)
 
 
 def _reason(e: BaseException) -> str:
@@ -679,7 +704,8 @@ def parse_size(text: str) -> tuple[int, int]:
     """``WxH`` -> (h, w)."""
     m = _SIZE.match(text or "")
     if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
-        raise argparse.ArgumentTypeError(f"size must be WIDTHxHEIGHT with positive integers, like 256x128; got {text!r}")
+        raise argparse.ArgumentTypeError(f"size must be WIDTHxHEIGHT with positive integers, like 256x128; "
+                                         f"got {text!r}")
     return int(m.group(2)), int(m.group(1))
 
 
@@ -762,6 +788,7 @@ def configure_bench_batch(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=0, help="local engine threads (default: CPUs, at most 8)")
     p.add_argument("--targets", default="local,naive,bare", help="what to measure: local, naive, bare, ray "
                                                                  "(default local,naive,bare)")
+    p.add_argument("--repeat", type=int, default=2, help="interleaved rounds; the best of each is kept (default 2)")
 
 
 def run_bench_batch(args: argparse.Namespace) -> int:

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from export.metadata import ModelInfo
 from service.batch import BatchConfig, Item, Job, Timer, _reason, finish_image, read_image
 
 
@@ -33,6 +35,7 @@ def decode_batch(batch: dict[str, np.ndarray], channels: int, max_bytes: int, ma
 
     limits = images.Limits(max_bytes=max_bytes, max_pixels=max_pixels)
     pixels, shapes, errors = [], [], []
+    t0 = time.perf_counter()
     for path, source in zip(batch["path"], batch["source"], strict=True):
         try:
             a = read_image(str(path), channels, limits, str(source))
@@ -45,7 +48,8 @@ def decode_batch(batch: dict[str, np.ndarray], channels: int, max_bytes: int, ma
             errors.append(_reason(e))
     return {"source": batch["source"], "path": batch["path"], "output": batch["output"],
             "pixels": np.array(pixels, dtype=object), "shape": np.array(shapes, dtype=np.int64),
-            "error": np.array(errors, dtype=object)}
+            "error": np.array(errors, dtype=object),
+            "decode_s": np.array([time.perf_counter() - t0] + [0.0] * (len(errors) - 1), dtype=np.float64)}
 
 
 class RectifyActor:
@@ -70,6 +74,7 @@ class RectifyActor:
         errors = [str(e) for e in batch["error"]]
         prepared = []
         timer = Timer()
+        timer.seconds["read_decode"] = float(np.sum(batch["decode_s"]))  # from decode_batch, same stage names
         for i in range(n):
             if errors[i]:
                 continue
@@ -94,26 +99,27 @@ class RectifyActor:
                 "timing": np.array([json.dumps(timer.seconds)] + [""] * (n - 1), dtype=object)}
 
 
-def run_ray(job: Job, config: BatchConfig, model_path: Path, bar: Any, timer: Timer) -> None:
+def run_ray(job: Job, config: BatchConfig, model_path: Path, info: ModelInfo, bar: Any, timer: Timer) -> None:
     """Run the items still to do through Ray Data; the driver writes outputs and journal lines as they come."""
     import ray
 
-    from service.batch import default_limits, load_batch_model
+    from service.batch import default_limits
 
     started = False
+    t0 = time.perf_counter()
     if not ray.is_initialized():
         if config.ray_address:
             ray.init(address=config.ray_address, log_to_driver=False)
         else:
             ray.init(num_cpus=config.ray_num_cpus, include_dashboard=False, log_to_driver=False)
             started = True
+    timer.seconds["ray_start"] = time.perf_counter() - t0
     try:
         if not job.todo:
             return
         resources = ray.cluster_resources()
         gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
         actors = config.ray_actors or (gpus if gpus else max(1, cpus // 2))
-        info = load_batch_model(model_path, ("CPUExecutionProvider",)).info
         limits = default_limits()
         batch = max(1, config.batch_size)
         ctx = ray.data.DataContext.get_current()

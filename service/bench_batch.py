@@ -121,21 +121,26 @@ def naive_loop(model_path: Path, files: list[Path], out: Path, fmt: str) -> tupl
     return time.perf_counter() - t0, stages
 
 
-def bare_model(model_path: Path, files: list[Path], batch_size: int) -> float:
-    """Seconds of ``session.run`` alone for all images (decoded and normalized beforehand), batched."""
+def decode_all(model_path: Path, files: list[Path]) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """The images decoded beforehand for the bare model (uint8 HWC, to keep 2,000 of them small), mean, std."""
     import onnx
 
     from export.metadata import ModelInfo, read_props
 
     info = ModelInfo.from_props(read_props(onnx.load(str(model_path), load_external_data=False)))
-    sess = _full_session(model_path)
     limits = images.Limits()
     decoded = [images.to_uint8(images.decode(f.read_bytes(), info.in_channels, limits, f.name)) for f in files]
-    mean = np.asarray(info.mean, np.float32).reshape(1, -1, 1, 1)
-    std = np.asarray(info.std, np.float32).reshape(1, -1, 1, 1)
+    return (decoded, np.asarray(info.mean, np.float32).reshape(1, -1, 1, 1),
+            np.asarray(info.std, np.float32).reshape(1, -1, 1, 1))
+
+
+def bare_model(model_path: Path, decoded: tuple[list[np.ndarray], np.ndarray, np.ndarray], batch_size: int) -> float:
+    """Seconds of ``session.run`` alone for all images (decoded and normalized beforehand), batched."""
+    sess = _full_session(model_path)
+    arrays, mean, std = decoded
     total = 0.0
-    for i in range(0, len(decoded), batch_size):
-        chunk = np.stack(decoded[i:i + batch_size])
+    for i in range(0, len(arrays), batch_size):
+        chunk = np.stack(arrays[i:i + batch_size])
         chunk = chunk.transpose(0, 3, 1, 2) if chunk.ndim == 4 else chunk[:, None]
         x = ((chunk.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
         t = time.perf_counter()
@@ -153,43 +158,53 @@ def run(args: argparse.Namespace) -> int:
     folder = Path(args.data_dir or Path(tempfile.gettempdir()) / "stn-bench-batch")
     folder.mkdir(parents=True, exist_ok=True)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    unknown = set(targets) - {"local", "naive", "bare", "ray"}
+    if unknown:
+        print(f"unknown targets {sorted(unknown)}; use local, naive, bare, ray", file=sys.stderr)
+        return 2
     h, w = args.image_size
     t = time.perf_counter()
     files = make_images(folder, args.images, (h, w))
     print(f"{len(files)} JPEGs of {w}x{h} in {folder / 'img'} (ready in {time.perf_counter() - t:.1f}s)")
     model_path = bench_model(args.model, folder)
-    workers = args.workers or min(8, os.cpu_count() or 1)
+    workers = args.workers or min(8, batch.cpus())
     print(f"model {model_path}; output {args.format}; batch {args.batch_size}; local engine workers {workers}; "
-          f"{os.cpu_count()} CPUs")
-    rates: dict[str, float] = {}
-    rows: list[str] = []
+          f"{os.cpu_count()} CPUs; {args.repeat} interleaved round(s), best kept; load average "
+          f"{os.getloadavg()[0]:.1f} at start")
     n = len(files)
+    decoded = decode_all(model_path, files) if "bare" in targets else None
+    best: dict[str, tuple[float, float, str]] = {}  # target -> (images/s, CPU ms per image, details)
+    for r in range(args.repeat):
+        for target in targets:
+            out = folder / f"out-{target}"
+            shutil.rmtree(out, ignore_errors=True)
+            cpu0 = time.process_time()
+            if target in ("local", "ray"):
+                cfg = batch.BatchConfig(input=str(folder / "img"), output=str(out), model=str(model_path),
+                                        format=args.format, batch_size=args.batch_size, workers=workers,
+                                        engine=target, progress=False, ray_num_cpus=os.cpu_count())
+                s = batch.run_job(cfg)
+                assert s.ok == n, f"{target}: {s.failed} images failed"
+                secs, details = s.run_s, f"stages, seconds summed over workers: {_stages(s.stages)}"
+            elif target == "naive":
+                secs, stages = naive_loop(model_path, files, out, args.format)
+                details = f"stages: {_stages(stages)}"
+            else:
+                secs = bare_model(model_path, decoded, args.batch_size)
+                details = f"session.run only, batch {args.batch_size}, images decoded beforehand"
+            cpu_ms = (time.process_time() - cpu0) / n * 1e3
+            rate = n / secs
+            line = f"{target:<6} {rate:8.1f} img/s {secs:7.2f}s"
+            if target != "ray":  # ray's work runs in other processes
+                line += f" {cpu_ms:6.2f} CPU-ms/img"
+            print(f"round {r + 1}: {line}  ({details})", flush=True)
+            if target not in best or rate > best[target][0]:
+                best[target] = (rate, cpu_ms, line + f"  ({details})")
+            shutil.rmtree(out, ignore_errors=True)
+    print("best of the rounds:")
     for target in targets:
-        out = folder / f"out-{target}"
-        shutil.rmtree(out, ignore_errors=True)
-        if target in ("local", "ray"):
-            cfg = batch.BatchConfig(input=str(folder / "img"), output=str(out), model=str(model_path),
-                                    format=args.format, batch_size=args.batch_size, workers=workers, engine=target,
-                                    progress=False, ray_num_cpus=os.cpu_count())
-            s = batch.run_job(cfg)
-            assert s.ok == n, f"{target}: {s.failed} images failed"
-            rates[target] = n / s.run_s
-            rows.append(f"{target:<6} {rates[target]:9.1f} img/s  {s.run_s:7.2f}s  "
-                        f"(stages, seconds summed over workers: {_stages(s.stages)})")
-        elif target == "naive":
-            secs, stages = naive_loop(model_path, files, out, args.format)
-            rates[target] = n / secs
-            rows.append(f"{target:<6} {rates[target]:9.1f} img/s  {secs:7.2f}s  (stages: {_stages(stages)})")
-        elif target == "bare":
-            secs = bare_model(model_path, files, args.batch_size)
-            rates[target] = n / secs
-            rows.append(f"{target:<6} {rates[target]:9.1f} img/s  {secs:7.2f}s  (session.run only, batch "
-                        f"{args.batch_size}, images decoded beforehand)")
-        else:
-            print(f"unknown target {target!r}; use local, naive, bare, ray", file=sys.stderr)
-            return 2
-        print(rows[-1], flush=True)
-        shutil.rmtree(out, ignore_errors=True)
+        print("  " + best[target][2])
+    rates = {k: v[0] for k, v in best.items()}
     summary: dict[str, float | int] = {"images": n, **{f"{k}_img_s": round(v, 1) for k, v in rates.items()}}
     if "naive" in rates:
         for k in rates:

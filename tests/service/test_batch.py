@@ -292,21 +292,22 @@ def _journal_lines(out: Path) -> int:
     return j.read_text().count("\n") if j.exists() else 0
 
 
-def _interrupt(cmd: list[str], out: Path, sig: int, after_lines: int, timeout: float = 60) -> int:
-    """Start the job, send ``sig`` once ``after_lines`` images are journaled; the exit code."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def _interrupt(cmd: list[str], out: Path, sig: int, after_lines: int, expect_rc: int, timeout: float = 60) -> None:
+    """Start the job, send ``sig`` once ``after_lines`` images are journaled; check the exit code."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout
     try:
         while _journal_lines(out) < after_lines and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
-        assert proc.poll() is None, "the job finished before it could be interrupted"
+        running = proc.poll() is None
         proc.send_signal(sig)
-        proc.wait(timeout=30)
+        stdout, stderr = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    return proc.returncode
+    assert running, f"the job ended before it could be interrupted: rc {proc.returncode}\n{stdout}\n{stderr}"
+    assert proc.returncode == expect_rc, f"rc {proc.returncode}, expected {expect_rc}\n{stdout}\n{stderr}"
 
 
 @pytest.mark.slow
@@ -328,10 +329,10 @@ def test_resume_after_ctrl_c_and_kill_9_equals_a_clean_run(model_dir, tmp_path) 
     assert "48 rectified, 1 failed" in done.stdout
 
     out = tmp_path / "resumed"
-    assert _interrupt(_cli(src, out, model, *slow), out, signal.SIGINT, after_lines=8) == 130
+    _interrupt(_cli(src, out, model, *slow), out, signal.SIGINT, after_lines=8, expect_rc=130)
     first = _journal_lines(out)
     assert 8 <= first < 49 and not (out / "results.jsonl").exists()
-    assert _interrupt(_cli(src, out, model, *slow), out, signal.SIGKILL, after_lines=first + 8) == -signal.SIGKILL
+    _interrupt(_cli(src, out, model, *slow), out, signal.SIGKILL, after_lines=first + 8, expect_rc=-signal.SIGKILL)
     assert not (out / "results.jsonl").exists()
     # a half-written temporary file, as kill -9 during a write leaves one
     (out / batch.STATE_DIR / "tmp" / "999-1-1.tmp").write_bytes(b"partial")
