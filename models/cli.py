@@ -1,0 +1,123 @@
+"""``stn train``: argument parsing and printing over ``models.train.train``.
+
+Light at import (``stn --help`` and ``stn serve`` never import torch): torch and the
+training code are imported inside :func:`run_train`. The choices below are checked against
+``models.distortions.DISTORTIONS`` / ``models.transforms.TRANSFORMS`` by the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+DEFAULT_DATA = "/usr/share/datasets/fashion-mnist"  # == models.data.DEFAULT_DATA (not imported: keep this light)
+DISTORTION_CHOICES = ("R", "RTS", "P", "E", "TC", "none")
+TRANSFORM_CHOICES = ("affine", "similarity", "attention", "projective", "tps")
+
+EPILOG = """\
+examples:
+  stn train --distortion RTS --epochs 5 --out runs/rts          # ST-CNN on Fashion-MNIST RTS
+  stn train --model cnn --distortion RTS --out runs/rts-cnn      # the matched plain-CNN baseline
+  stn train --mode rectify --data my_upright_images/ --distortion RTS --out runs/rectifier
+writes OUT/checkpoint.pt, OUT/metrics.json and OUT/sheet.png (test inputs | rectified | upright).
+"""
+
+
+def _size(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def configure_train(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    a = parser.add_argument
+    a("--data", default=DEFAULT_DATA, metavar="PATH",
+      help="MNIST-format IDX folder (gz or raw) or image folder (class subfolders, or flat for --mode rectify); "
+           "default %(default)s")
+    a("--mode", choices=("classify", "rectify"), default="classify",
+      help="classify: ST-CNN with cross-entropy (no transform labels); rectify: STN alone, self-supervised from "
+           "upright images with known random distortions (default %(default)s)")
+    a("--model", choices=("stn", "cnn"), default="stn",
+      help="stn: with the spatial transformer; cnn: plain CNN baseline of matched size (classify only)")
+    a("--distortion", choices=DISTORTION_CHOICES, default="RTS",
+      help="R rotation, RTS rotation+translation+scale on a 1.5x canvas, P projective, E elastic (TPS), "
+           "TC translation+clutter on a 60/28x canvas, none (default %(default)s)")
+    a("--transform", choices=TRANSFORM_CHOICES, default="affine", help="STN transform family (default %(default)s)")
+    a("--epochs", type=_size, default=None,
+      help="passes over the training set (default 5, or as many as --steps needs when --steps is given)")
+    a("--steps", type=_size, default=None,
+      help="stop after this many steps (quick runs); with --epochs too, whichever comes first")
+    a("--batch-size", type=_size, default=128, help="default %(default)s")
+    a("--lr", type=float, default=1e-3, help="Adam learning rate, cosine-decayed (default %(default)s)")
+    a("--loc-lr-mult", type=float, default=0.1,
+      help="localisation-net learning-rate multiplier in classify mode (default %(default)s)")
+    a("--loc-size", type=_size, nargs=2, metavar=("H", "W"), default=None,
+      help="input size of the localisation net (default: the distortion canvas)")
+    a("--output-size", type=_size, nargs=2, metavar=("H", "W"), default=None,
+      help="rectified output size (default: the distortion canvas)")
+    a("--image-size", type=_size, nargs=2, metavar=("H", "W"), default=None,
+      help="resize image-folder images to this size (default: the first image's size)")
+    a("--limit-train", type=_size, default=None, metavar="N", help="use the first N training examples")
+    a("--limit-test", type=_size, default=None, metavar="N", help="use the first N test examples")
+    a("--seed", type=int, default=0, help="seed for init, shuffling and distortions (default %(default)s)")
+    a("--threads", type=_size, default=None, help="torch CPU threads (default: torch's choice)")
+    a("--clip-grad", type=float, default=5.0, help="global gradient-norm clip, 0 = off (default %(default)s)")
+    a("--boundary-weight", type=float, default=1.0,
+      help="weight of the collapse guard (penalty on sampling points beyond +-1.5) (default %(default)s)")
+    a("--name", default=None, help="model name stored in the checkpoint (default: derived)")
+    a("--no-progress", action="store_true", help="no progress bar")
+    a("--out", required=True, metavar="DIR", help="output folder for checkpoint.pt, metrics.json, sheet.png")
+
+
+def _fmt_spread(spread: dict | None) -> str:
+    if spread is None:
+        return "n/a (no transformer)"
+    return (f"angle {spread['angle_deg']:6.2f} deg  log-scale {spread['log_scale']:.4f}  "
+            f"tx {spread['tx']:.4f}  ty {spread['ty']:.4f}")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import logging
+
+    from models.data import DataError
+    from models.train import ConfigError, TrainConfig, train
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    config = TrainConfig(
+        data=args.data, mode=args.mode, model=args.model, distortion=args.distortion, transform=args.transform,
+        epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr, loc_lr_mult=args.loc_lr_mult,
+        loc_size=tuple(args.loc_size) if args.loc_size else None,
+        output_size=tuple(args.output_size) if args.output_size else None,
+        image_size=tuple(args.image_size) if args.image_size else None,
+        limit_train=args.limit_train, limit_test=args.limit_test, seed=args.seed, threads=args.threads,
+        clip_grad=args.clip_grad, boundary_weight=args.boundary_weight, out=args.out, name=args.name,
+        created_by="stn " + shlex.join(sys.argv[1:]), progress=not args.no_progress,
+    )
+    try:
+        result = train(config)
+    except (ConfigError, DataError) as e:
+        print(f"stn train: error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"stn train: {e}", file=sys.stderr)
+        return 1
+    m = result.metrics
+    print(f"{m['dataset']}: {m['mode']} {m['model']}, {m['steps']} steps ({m['epochs']:.2f} epochs) in "
+          f"{m['train_seconds']:.1f} s ({m['seconds_per_epoch']:.1f} s/epoch), final train loss "
+          f"{m['final_train_loss']:.4f}")
+    if "test_error" in m:
+        print(f"test error: {100 * m['test_error']:.2f}% on {m['test_examples']} distorted test images")
+    if "test_image_l1" in m:
+        print(f"test image L1: {m['test_image_l1']:.4f}  grid MSE: {m['test_grid_mse']:.5f}")
+    pc = m["pose_consistency"]
+    print("pose spread  distortion:", _fmt_spread(pc["distortion"]))
+    print("             residual:  ", _fmt_spread(pc["residual"]))
+    if m.get("collapsed_fraction"):
+        print(f"warning: {100 * m['collapsed_fraction']:.1f}% of test images sampled mostly outside the input",
+              file=sys.stderr)
+    print("wrote " + ", ".join(result.files.values()))
+    return 0

@@ -1,0 +1,272 @@
+"""models.train and ``stn train``: losses go down, files are written, errors are clear."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models import cli, data, distortions, evaluate, frames, transforms
+from models import train as T
+from models.checkpoint import load_checkpoint
+from models.classifier import STCNN, SmallCNN
+from models.stn import SpatialTransformer
+
+ROOT = Path(__file__).resolve().parents[2]
+STN = ROOT / ".venv" / "bin" / "stn"
+
+
+def _quick(data_path: Path, **kw) -> T.TrainConfig:  # noqa: ANN003
+    base = dict(data=str(data_path), steps=40, batch_size=32, lr=3e-3, threads=2, progress=False, seed=0)
+    base.update(kw)
+    return T.TrainConfig(**base)
+
+
+def _went_down(history: list[float], k: int = 8) -> tuple[float, float]:
+    first, last = float(np.mean(history[:k])), float(np.mean(history[-k:]))
+    assert last < first, f"loss did not go down: first {k} steps {first:.4f}, last {k} steps {last:.4f}"
+    return first, last
+
+
+# ---------------------------------------------------------------------------------- CLI surface
+
+
+def test_cli_choices_match_the_library() -> None:
+    assert cli.DISTORTION_CHOICES == distortions.DISTORTIONS
+    assert cli.TRANSFORM_CHOICES == transforms.TRANSFORMS
+    assert cli.DEFAULT_DATA == data.DEFAULT_DATA
+
+
+def test_cli_module_does_not_import_torch() -> None:
+    code = "import sys, models.cli; assert 'torch' not in sys.modules, 'models.cli imported torch'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+# ------------------------------------------------------------------------------- loss pieces
+
+
+def test_boundary_penalty_and_outside_fraction() -> None:
+    inside = torch.rand(2, 8, 8, 2) * 2 - 1
+    assert T.boundary_penalty(inside, 1.5).item() == 0.0
+    far = inside + torch.tensor([3.0, 0.0])
+    assert T.boundary_penalty(far, 1.5).item() > 1.0
+    torch.testing.assert_close(T.outside_fraction(inside), torch.zeros(2))
+    torch.testing.assert_close(T.outside_fraction(far), torch.ones(2))
+
+
+@pytest.mark.parametrize("name", ["RTS", "P", "E"])
+def test_grid_loss_target_is_the_inverse(name: str) -> None:
+    """Mapping the ideal rectifier's sampling points through theta_D lands on the upright frame points."""
+    up = torch.rand(4, 1, 28, 28)
+    d = distortions.distort(name, up, torch.Generator().manual_seed(0))
+    canvas = tuple(d.images.shape[-2:])
+    out_size = canvas
+    placement = evaluate.theta_to_matrix(distortions.frame_theta((28, 28), out_size, 4))
+    base = torch.from_numpy(frames.affine_base_grid((8, 8))[..., :2]).double().unsqueeze(0).expand(4, 8, 8, 2)
+    target = T._apply_matrix(placement, base)
+    if d.family == "tps":
+        # theta_D is only known as a warp field: check it at the canvas pixel centres, where it is exact
+        fam = transforms.make_transform("tps", d.tps_grid)
+        field = fam.grid(d.theta, fam.base_grid(canvas))
+        pixel_points = torch.from_numpy(frames.affine_base_grid(canvas)[..., :2]).expand(4, *canvas, 2)
+        torch.testing.assert_close(T.map_through_distortion(d, pixel_points), field, atol=1e-5, rtol=0)
+        return
+    ideal = torch.linalg.inv(evaluate.theta_to_matrix(d.theta)) @ placement  # output -> distorted
+    points = T._apply_matrix(ideal, base).float()
+    torch.testing.assert_close(T.map_through_distortion(d, points).double(), target, atol=1e-4, rtol=0)
+
+
+# ----------------------------------------------------------------------------------- training
+
+
+def test_classify_steps_reduce_the_loss(tiny_idx: Path) -> None:
+    result = T.train(_quick(tiny_idx, distortion="RTS", steps=30, batch_size=16))
+    _went_down(result.history)
+    assert isinstance(result.model, STCNN) and not result.model.training
+    m = result.metrics
+    assert 0.0 <= m["test_error"] <= 1.0 and m["test_examples"] == 24 and m["steps"] == 30
+    assert set(m["pose_consistency"]) == {"residual", "distortion"}
+    assert set(m["pose_consistency"]["residual"]) == set(evaluate.SPREAD_KEYS)
+    assert m["collapsed_fraction"] == 0.0 and result.files == {}
+
+
+def test_rectify_steps_reduce_the_loss(tiny_idx: Path) -> None:
+    result = T.train(_quick(tiny_idx, mode="rectify", distortion="RTS", steps=60))
+    first, last = _went_down(result.history)
+    assert last < 0.8 * first
+    assert isinstance(result.model, SpatialTransformer)
+    m = result.metrics
+    assert "test_error" not in m and m["test_image_l1"] > 0 and m["test_grid_mse"] >= 0
+    pc = m["pose_consistency"]
+    assert pc["residual"]["log_scale"] < pc["distortion"]["log_scale"]
+
+
+def test_localisation_lr_multiplier(tiny_idx: Path) -> None:
+    splits = data.load_dataset(tiny_idx)
+    config = _quick(tiny_idx, loc_lr_mult=0.25)
+    model = T.build_model(config, splits)
+    opt = T._optimizer(model, config)
+    loc_ids = {id(p) for p in model.stn.localisation.parameters()}
+    lrs = {("loc" if id(g["params"][0]) in loc_ids else "head"): g["lr"] for g in opt.param_groups}
+    assert lrs == {"head": pytest.approx(3e-3), "loc": pytest.approx(0.25 * 3e-3)}
+    n = sum(len(g["params"]) for g in opt.param_groups)
+    assert n == len(list(model.parameters()))
+
+
+def test_cnn_baseline_and_other_families(tiny_idx: Path) -> None:
+    cnn = T.train(_quick(tiny_idx, model="cnn", distortion="TC", steps=5))
+    assert isinstance(cnn.model, SmallCNN) and cnn.metrics["pose_consistency"]["residual"] is None
+    assert "collapsed_fraction" not in cnn.metrics
+    tps = T.train(_quick(tiny_idx, mode="rectify", distortion="E", transform="tps", steps=3, output_size=(20, 20)))
+    assert tps.model.config.output_size == (20, 20) and tps.model.config.loc_size == (28, 28)
+    proj = T.train(_quick(tiny_idx, distortion="P", transform="projective", steps=3))
+    assert proj.model.stn.config.transform == "projective"
+
+
+def test_training_is_deterministic(tiny_idx: Path) -> None:
+    a = T.train(_quick(tiny_idx, steps=3, batch_size=16))
+    b = T.train(_quick(tiny_idx, steps=3, batch_size=16))
+    c = T.train(_quick(tiny_idx, steps=3, batch_size=16, seed=1))
+    assert a.history == b.history and a.history != c.history
+    assert a.metrics["test_error"] == b.metrics["test_error"]
+
+
+def test_train_on_given_splits_does_not_mutate_them(tiny_idx: Path) -> None:
+    splits = data.load_dataset(tiny_idx)
+    result = T.train(_quick(tiny_idx, steps=2, limit_train=10, limit_test=5), splits=splits)
+    assert result.metrics["train_examples"] == 10 and result.metrics["test_examples"] == 5
+    assert len(splits.train) == 96 and len(splits.test) == 24
+
+
+def test_image_folder_rectify(tiny_upright_folder: Path) -> None:
+    result = T.train(_quick(tiny_upright_folder, mode="rectify", distortion="R", steps=4, batch_size=8))
+    assert result.meta["classes"] == [] and result.metrics["test_examples"] == 4
+    with pytest.raises(T.ConfigError, match="no labels"):
+        T.train(_quick(tiny_upright_folder, mode="classify"))
+
+
+def test_config_errors(tiny_idx: Path, tmp_path: Path) -> None:
+    with pytest.raises(T.ConfigError, match="rectify mode trains the STN alone"):
+        T.train(_quick(tiny_idx, mode="rectify", model="cnn"))
+    with pytest.raises(T.ConfigError, match="unknown transform 'foo'"):
+        T.train(_quick(tiny_idx, transform="foo"))
+    with pytest.raises(T.ConfigError, match="unknown distortion"):
+        T.train(_quick(tiny_idx, distortion="Z"))
+    with pytest.raises(T.ConfigError, match="loc_size must be at least 16"):
+        T.train(_quick(tiny_idx, loc_size=(8, 8)))
+    with pytest.raises(data.DataError, match="does not exist"):
+        T.train(_quick(tmp_path / "missing"))
+
+
+def test_write_sheet(tmp_path: Path) -> None:
+    sheet = {"input": torch.rand(5, 1, 42, 42), "rectified": torch.rand(5, 1, 28, 28), "upright": torch.rand(5, 1, 28, 28)}
+    T.write_sheet(tmp_path / "s.png", sheet)
+    with Image.open(tmp_path / "s.png") as im:
+        assert im.format == "PNG" and im.mode == "L" and im.height > 42 * 2 and im.width > (42 + 56) * 4
+    T.write_sheet(tmp_path / "rgb.png", {"input": torch.rand(2, 3, 10, 10), "upright": torch.rand(2, 3, 10, 10)})
+    with Image.open(tmp_path / "rgb.png") as im:
+        assert im.mode == "RGB"
+
+
+# -------------------------------------------------------------------------------- stn train CLI
+
+
+def _stn(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    return subprocess.run([str(STN), "train", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+@pytest.mark.skipif(not STN.exists(), reason="project not installed in .venv")
+def test_cli_end_to_end(tiny_idx: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ["--data", str(tiny_idx), "--steps", "4", "--batch-size", "16", "--threads", "1", "--out", str(out),
+            "--distortion", "RTS", "--seed", "3"]
+    proc = _stn(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert "test error" in proc.stdout and "pose spread" in proc.stdout
+    assert "train classify" in proc.stderr  # the tqdm bar
+    ckpt = load_checkpoint(out / "checkpoint.pt")  # weights_only=True inside
+    assert ckpt.kind == "st-cnn"
+    meta = ckpt.meta
+    assert meta["name"] and meta["version"] == T.MODEL_VERSION
+    assert meta["dataset"] == f"{tiny_idx.name} RTS" and meta["classes"] == ["0", "1", "2"]
+    assert meta["created_by"] == "stn train " + " ".join(args)
+    assert meta["metrics"]["steps"] == 4 and math.isfinite(meta["metrics"]["test_error"])
+    assert ckpt.stn_config.output_size == (42, 42) and ckpt.stn_config.loc_size == (42, 42)
+    model = ckpt.build()
+    logits, rectified, theta = model(torch.zeros(2, 1, 42, 42))
+    assert logits.shape == (2, 3) and theta.shape == (2, 2, 3)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["pose_consistency"] == meta["metrics"]["pose_consistency"]
+    with Image.open(out / "sheet.png") as im:
+        assert im.format == "PNG"
+
+
+@pytest.mark.skipif(not STN.exists(), reason="project not installed in .venv")
+def test_cli_rectify_image_folder(tiny_upright_folder: Path, tmp_path: Path) -> None:
+    proc = _stn("--data", str(tiny_upright_folder), "--mode", "rectify", "--distortion", "R", "--steps", "2",
+                "--batch-size", "8", "--threads", "1", "--no-progress", "--out", str(tmp_path / "r"))
+    assert proc.returncode == 0, proc.stderr
+    ckpt = load_checkpoint(tmp_path / "r" / "checkpoint.pt")
+    assert ckpt.kind == "stn" and ckpt.meta["classes"] == []
+    assert isinstance(ckpt.build_stn(), SpatialTransformer)
+
+
+@pytest.mark.skipif(not STN.exists(), reason="project not installed in .venv")
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--data", "/no/such/folder"], "data path /no/such/folder does not exist"),
+        (["--transform", "foo"], "invalid choice: 'foo'"),
+    ],
+)
+def test_cli_errors_exit_2_without_traceback(tmp_path: Path, args: list[str], message: str) -> None:
+    proc = _stn(*args, "--out", str(tmp_path / "x"))
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "x" / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--distortion", "XYZ"], "invalid choice: 'XYZ'"),
+        (["--loc-size", "8", "8"], "loc_size must be at least 16"),
+        (["--steps", "0"], "must be >= 1"),
+        (["--mode", "rectify", "--model", "cnn"], "rectify mode trains the STN alone"),
+        (["--data", "{upright}"], "--mode rectify"),
+    ],
+)
+def test_cli_errors_in_process(tiny_upright_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                               args: list[str], message: str) -> None:
+    from stn.cli import main
+
+    args = [a.replace("{upright}", str(tiny_upright_folder)) for a in args]
+    try:
+        code = main(["train", *args, "--no-progress", "--out", str(tmp_path / "x")])
+    except SystemExit as e:  # argparse errors
+        code = e.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- real data (slow)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path(data.DEFAULT_DATA).is_dir(), reason="dataset-fashion-mnist is not installed")
+def test_fashion_mnist_rectifier_shrinks_the_pose_spread() -> None:
+    result = T.train(T.TrainConfig(mode="rectify", distortion="RTS", steps=300, batch_size=64, lr=3e-3,
+                                   limit_train=6400, limit_test=500, threads=2, progress=False))
+    pc = result.metrics["pose_consistency"]  # measured: angle 14.7 vs 26.9 deg, tx 0.071 vs 0.37
+    assert pc["residual"]["angle_deg"] < 0.7 * pc["distortion"]["angle_deg"]
+    assert pc["residual"]["tx"] < 0.4 * pc["distortion"]["tx"]
+    assert pc["residual"]["ty"] < 0.4 * pc["distortion"]["ty"]
