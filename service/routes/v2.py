@@ -168,24 +168,28 @@ async def infer(name: str, request: Request, state: StateDep, version: str | Non
     if n > s.max_files:
         raise _problem(413, f"{n} images; at most {s.max_files} per request (STN_MAX_FILES)")
     state.admit(runtime.name, n, error="queue full")
+    handed_over = False
+
+    def front() -> tuple[Any, np.ndarray]:
+        up = runtime.upload(image)
+        return up, runtime.resize(up)  # the input is already normalized; resize is linear
+
     try:
-        async def run() -> tuple[np.ndarray, np.ndarray]:
-            def front() -> tuple[Any, np.ndarray]:
-                up = runtime.upload(image)
-                return up, runtime.resize(up)  # the input is already normalized; resize is linear
+        async with asyncio.timeout(s.request_timeout_s):
             try:
                 up, loc = await state.workers.run(front)
             finally:
                 state.prepared(runtime.name, n)
-            thetas = np.stack(await state.batchers[runtime.name].submit_many(list(loc)))
-            rect = await state.workers.run(runtime.sample, up, thetas, None)
-            return rect, thetas
-        rectified, theta = await asyncio.wait_for(run(), s.request_timeout_s)
+                handed_over = True
+            theta = np.stack(await state.batchers[runtime.name].submit_many(list(loc)))
+            rectified = await state.workers.run(runtime.sample, up, theta, None)
     except QueueFullError as e:
         raise _problem(503, f"the queue is full ({e})", {"Retry-After": "1"}) from None
     except (TimeoutError, QueueTimeoutError):
         raise _problem(503, f"no result within {s.request_timeout_s:g}s", {"Retry-After": "1"}) from None
     finally:
+        if not handed_over:
+            state.prepared(runtime.name, n)
         state.release(runtime.name, n)
     state.metrics.images.labels(runtime.name).inc(n)
     return _response(req, runtime, {OUTPUT_RECTIFIED: rectified, OUTPUT_THETA: theta})

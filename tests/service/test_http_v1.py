@@ -342,3 +342,26 @@ def test_openapi_lists_the_api(server) -> None:  # noqa: ANN001
     for p in ("/v1/rectify", "/v1/models", "/healthz", "/readyz", "/metrics", "/v2/models/{name}/infer"):
         assert p in paths
     assert re.search(r"stn_requests_total", httpx.get(server.url + "/metrics").text)
+
+
+def test_cors_only_for_listed_origins(model_dir: Path) -> None:
+    with live_server(model_dir=model_dir, cors_origins="https://app.example") as srv:
+        pre = {"origin": "https://app.example", "access-control-request-method": "POST"}
+        r = httpx.options(srv.url + "/v1/rectify", headers=pre)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+        r = httpx.options(srv.url + "/v1/rectify", headers={**pre, "origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in r.headers
+
+
+
+def test_counters_return_to_zero(server) -> None:  # noqa: ANN001
+    """Admission bookkeeping balances after good, bad and v2 requests (no leaked in-flight images)."""
+    png = encode(smooth_image(20, 20, 1))
+    httpx.post(server.url + "/v1/rectify?model=affine", content=png, headers={"content-type": "image/png"})
+    httpx.post(server.url + "/v1/rectify?model=affine", content=b"bad", headers={"content-type": "image/png"})
+    body = {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": [0.0] * 64}]}
+    httpx.post(server.url + "/v2/models/affine/infer", json=body)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and (server.state.inflight["affine"] or server.state.preparing["affine"]):
+        time.sleep(0.01)
+    assert server.state.inflight["affine"] == 0 and server.state.preparing["affine"] == 0
