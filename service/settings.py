@@ -50,6 +50,7 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(1, ge=0)  # onnxruntime threads per session run (0: onnxruntime decides); images run in parallel anyway
     inter_op_threads: int = Field(1, ge=0)  # onnxruntime inter-op threads (0: onnxruntime decides)
     workers: int = Field(0, ge=0)  # threads decoding, sampling and encoding images (0: CPUs this process may use, at most 8)
+    malloc_keep_mb: int = Field(256, ge=0)  # freed memory glibc keeps for reuse (saves page faults per image; 0: glibc default)
     warmup: bool = True  # run each model once at startup, before readiness
     strict_readiness: bool = False  # not ready while any model in the folder failed to load (Triton's strict readiness)
     access_log: bool = False  # uvicorn's per-request access log

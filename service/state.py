@@ -17,7 +17,7 @@ from service.errors import Problem
 from service.metrics import Metrics
 from service.runtime import LoadedModels, ModelRuntime, SessionConfig, load_model_dir
 from service.settings import Settings
-from service.workers import CoalescingExecutor
+from service.workers import CoalescingExecutor, tune_malloc
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class ServiceState:
     async def start(self) -> None:
         """Load every model in a thread (the loop keeps answering /healthz), then start their batchers."""
         s = self.settings
+        tune_malloc(s.malloc_keep_mb * 1024 * 1024)
         self.workers = CoalescingExecutor(s.worker_threads)
         config = SessionConfig(providers=tuple(s.providers), intra_op_threads=s.intra_op_threads,
                                inter_op_threads=s.inter_op_threads)
