@@ -379,3 +379,17 @@ def test_ray_engine_gives_the_local_engines_outputs(local_run, tree, model_dir, 
         assert files_of(out) == files_of(local_out)
     finally:
         ray.shutdown()
+
+
+def test_bench_batch_runs_and_ends_with_the_ratios(model_dir, tmp_path, capsys) -> None:  # noqa: ANN001
+    import argparse
+
+    p = argparse.ArgumentParser()
+    batch.configure_bench_batch(p)
+    args = p.parse_args(["--images", "12", "--image-size", "64x48", "--data-dir", str(tmp_path), "--repeat", "1",
+                         "--batch-size", "4", "--model", str(model_dir / "projective.onnx")])
+    assert batch.run_bench_batch(args) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    last = json.loads(out[-1])
+    assert last["images"] == 12 and {"local_vs_naive", "bare_vs_naive", "local_vs_bare"} <= set(last)
+    assert any("read_decode" in line and "encode" in line for line in out)
