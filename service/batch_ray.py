@@ -18,6 +18,7 @@ OUTPUT only needs to be on the driver's machine. See docs/BATCH.md.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -59,10 +60,10 @@ class RectifyActor:
                  quality: int, size: tuple[int, int] | None) -> None:
         from service.batch import load_batch_model
 
-        folder = tempfile.mkdtemp(prefix="stn-batch-model-")
-        path = Path(folder) / model_name
-        path.write_bytes(model_bytes)
-        self.model = load_batch_model(path, providers)
+        with tempfile.TemporaryDirectory(prefix="stn-batch-model-") as folder:  # loaded into memory, then removed
+            path = Path(folder) / model_name
+            path.write_bytes(model_bytes)
+            self.model = load_batch_model(path, providers)
         self.fmt, self.quality, self.size = fmt, quality, size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -107,9 +108,10 @@ def run_ray(job: Job, config: BatchConfig, model_path: Path, info: ModelInfo, ba
 
     started = False
     t0 = time.perf_counter()
+    address = config.ray_address or os.environ.get("RAY_ADDRESS")  # as `ray.init()` itself reads it
     if not ray.is_initialized():
-        if config.ray_address:
-            ray.init(address=config.ray_address, log_to_driver=False)
+        if address:
+            ray.init(address=address, log_to_driver=False)
         else:
             ray.init(num_cpus=config.ray_num_cpus, include_dashboard=False, log_to_driver=False)
             started = True

@@ -393,3 +393,15 @@ def test_bench_batch_runs_and_ends_with_the_ratios(model_dir, tmp_path, capsys) 
     last = json.loads(out[-1])
     assert last["images"] == 12 and {"local_vs_naive", "bare_vs_naive", "local_vs_bare"} <= set(last)
     assert any("read_decode" in line and "encode" in line for line in out)
+
+
+def test_output_inside_input_is_not_read_back(tree, model_dir, tmp_path) -> None:  # noqa: ANN001
+    import shutil
+
+    src = tmp_path / "in"
+    shutil.copytree(tree[0] / "sub" / "deep", src)
+    out = src / "rectified"
+    first = run_job(config(src, out, model_dir))
+    again = run_job(config(src, out, model_dir))
+    assert first.ok == 3 and (again.total, again.skipped, again.processed) == (3, 3, 0)
+    assert [r["source"] for r in read_jsonl(out / "results.jsonl")] == ["c0.webp", "c1.bmp", "c2.tiff"]
