@@ -175,6 +175,8 @@ def resolve_inputs(spec: str | os.PathLike, output: str | os.PathLike, fmt: str 
             raise BatchError(f"{spec_s}: no such folder, manifest or image, and no image matches it as a glob")
     root_abs = os.path.abspath(root)
     root_real = os.path.realpath(root)
+    if _is_within(root_real, out_real):
+        raise BatchError(f"the input root {root_abs} is OUTPUT or inside it; write the outputs elsewhere")
     rels: dict[str, str] = {}  # source -> absolute path
     for n, e in enumerate(entries):
         name = shown[n] if shown is not None else e
@@ -397,7 +399,9 @@ class Job:
         self.tmp.mkdir(parents=True, exist_ok=True)
         if not job_file.exists():
             self._atomic_write(job_file, json.dumps(asdict(spec), indent=1).encode())
-        self.records: dict[str, dict[str, Any]] = {}  # source -> {"result": {...}} or {"error": "..."}
+        # source -> (output, the results.jsonl line) for a rectified image, (None, reason) for a failure;
+        # kept as text, which is several times smaller than the parsed records
+        self.records: dict[str, tuple[str | None, str]] = {}
         if self.journal_path.exists():
             with open(self.journal_path, encoding="utf-8", errors="replace") as f:
                 for line in f:
@@ -405,23 +409,31 @@ class Job:
                         rec = json.loads(line)
                     except json.JSONDecodeError:
                         continue  # a line cut by kill -9: that image is redone
-                    if isinstance(rec, dict) and isinstance(rec.get("source"), str):
-                        self.records[rec["source"]] = rec
+                    if not isinstance(rec, dict) or not isinstance(rec.get("source"), str):
+                        continue
+                    if isinstance(rec.get("result"), dict):
+                        self.records[rec["source"]] = (rec["result"].get("output"), json.dumps(rec["result"]))
+                    else:
+                        self.records[rec["source"]] = (None, str(rec.get("error", "")))
         self.done = {it.source for it in inputs.items if self._completed(it)}
         self.todo = [it for it in inputs.items if it.source not in self.done]
         self._journal = open(self.journal_path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
 
     def _completed(self, item: Item) -> bool:
-        rec = self.records.get(item.source)
-        return (rec is not None and "result" in rec and rec["result"].get("output") == item.output
-                and (self.output / item.output).is_file())
+        output = self.records.get(item.source, (None, ""))[0]
+        return output is not None and output == item.output and (self.output / item.output).is_file()
 
-    def _atomic_write(self, dest: Path, data: bytes) -> None:
+    def _atomic_write(self, dest: Path, data: bytes | Iterable[str]) -> None:
+        """Write ``data`` (bytes, or text chunks) to a temporary file, then rename it to ``dest``."""
         with self._lock:
             self._seq += 1
             tmp = self.tmp / f"{os.getpid()}-{threading.get_ident()}-{self._seq}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
+        if isinstance(data, bytes):
+            with open(tmp, "wb") as f:
+                f.write(data)
+        else:
+            with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+                f.writelines(data)
         os.replace(tmp, dest)
 
     def output_path(self, item: Item) -> Path:
@@ -443,10 +455,9 @@ class Job:
         self._checked.add(parent)  # checked once per folder and run
         return dest
 
-    def _append(self, rec: dict[str, Any]) -> None:
-        line = json.dumps(rec) + "\n"
+    def _append(self, source: str, output: str | None, text: str, line: str) -> None:
         with self._lock:
-            self.records[rec["source"]] = rec
+            self.records[source] = (output, text)
             self._journal.write(line)
             self._journal.flush()  # in the OS once written: survives kill -9
 
@@ -457,10 +468,11 @@ class Job:
         except (OSError, BatchError) as e:
             self.write_error(item, f"could not write {item.output}: {e}")
             return
-        self._append({"source": item.source, "result": record})
+        text = json.dumps(record)
+        self._append(item.source, item.output, text, f'{{"source": {json.dumps(item.source)}, "result": {text}}}\n')
 
     def write_error(self, item: Item, reason: str) -> None:
-        self._append({"source": item.source, "error": reason})
+        self._append(item.source, None, reason, json.dumps({"source": item.source, "error": reason}) + "\n")
 
     def close(self) -> None:
         with self._lock:
@@ -473,16 +485,17 @@ class Job:
     def finish(self) -> tuple[int, int]:
         """Write results.jsonl and errors.jsonl (sorted by source) from the journal; (ok, failed)."""
         self.close()
-        ok, errors = [], list(self.inputs.rejected)
+        ok: list[str] = []  # items are sorted by source already
+        errors = list(self.inputs.rejected)
         for it in self.inputs.items:
-            rec = self.records.get(it.source, {})
-            if "result" in rec and self._completed(it):
-                ok.append(rec["result"])
+            output, text = self.records.get(it.source, (None, "not processed"))
+            if output is not None and self._completed(it):
+                ok.append(it.source)
             else:
-                errors.append({"source": it.source, "error": rec.get("error", "not processed")})
+                errors.append({"source": it.source, "error": text if output is None else "not processed"})
         errors.sort(key=lambda r: r["source"])
-        self._atomic_write(self.output / RESULTS, "".join(json.dumps(r) + "\n" for r in ok).encode())
-        self._atomic_write(self.output / ERRORS, "".join(json.dumps(r) + "\n" for r in errors).encode())
+        self._atomic_write(self.output / RESULTS, (self.records[s][1] + "\n" for s in ok))
+        self._atomic_write(self.output / ERRORS, (json.dumps(r) + "\n" for r in errors))
         shutil.rmtree(self.tmp, ignore_errors=True)
         return len(ok), len(errors)
 

@@ -405,3 +405,5 @@ def test_output_inside_input_is_not_read_back(tree, model_dir, tmp_path) -> None
     again = run_job(config(src, out, model_dir))
     assert first.ok == 3 and (again.total, again.skipped, again.processed) == (3, 3, 0)
     assert [r["source"] for r in read_jsonl(out / "results.jsonl")] == ["c0.webp", "c1.bmp", "c2.tiff"]
+    with pytest.raises(BatchError, match="inside it"):
+        run_job(config(src, src, model_dir))
