@@ -160,8 +160,10 @@ def bare_main(model_dir: str, model: str, image_dir: str, fmt: str) -> None:
     from service import images, pipeline
     from service.runtime import SessionConfig, load_model
     from service.settings import Settings
+    from service.workers import tune_malloc
 
     s = Settings()
+    tune_malloc(s.malloc_keep_mb * 1024 * 1024)  # as the service does: the comparison is about HTTP, not malloc
     rt = load_model(Path(model_dir) / f"{model}.onnx", SessionConfig(providers=tuple(s.providers)))
     rt.warmup(1)
     jpegs = [p.read_bytes() for p in sorted(Path(image_dir).glob("*.jpg"))]
