@@ -520,7 +520,7 @@ class BatchConfig:
     progress: bool = True  # tqdm progress bar on stderr
     ray_address: str | None = None  # an existing Ray cluster ("auto", "ray://host:10001"); None: a local Ray
     ray_num_cpus: int | None = None  # CPUs of the local Ray (None: all)
-    ray_actors: int = 0  # onnxruntime actors (0: one per GPU, else half the CPUs, at least 1)
+    ray_actors: int = 0  # onnxruntime actors (0: one per GPU, else the CPUs less one, at least 1)
 
 
 @dataclass
@@ -743,7 +743,7 @@ def configure_batch(p: argparse.ArgumentParser) -> None:
                                                        "start a local Ray)")
     p.add_argument("--ray-num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     p.add_argument("--ray-actors", type=int, default=0,
-                   help="onnxruntime actors (default: one per GPU, else half the CPUs)")
+                   help="onnxruntime actors (default: one per GPU, else the CPUs less one)")
     p.add_argument("--input-root", default=None, help="folder that sources and outputs are relative to (default: the "
                                                       "folder, the manifest's folder, or the glob's fixed prefix)")
     p.add_argument("--providers", default=None, help="comma-separated onnxruntime providers (default: STN_PROVIDERS)")

@@ -121,7 +121,9 @@ def run_ray(job: Job, config: BatchConfig, model_path: Path, info: ModelInfo, ba
             return
         resources = ray.cluster_resources()
         gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
-        actors = config.ray_actors or (gpus if gpus else max(1, cpus // 2))
+        # Ray Data fuses decode_batch into the actors when they ask for the same resources (CPU clusters):
+        # then every actor decodes its own batches; one CPU is left for the tasks that are not fused
+        actors = config.ray_actors or (gpus if gpus else max(1, cpus - 1))
         limits = default_limits()
         batch = max(1, config.batch_size)
         ctx = ray.data.DataContext.get_current()
