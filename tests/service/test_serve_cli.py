@@ -67,3 +67,11 @@ def test_stn_serve_subprocess_without_torch(model_dir: Path) -> None:
     if "CUDAExecutionProvider" not in str(models[0]["providers"]):
         assert out.count("CUDAExecutionProvider is not usable") == 1, out
         assert "Failed to load library" not in out, out
+
+
+def test_every_setting_is_documented() -> None:
+    from service.settings import Settings
+
+    doc = (ROOT / "docs" / "SERVING.md").read_text()
+    missing = [f"STN_{name.upper()}" for name in Settings.model_fields if f"`STN_{name.upper()}`" not in doc]
+    assert not missing, f"docs/SERVING.md lacks {missing}"
