@@ -68,6 +68,9 @@ def configure_train(parser: argparse.ArgumentParser) -> None:
     a("--clip-grad", type=float, default=5.0, help="global gradient-norm clip, 0 = off (default %(default)s)")
     a("--boundary-weight", type=float, default=1.0,
       help="weight of the collapse guard (penalty on sampling points beyond +-1.5) (default %(default)s)")
+    a("--init-stn", default=None, metavar="CHECKPOINT",
+      help="start the spatial transformer from this checkpoint's (same config), e.g. a --mode rectify run "
+           "before a --mode classify run")
     a("--name", default=None, help="model name stored in the checkpoint (default: derived)")
     a("--no-progress", action="store_true", help="no progress bar")
     a("--out", required=True, metavar="DIR", help="output folder for checkpoint.pt, metrics.json, sheet.png")
@@ -95,7 +98,7 @@ def run_train(args: argparse.Namespace) -> int:
         image_size=tuple(args.image_size) if args.image_size else None,
         limit_train=args.limit_train, limit_test=args.limit_test, seed=args.seed, threads=args.threads,
         clip_grad=args.clip_grad, boundary_weight=args.boundary_weight, out=args.out, name=args.name,
-        created_by="stn " + shlex.join(sys.argv[1:]), progress=not args.no_progress,
+        created_by="stn " + shlex.join(sys.argv[1:]), progress=not args.no_progress, init_stn=args.init_stn,
     )
     try:
         result = train(config)

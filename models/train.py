@@ -119,6 +119,7 @@ class TrainConfig:
     name: str | None = None  # model name in the checkpoint; None = derived from model/dataset/distortion
     created_by: str = ""  # the command line that produced the model (stored in the checkpoint)
     progress: bool = True  # show a tqdm progress bar
+    init_stn: str | None = None  # start the STN from this checkpoint's transformer (e.g. rectify first, then classify)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -278,6 +279,22 @@ def stn_config_for(config: TrainConfig, splits: ImageSplits) -> STNConfig:
         raise ConfigError(str(e)) from None
 
 
+def _init_stn_from(stn: SpatialTransformer | None, path: str) -> None:
+    """Copy a trained transformer's weights (same STN config) into ``stn``; ConfigError otherwise."""
+    from models.checkpoint import CheckpointError, load_checkpoint
+
+    if stn is None:
+        raise ConfigError("--init-stn needs a model with a spatial transformer (--model stn)")
+    try:
+        source = load_checkpoint(path).build_stn()
+    except CheckpointError as e:
+        raise ConfigError(f"--init-stn: {e}") from None
+    if source.config != stn.config:
+        raise ConfigError(f"--init-stn: {path} has STN config {source.config.to_dict()}, this run needs "
+                          f"{stn.config.to_dict()} (same transform, sizes, channels and normalization)")
+    stn.load_state_dict(source.state_dict())
+
+
 def build_model(config: TrainConfig, splits: ImageSplits, stn_config: STNConfig | None = None) -> nn.Module:
     """The untrained model for ``config`` and the data: STN (rectify), ST-CNN or CNN (classify)."""
     stn_config = stn_config or stn_config_for(config, splits)
@@ -415,6 +432,8 @@ def train(config: TrainConfig, splits: ImageSplits | None = None) -> TrainResult
     torch.manual_seed(config.seed)
     model = build_model(config, splits, stn_config)
     stn = _stn_of(model)
+    if config.init_stn:
+        _init_stn_from(stn, config.init_stn)
     mean = torch.tensor(stn_config.mean).view(1, -1, 1, 1)
     std = torch.tensor(stn_config.std).view(1, -1, 1, 1)
     objective = _Objective(model, config, splits.image_size, mean, std)
