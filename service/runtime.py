@@ -6,9 +6,11 @@ Public API (used by the HTTP app and by batch engines; no HTTP, no asyncio, no t
   providers once per process and warning once when one falls back to CPU).
 - :class:`SessionConfig` (providers and thread counts) and :func:`load_model` (one ``.onnx``
   file -> :class:`ModelRuntime`, or :class:`ModelLoadError` with a reason a person can act on).
-- :func:`load_model_dir` (every ``*.onnx`` in a folder -> loaded models and failures by name).
-- :class:`ModelRuntime`: ``info`` (:class:`export.metadata.ModelInfo`), ``upload``, ``resize``,
-  ``normalize``, ``localise``, ``sample``, ``base_grid``, ``warmup``, ``describe``.
+- :func:`model_files` (the ``*.onnx`` files of a folder) and :func:`load_model_dir` (all of
+  them -> :class:`LoadedModels`: ready models and failure reasons, by file stem).
+- :class:`ModelRuntime`: ``info`` (:class:`export.metadata.ModelInfo`), ``providers``,
+  ``upload`` (array -> :class:`DeviceImage`), ``resize``, ``normalize``, ``localise``
+  (batched), ``sample`` (any output size), ``base_grid``, ``warmup``, ``describe``.
 
 Each model is split (``export.contract.split``) into ``resize``, ``localiser`` and ``sampler``
 sessions, so localisation can be batched across images of different sizes while each image
