@@ -294,7 +294,10 @@ def _journal_lines(out: Path) -> int:
 
 def _interrupt(cmd: list[str], out: Path, sig: int, after_lines: int, expect_rc: int, timeout: float = 60) -> None:
     """Start the job, send ``sig`` once ``after_lines`` images are journaled; check the exit code."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell that runs us in the background starts its children with SIGINT ignored, and Python then
+    # installs no KeyboardInterrupt handler: restore the default, as a terminal's Ctrl-C finds it.
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + timeout
     try:
         while _journal_lines(out) < after_lines and proc.poll() is None and time.monotonic() < deadline:
