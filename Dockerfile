@@ -7,7 +7,7 @@
 # The base image needs python3 (3.11 or later) with the venv module, and useradd. The GPU variant
 # takes CUDA and cuDNN from NVIDIA's pip wheels (onnxruntime-gpu[cuda,cudnn]), so a slim Python
 # base is enough: no CUDA base image. The host needs the NVIDIA driver and the NVIDIA Container
-# Toolkit; docs/DEPLOY.md says why this base and how big each variant is.
+# Toolkit; the README's deploy section says why this base and how big each variant is.
 
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
@@ -92,8 +92,8 @@ RUN set -eu; \
     stn --help >/dev/null
 COPY --from=builder --chown=stn:stn /opt/models/ /models/
 
-# Settings: every STN_* variable of service/settings.py is read from the environment (docs/DEPLOY.md
-# has the table). The image changes only these defaults; set any of the others with -e / environment:
+# Settings: every STN_* variable of service/settings.py is read from the environment (the README
+# has the settings table). The image changes only these defaults; set any of the others with -e / environment:
 #   STN_DEFAULT_MODEL STN_PROVIDERS STN_MAX_BATCH_SIZE STN_MAX_QUEUE_DELAY_MS STN_MAX_QUEUE_SIZE
 #   STN_REQUEST_TIMEOUT_S STN_MAX_UPLOAD_BYTES STN_MAX_IMAGE_PIXELS STN_MAX_FILES STN_MAX_OUTPUT_PIXELS
 #   STN_INTRA_OP_THREADS STN_INTER_OP_THREADS STN_WORKERS STN_MALLOC_KEEP_MB STN_WARMUP STN_STRICT_READINESS

@@ -1,7 +1,7 @@
 """The FastAPI app: ``create_app(settings)``; models load in the lifespan (readiness waits for them).
 
 Nothing heavy happens at import; ``uvicorn service.app:app`` works too (settings from the
-environment). See docs/SERVING.md for the API and the settings.
+environment). See the README for the API and the settings.
 """
 
 from __future__ import annotations

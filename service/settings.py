@@ -1,6 +1,6 @@
 """Service settings: one typed object read from ``STN_*`` environment variables (pydantic-settings).
 
-Every field is listed, with its default, in docs/SERVING.md (the README's settings table).
+Every field is listed, with its default, in the README's settings table.
 """
 
 from __future__ import annotations

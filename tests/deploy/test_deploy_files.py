@@ -23,8 +23,8 @@ from service.settings import Settings  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
-# The README's deploy section (written as docs/DEPLOY.md; README.md once merged there).
-DEPLOY_DOC = next((p for p in (ROOT / "docs" / "DEPLOY.md", ROOT / "README.md") if p.exists()), ROOT / "README.md")
+# The README has the deploy section.
+DEPLOY_DOC = ROOT / "README.md"
 SETTINGS = {f"STN_{name.upper()}" for name in Settings.model_fields}
 # What a container changes on purpose: where the models are and where it listens.
 CONTAINER_DEFAULTS = {"STN_MODEL_DIR": "/models", "STN_HOST": "0.0.0.0", "STN_PORT": "8000"}

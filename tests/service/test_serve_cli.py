@@ -72,6 +72,6 @@ def test_stn_serve_subprocess_without_torch(model_dir: Path) -> None:
 def test_every_setting_is_documented() -> None:
     from service.settings import Settings
 
-    doc = (ROOT / "docs" / "SERVING.md").read_text()
+    doc = (ROOT / "README.md").read_text()
     missing = [f"STN_{name.upper()}" for name in Settings.model_fields if f"`STN_{name.upper()}`" not in doc]
-    assert not missing, f"docs/SERVING.md lacks {missing}"
+    assert not missing, f"README.md lacks {missing}"
