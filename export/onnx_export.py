@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+import torch.nn.functional as F
 
 from export import lowerings
 from export.metadata import BASE_GRID, INPUT_IMAGE, LOC_INPUT, OUTPUT_RECTIFIED, OUTPUT_THETA, ModelInfo, write_props
@@ -39,7 +40,7 @@ class ExportReport:
     path: Path
     lowering: str
     opset: int
-    max_abs_diff: float  # worst of rectified and theta over the parity batches
+    max_abs_diff: float  # worst of |d theta| / (1 + |theta|) and |d rectified| (see check_parity)
     batch_sizes: tuple[int, ...]
 
     def summary(self) -> str:
@@ -122,15 +123,26 @@ def export_onnx(
     onnx.checker.check_model(model, full_check=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = path.with_name(path.name + ".tmp")
-    onnx.save(model, tmp_path)
-    diff = check_parity(stn, tmp_path, parity_batch_sizes)
-    os.replace(tmp_path, path)
+    try:
+        onnx.save(model, tmp_path)
+        diff = check_parity(stn, tmp_path, parity_batch_sizes)
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
     return ExportReport(path, lowering, opset, diff, tuple(parity_batch_sizes))
 
 
 def check_parity(stn: SpatialTransformer, onnx_path: str | os.PathLike,
                  batch_sizes: tuple[int, ...] = (1, 3), atol: float = PARITY_ATOL) -> float:
-    """Max |onnxruntime - PyTorch| over rectified and theta, at each batch size and two image sizes."""
+    """Worst onnxruntime-vs-PyTorch difference, at each batch size and two image sizes.
+
+    Checked in two parts, each against its own yardstick: theta within ``atol * (1 + |theta|)``
+    (float32 rounding in the localisation net is relative to theta's size), and the rectified
+    image within ``atol`` of PyTorch's sampler applied with onnxruntime's theta (so a 1e-7
+    relative difference in theta, moving a sample point by a hair, is not charged to the
+    sampler). The images are smooth random fields (random 5x5 values, bicubically upsampled,
+    in about [-2, 2]). Returns the worst of |d theta| / (1 + |theta|) and |d rectified|.
+    """
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -140,16 +152,22 @@ def check_parity(stn: SpatialTransformer, onnx_path: str | os.PathLike,
     sizes = [cfg.loc_size, (cfg.loc_size[0] * 2 + 3, cfg.loc_size[1] + 11)]
     for n in batch_sizes:
         for h, w in sizes:
-            x = torch.rand(n, cfg.in_channels, h, w, generator=gen) * 2 - 1
-            with torch.no_grad():
-                rect, theta = stn(x)
+            coarse = torch.rand(n, cfg.in_channels, 5, 5, generator=gen) * 4 - 2
+            x = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)
             o_rect, o_theta = sess.run([OUTPUT_RECTIFIED, OUTPUT_THETA], {INPUT_IMAGE: x.numpy()})
-            if o_rect.shape != tuple(rect.shape) or o_theta.shape != tuple(theta.shape):
-                raise ExportError(f"onnxruntime shapes {o_rect.shape}, {o_theta.shape} != PyTorch "
-                                  f"{tuple(rect.shape)}, {tuple(theta.shape)} at batch {n}, {h}x{w}")
-            worst = max(worst, float(np.abs(o_rect - rect.numpy()).max()), float(np.abs(o_theta - theta.numpy()).max()))
-    if worst > atol:
-        raise ExportError(f"onnxruntime differs from PyTorch by {worst:.3g} (> {atol}); the export is not faithful")
+            with torch.no_grad():
+                theta = stn.localise(x)
+                rect = stn.sample(x, torch.from_numpy(o_theta)) if o_theta.shape == tuple(theta.shape) else None
+            if rect is None or o_rect.shape != tuple(rect.shape):
+                raise ExportError(f"onnxruntime shapes {o_rect.shape}, {o_theta.shape} differ from PyTorch's "
+                                  f"at batch {n}, {h}x{w}")
+            t = theta.numpy()
+            theta_err = float((np.abs(o_theta - t) / (1.0 + np.abs(t))).max())
+            rect_err = float(np.abs(o_rect - rect.numpy()).max())
+            if theta_err > atol or rect_err > atol:
+                raise ExportError(f"onnxruntime differs from PyTorch (theta relative {theta_err:.3g}, rectified "
+                                  f"{rect_err:.3g}; tolerance {atol}) at batch {n}, {h}x{w}: the export is not faithful")
+            worst = max(worst, theta_err, rect_err)
     return worst
 
 

@@ -279,20 +279,25 @@ def stn_config_for(config: TrainConfig, splits: ImageSplits) -> STNConfig:
         raise ConfigError(str(e)) from None
 
 
-def _init_stn_from(stn: SpatialTransformer | None, path: str) -> None:
-    """Copy a trained transformer's weights (same STN config) into ``stn``; ConfigError otherwise."""
+def _init_stn_from(stn: SpatialTransformer | None, path: str) -> str:
+    """Copy a trained transformer's weights (same STN config) into ``stn``; ConfigError otherwise.
+
+    Returns the command line that produced them (the source checkpoint's ``created_by``).
+    """
     from models.checkpoint import CheckpointError, load_checkpoint
 
     if stn is None:
         raise ConfigError("--init-stn needs a model with a spatial transformer (--model stn)")
     try:
-        source = load_checkpoint(path).build_stn()
+        ckpt = load_checkpoint(path)
+        source = ckpt.build_stn()
     except CheckpointError as e:
         raise ConfigError(f"--init-stn: {e}") from None
     if source.config != stn.config:
         raise ConfigError(f"--init-stn: {path} has STN config {source.config.to_dict()}, this run needs "
                           f"{stn.config.to_dict()} (same transform, sizes, channels and normalization)")
     stn.load_state_dict(source.state_dict())
+    return str(ckpt.meta.get("created_by", ""))
 
 
 def build_model(config: TrainConfig, splits: ImageSplits, stn_config: STNConfig | None = None) -> nn.Module:
@@ -432,8 +437,9 @@ def train(config: TrainConfig, splits: ImageSplits | None = None) -> TrainResult
     torch.manual_seed(config.seed)
     model = build_model(config, splits, stn_config)
     stn = _stn_of(model)
-    if config.init_stn:
-        _init_stn_from(stn, config.init_stn)
+    created_by = config.created_by
+    if config.init_stn:  # the model's history: the run that trained the transformer first
+        created_by = " && ".join(c for c in (_init_stn_from(stn, config.init_stn), created_by) if c)
     mean = torch.tensor(stn_config.mean).view(1, -1, 1, 1)
     std = torch.tensor(stn_config.std).view(1, -1, 1, 1)
     objective = _Objective(model, config, splits.image_size, mean, std)
@@ -515,7 +521,7 @@ def train(config: TrainConfig, splits: ImageSplits | None = None) -> TrainResult
         "dataset": dataset,
         "classes": list(splits.classes),
         "metrics": metrics,
-        "created_by": config.created_by,
+        "created_by": created_by,
         "in_channels": splits.channels,
         "mean": list(stn_config.mean),  # the model's input normalization (also in the STN config)
         "std": list(stn_config.std),

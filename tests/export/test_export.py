@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from export.contract import ContractError, split
 from export.lowerings import check_lowering, translation
-from export.metadata import ModelInfo, MetadataError, read_props
+from export.metadata import MetadataError, ModelInfo, read_props
 from export.onnx_export import check_parity, export_checkpoint, export_onnx, info_for
 from models import frames
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint

@@ -270,3 +270,19 @@ def test_fashion_mnist_rectifier_shrinks_the_pose_spread() -> None:
     assert pc["residual"]["angle_deg"] < 0.7 * pc["distortion"]["angle_deg"]
     assert pc["residual"]["tx"] < 0.4 * pc["distortion"]["tx"]
     assert pc["residual"]["ty"] < 0.4 * pc["distortion"]["ty"]
+
+
+def test_init_stn_starts_classify_from_a_rectifier(tiny_idx: Path, tmp_path: Path) -> None:
+    """--init-stn: the ST-CNN starts with the rectifier's transformer, and its history names both runs."""
+    rect = T.train(_quick(tiny_idx, mode="rectify", distortion="RTS", steps=5, out=str(tmp_path / "r"),
+                          created_by="stn train --mode rectify"))
+    cls = T.train(_quick(tiny_idx, distortion="RTS", steps=1, lr=1e-12,  # Adam moves by ~lr: nothing
+                         init_stn=str(tmp_path / "r" / "checkpoint.pt"),
+                         out=str(tmp_path / "c"), created_by="stn train --mode classify"))
+    for (name, p), q in zip(rect.model.state_dict().items(), cls.model.stn.state_dict().values(), strict=True):
+        torch.testing.assert_close(p, q, msg=f"{name} not copied")
+    assert cls.meta["created_by"] == "stn train --mode rectify && stn train --mode classify"
+    with pytest.raises(T.ConfigError, match="--init-stn.*STN config"):
+        T.train(_quick(tiny_idx, distortion="R", steps=1, init_stn=str(tmp_path / "r" / "checkpoint.pt")))
+    with pytest.raises(T.ConfigError, match="--init-stn.*does not exist"):
+        T.train(_quick(tiny_idx, distortion="RTS", steps=1, init_stn=str(tmp_path / "nope.pt")))
