@@ -19,8 +19,12 @@ def configure_export(p: argparse.ArgumentParser) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from export.onnx_export import ExportError, export_checkpoint
-    from models.checkpoint import CheckpointError
+    try:
+        from export.onnx_export import ExportError, export_checkpoint
+        from models.checkpoint import CheckpointError
+    except ImportError as e:
+        print(f"stn export: needs the training install (pip install -e '.[train]'): {e}", file=sys.stderr)
+        return 2
 
     command = "stn export " + shlex.join(sys.argv[2:] if len(sys.argv) > 2 else [args.checkpoint, "-o", args.output])
     try:

@@ -86,8 +86,12 @@ def _fmt_spread(spread: dict | None) -> str:
 def run_train(args: argparse.Namespace) -> int:
     import logging
 
-    from models.data import DataError
-    from models.train import ConfigError, TrainConfig, train
+    try:
+        from models.data import DataError
+        from models.train import ConfigError, TrainConfig, train
+    except ImportError as e:
+        print(f"stn train: needs the training install (pip install -e '.[train]'): {e}", file=sys.stderr)
+        return 2
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     config = TrainConfig(

@@ -25,41 +25,31 @@ BENCHMARKS = {
 }
 
 
-def _load(module: str):  # noqa: ANN202
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        return None
+def _add_commands(sub: argparse._SubParsersAction, commands: dict[str, tuple[str, str]], prefix: str) -> None:
+    """One subparser per command, configured by ``<module>.configure_<prefix><name>``."""
+    for name, (module, help_text) in commands.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        label = f"{prefix.replace('_', ' ')}{name}"
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:  # e.g. `stn train` in a serving-only install
+            p.set_defaults(handler=lambda args, n=label, why=str(e): _unavailable(n, why))
+            continue
+        getattr(mod, f"configure_{prefix}{name}")(p)
+        p.set_defaults(handler=getattr(mod, f"run_{prefix}{name}"))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stn", description="Spatial Transformer Networks: train, export, serve.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (module, help_text) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        mod = _load(module)
-        configure = getattr(mod, f"configure_{name}", None)
-        if configure is None:
-            p.set_defaults(handler=lambda args, n=name: _unavailable(n))
-            continue
-        configure(p)
-        p.set_defaults(handler=getattr(mod, f"run_{name}"))
+    _add_commands(sub, SUBCOMMANDS, "")
     bench = sub.add_parser("bench", help="Benchmarks, side by side with a baseline in one run.")
-    bsub = bench.add_subparsers(dest="bench", required=True, metavar="WHAT")
-    for name, (module, help_text) in BENCHMARKS.items():
-        p = bsub.add_parser(name, help=help_text, description=help_text)
-        mod = _load(module)
-        configure = getattr(mod, f"configure_bench_{name}", None)
-        if configure is None:
-            p.set_defaults(handler=lambda args, n=name: _unavailable(f"bench {n}"))
-            continue
-        configure(p)
-        p.set_defaults(handler=getattr(mod, f"run_bench_{name}"))
+    _add_commands(bench.add_subparsers(dest="bench", required=True, metavar="WHAT"), BENCHMARKS, "bench_")
     return parser
 
 
-def _unavailable(name: str) -> int:
-    print(f"stn {name}: not available in this installation", file=sys.stderr)
+def _unavailable(name: str, why: str) -> int:
+    print(f"stn {name}: not available in this installation ({why})", file=sys.stderr)
     return 2
 
 
