@@ -20,7 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from export.onnx_export import export_onnx, info_for
 from models.stn import SpatialTransformer, STNConfig
@@ -33,8 +35,33 @@ DEFAULT_LOWERING = "onnx"
 @dataclass
 class Contender:
     name: str
-    run: Callable[[], object]
+    run: Callable[[], float]  # one round: warm up, time, return images/s
     per_round: list[float] = field(default_factory=list)  # images/s, one per round
+
+
+class NaiveExport(torch.nn.Module):
+    """The export a user gets without our sampler op: ``F.affine_grid`` + ``F.grid_sample``, as torch
+    lowers them (the grid generator becomes Mul+ReduceSum). Affine-like families only; a baseline."""
+
+    def __init__(self, stn: SpatialTransformer) -> None:
+        super().__init__()
+        self.stn = stn
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        theta = self.stn.localise(image)
+        n, c = image.shape[:2]
+        grid = F.affine_grid(theta, [n, c, *self.stn.config.output_size], align_corners=False)
+        cfg = self.stn.config
+        return F.grid_sample(image, grid, mode=cfg.mode, padding_mode=cfg.padding_mode, align_corners=False), theta
+
+
+def _export_naive(stn: SpatialTransformer, path: Path) -> None:
+    example = torch.rand(2, stn.config.in_channels, *stn.config.loc_size)
+    dims = {0: torch.export.Dim("batch", min=1, max=4096), 2: torch.export.Dim("height", min=1, max=16384),
+            3: torch.export.Dim("width", min=1, max=16384)}
+    torch.onnx.export(NaiveExport(stn).eval(), (example,), path, dynamo=True, opset_version=18,
+                      input_names=["image"], output_names=["rectified", "theta"],
+                      dynamic_shapes={"image": dims}, external_data=False)
 
 
 def synthetic_affine224(seed: int = 0) -> SpatialTransformer:
@@ -67,12 +94,18 @@ def _time_round(fn: Callable[[], object], min_seconds: float, min_iters: int) ->
 def bench_model(name: str, stn: SpatialTransformer, batch_sizes: tuple[int, ...], lowerings: tuple[str, ...],
                 threads: int, rounds: int, min_seconds: float, image_size: tuple[int, int] | None,
                 providers: list[str], workdir: Path) -> list[dict]:
-    """Rows of {model, batch, contender, images_per_s, ms_per_batch, vs_torch} for one model."""
+    """Rows of {model, batch, contender, images_per_s, ms_per_batch, vs_torch} for one model.
+
+    Each onnxruntime contender gets a fresh session for each of its rounds, with onnxruntime's
+    default options (its thread pool spins between runs, which is what a user gets), and the
+    session is dropped after the round: an idle session's spinning threads would otherwise
+    steal the cores from whichever contender runs next.
+    """
     import onnxruntime as ort
 
     cfg = stn.config
     h, w = image_size or cfg.output_size
-    sessions = {}
+    models: dict[str, Path] = {}
     for lowering in lowerings:
         path = workdir / f"{name}-{lowering}.onnx"
         try:
@@ -80,28 +113,38 @@ def bench_model(name: str, stn: SpatialTransformer, batch_sizes: tuple[int, ...]
         except ValueError as e:
             log.warning("skipping lowering %s for %s: %s", lowering, name, e)
             continue
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        sessions[lowering] = ort.InferenceSession(str(path), so, providers=providers)
+        models[lowering] = path
+    if cfg.transform in ("affine", "similarity", "attention"):
+        models["naive"] = workdir / f"{name}-naive.onnx"
+        _export_naive(stn, models["naive"])
     rows = []
     for batch in batch_sizes:
         x = torch.rand(batch, cfg.in_channels, h, w, generator=torch.Generator().manual_seed(batch))
         x_np = x.numpy()
 
-        def torch_run(x: torch.Tensor = x) -> object:
-            with torch.inference_mode():
-                return stn(x)
+        def torch_round(x: torch.Tensor = x, batch: int = batch) -> float:
+            def run() -> object:
+                with torch.inference_mode():
+                    return stn(x)
 
-        contenders = [Contender("torch-eager", torch_run)]
-        for lowering, sess in sessions.items():
-            contenders.append(Contender(f"ort-{lowering}", lambda s=sess, a=x_np: s.run(None, {"image": a})))
-        for c in contenders:  # warm-up
-            for _ in range(3):
-                c.run()
+            for _ in range(2):
+                run()
+            return batch / _time_round(run, min_seconds, 3)
+
+        def ort_round(path: Path, a: np.ndarray = x_np, batch: int = batch) -> float:
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+            sess = ort.InferenceSession(str(path), so, providers=providers)
+            for _ in range(2):
+                sess.run(None, {"image": a})
+            return batch / _time_round(lambda: sess.run(None, {"image": a}), min_seconds, 3)  # then dropped
+
+        contenders = [Contender("torch-eager", torch_round)]
+        contenders += [Contender(f"ort-{k}", lambda p=p: ort_round(p)) for k, p in models.items()]
         for _ in range(rounds):
             for c in contenders:
-                c.per_round.append(batch / _time_round(c.run, min_seconds, 3))
+                c.per_round.append(c.run())
         torch_ips = statistics.median(contenders[0].per_round)
         for c in contenders:
             ips = statistics.median(c.per_round)
