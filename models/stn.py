@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import frames
 from models.sampler import check_sampler_options, grid_sample
 from models.transforms import TRANSFORMS, TransformFamily, make_transform
 
