@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from export.onnx_export import export_onnx, info_for
+from models import frames
 from models.stn import SpatialTransformer, STNConfig
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ def bench_model(name: str, stn: SpatialTransformer, batch_sizes: tuple[int, ...]
             log.warning("skipping lowering %s for %s: %s", lowering, name, e)
             continue
         models[lowering] = path
-    if cfg.transform in ("affine", "similarity", "attention"):
+    if cfg.transform in frames.AFFINE_FAMILIES:
         models["naive"] = workdir / f"{name}-naive.onnx"
         _export_naive(stn, models["naive"])
     rows = []

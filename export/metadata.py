@@ -10,6 +10,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from models.frames import TRANSFORMS
+
 PREFIX = "stn."
 CONTRACT_VERSION = 1
 LOWERINGS = ("onnx", "contrib", "gather")
@@ -104,7 +106,7 @@ class ModelInfo:
     def validate(self) -> None:
         if self.contract != CONTRACT_VERSION:
             raise MetadataError(f"model follows contract {self.contract}, this code reads {CONTRACT_VERSION}")
-        if self.transform not in ("affine", "similarity", "attention", "projective", "tps"):
+        if self.transform not in TRANSFORMS:
             raise MetadataError(f"unknown transform {self.transform!r} in stn.transform")
         if len(self.mean) != self.in_channels or len(self.std) != self.in_channels:
             raise MetadataError(f"stn.mean/stn.std need {self.in_channels} values each")

@@ -63,10 +63,9 @@ def _rename_value(graph: onnx.GraphProto, old: str, new: str) -> None:
     for node in graph.node:
         node.input[:] = [new if n == old else n for n in node.input]
         node.output[:] = [new if n == old else n for n in node.output]
-    for coll in (graph.initializer,):
-        for t in coll:
-            if t.name == old:
-                t.name = new
+    for t in graph.initializer:
+        if t.name == old:
+            t.name = new
     for vi in list(graph.value_info) + list(graph.input) + list(graph.output):
         if vi.name == old:
             vi.name = new

@@ -11,9 +11,11 @@ import argparse
 import shlex
 import sys
 
+from models.frames import TRANSFORMS  # numpy-only
+
 DEFAULT_DATA = "/usr/share/datasets/fashion-mnist"  # == models.data.DEFAULT_DATA (not imported: keep this light)
 DISTORTION_CHOICES = ("R", "RTS", "P", "E", "TC", "none")
-TRANSFORM_CHOICES = ("affine", "similarity", "attention", "projective", "tps")
+TRANSFORM_CHOICES = TRANSFORMS
 
 EPILOG = """\
 examples:

@@ -128,8 +128,10 @@ def warp_points(theta: np.ndarray, points_norm: np.ndarray) -> np.ndarray:
     return p[:, :2] / p[:, 2:3]
 
 
-# Families whose base grid is (x, y, 1); TPS uses its own kernel basis.
-HOMOGENEOUS_FAMILIES = ("affine", "similarity", "attention", "projective")
+# The transform families, named once here (numpy-only, so the service and the light CLI can read them).
+AFFINE_FAMILIES = ("affine", "similarity", "attention")  # theta [2, 3]
+HOMOGENEOUS_FAMILIES = (*AFFINE_FAMILIES, "projective")  # base grid (x, y, 1); TPS has its own kernel basis
+TRANSFORMS = (*HOMOGENEOUS_FAMILIES, "tps")
 
 
 def base_grid(transform: str, output_size: Size, tps_grid: Size = (4, 4)) -> np.ndarray:
@@ -138,4 +140,4 @@ def base_grid(transform: str, output_size: Size, tps_grid: Size = (4, 4)) -> np.
         return affine_base_grid(output_size)
     if transform == "tps":
         return tps_base_grid(output_size, tps_grid)
-    raise ValueError(f"unknown transform {transform!r}; known: {', '.join((*HOMOGENEOUS_FAMILIES, 'tps'))}")
+    raise ValueError(f"unknown transform {transform!r}; known: {', '.join(TRANSFORMS)}")

@@ -135,7 +135,7 @@ class ThinPlateSpline(TransformFamily):
         return torch.matmul(base_grid, theta.unsqueeze(1))
 
 
-TRANSFORMS = ("affine", "similarity", "attention", "projective", "tps")
+TRANSFORMS = frames.TRANSFORMS
 
 
 def make_transform(name: str, tps_grid: frames.Size = (4, 4)) -> TransformFamily:
