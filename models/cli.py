@@ -49,6 +49,9 @@ def configure_train(parser: argparse.ArgumentParser) -> None:
       help="R rotation, RTS rotation+translation+scale on a 1.5x canvas, P projective, E elastic (TPS), "
            "TC translation+clutter on a 60/28x canvas, none (default %(default)s)")
     a("--transform", choices=TRANSFORM_CHOICES, default="affine", help="STN transform family (default %(default)s)")
+    a("--head", choices=("gap", "grid"), default="gap",
+      help="classifier head: gap (global average pooling) or grid (4x4 average pooling, keeps the layout) "
+           "(default %(default)s)")
     a("--epochs", type=_size, default=None,
       help="passes over the training set (default 5, or as many as --steps needs when --steps is given)")
     a("--steps", type=_size, default=None,
@@ -97,7 +100,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     config = TrainConfig(
-        data=args.data, mode=args.mode, model=args.model, distortion=args.distortion, transform=args.transform,
+        data=args.data, mode=args.mode, model=args.model, distortion=args.distortion, transform=args.transform, head=args.head,
         epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr, loc_lr_mult=args.loc_lr_mult,
         loc_size=tuple(args.loc_size) if args.loc_size else None,
         output_size=tuple(args.output_size) if args.output_size else None,
@@ -130,3 +133,60 @@ def run_train(args: argparse.Namespace) -> int:
               file=sys.stderr)
     print("wrote " + ", ".join(result.files.values()))
     return 0
+
+
+EXPERIMENT_EPILOG = """\
+examples:
+  stn experiment paper-table --out runs/paper-table            # the full table (about 2 h on 2 cores)
+  stn experiment paper-table --out runs/quick --steps 200 --seeds 1 --limit-train 5000 --limit-test 1000
+writes OUT/<distortion>/<model>-s<seed>/ per run (checkpoint.pt, metrics.json, sheet.png), then
+OUT/results.json, OUT/results.md (the tables of docs/RESULTS.md) and OUT/figure.png.
+Runs already in OUT are not trained again: run the same command to resume.
+"""
+
+
+def configure_experiment(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EXPERIMENT_EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    a = parser.add_argument
+    a("name", choices=("paper-table",),
+      help="paper-table: the STN paper's Table 1 (CNN vs ST-CNN per transform family and distortion)")
+    a("--out", required=True, metavar="DIR", help="output folder (resumable)")
+    a("--data", default=DEFAULT_DATA, metavar="PATH", help="MNIST-format IDX folder (default %(default)s)")
+    a("--distortions", nargs="+", choices=DISTORTION_CHOICES, default=["R", "RTS", "P"],
+      help="default: %(default)s")
+    a("--transforms", nargs="+", choices=TRANSFORM_CHOICES, default=["affine", "projective", "tps"],
+      help="ST-CNN transform families (default: %(default)s)")
+    a("--seeds", type=_size, default=3, help="seeds for the CNN and the affine ST-CNN on the --seeded distortions "
+      "(default %(default)s); every other run gets one")
+    a("--seeded", nargs="+", choices=DISTORTION_CHOICES, default=["RTS", "P"], metavar="DISTORTION",
+      help="distortions on which the CNN and the affine ST-CNN get --seeds seeds (default: %(default)s)")
+    a("--steps", type=_size, default=2000, help="optimizer steps per run (default %(default)s)")
+    a("--batch-size", type=_size, default=128, help="default %(default)s")
+    a("--lr", type=float, default=1e-3, help="Adam learning rate for every model (default %(default)s)")
+    a("--loc-lr-mult", type=float, default=1.0, help="localisation-net lr multiplier (default %(default)s)")
+    a("--head", choices=("gap", "grid"), default="grid", help="classifier head for every model (default %(default)s)")
+    a("--limit-train", type=_size, default=None, metavar="N", help="first N training images (default: all)")
+    a("--limit-test", type=_size, default=None, metavar="N", help="first N test images (default: all)")
+    a("--jobs", type=_size, default=2, help="runs trained at once, one process each (default %(default)s)")
+    a("--threads", type=_size, default=1, help="torch threads per run (default %(default)s)")
+
+
+def run_experiment(args: argparse.Namespace) -> int:
+    import logging
+
+    try:
+        from models.experiment import Budget, Plan, report_markdown, run_paper_table
+    except ImportError as e:
+        print(f"stn experiment: needs the training install (pip install -e '.[train]'): {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    budget = Budget(steps=args.steps, batch_size=args.batch_size, lr=args.lr, loc_lr_mult=args.loc_lr_mult,
+                    head=args.head, limit_train=args.limit_train, limit_test=args.limit_test)
+    plan = Plan(distortions=tuple(args.distortions), transforms=tuple(args.transforms), seeds=args.seeds,
+                repeat_on=tuple(args.seeded), budget=budget)
+    summary = run_paper_table(plan, args.out, args.data, jobs=args.jobs, threads=args.threads,
+                              progress=lambda line: print(line, flush=True))
+    print(report_markdown(summary))
+    print(f"wrote {args.out}/results.json, results.md, figure.png")
+    return 1 if summary["failures"] else 0

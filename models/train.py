@@ -66,7 +66,7 @@ from tqdm.auto import tqdm
 from models import distortions as dist
 from models import evaluate, frames
 from models.checkpoint import save_checkpoint
-from models.classifier import STCNN, ClassifierConfig, count_parameters, matched_baseline
+from models.classifier import HEADS, STCNN, ClassifierConfig, count_parameters, matched_baseline
 from models.data import DEFAULT_DATA, ImageSet, ImageSplits, load_dataset
 from models.sampler import grid_sample
 from models.stn import SpatialTransformer, STNConfig
@@ -95,6 +95,7 @@ class TrainConfig:
     model: str = "stn"  # stn (ST-CNN in classify mode, STN in rectify mode) or cnn (baseline, classify only)
     distortion: str = "RTS"  # one of models.distortions.DISTORTIONS
     transform: str = "affine"  # STN transform family, one of models.transforms.TRANSFORMS
+    head: str = "gap"  # classifier head pooling, one of models.classifier.HEADS (classify mode)
     epochs: int | None = None  # passes over the training set; None = DEFAULT_EPOCHS, or unlimited when steps is set
     steps: int | None = None  # stop after this many steps (quick runs); with epochs also set, whichever comes first
     batch_size: int = 128
@@ -149,6 +150,8 @@ def check_config(config: TrainConfig) -> None:
         raise ConfigError(f"unknown distortion {config.distortion!r}; choose one of {', '.join(dist.DISTORTIONS)}")
     if config.transform not in TRANSFORMS:
         raise ConfigError(f"unknown transform {config.transform!r}; choose one of {', '.join(TRANSFORMS)}")
+    if config.head not in HEADS:
+        raise ConfigError(f"unknown head {config.head!r}; choose one of {', '.join(HEADS)}")
     for name in ("epochs", "batch_size", "eval_batch_size"):
         if getattr(config, name) is not None and getattr(config, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
@@ -305,7 +308,7 @@ def build_model(config: TrainConfig, splits: ImageSplits, stn_config: STNConfig 
     stn_config = stn_config or stn_config_for(config, splits)
     if config.mode == "rectify":
         return SpatialTransformer(stn_config)
-    head = ClassifierConfig(num_classes=len(splits.classes))
+    head = ClassifierConfig(num_classes=len(splits.classes), head=config.head)
     return STCNN(stn_config, head) if config.model == "stn" else matched_baseline(stn_config, head)
 
 

@@ -14,6 +14,7 @@ import sys
 # subcommand -> module providing configure_<name>(parser) and run_<name>(args) -> int
 SUBCOMMANDS = {
     "train": ("models.cli", "Train an STN (classification or self-supervised rectification)."),
+    "experiment": ("models.cli", "Reproducible experiments (the STN paper's Table 1 on Fashion-MNIST)."),
     "export": ("export.cli", "Export a checkpoint to a self-describing ONNX model."),
     "serve": ("service.cli", "Serve ONNX models over HTTP (FastAPI + onnxruntime)."),
     "batch": ("service.batch", "Rectify many images offline."),

@@ -131,6 +131,42 @@ def test_cnn_baseline_and_other_families(tiny_idx: Path) -> None:
     assert proj.model.stn.config.transform == "projective"
 
 
+def test_grid_head_keeps_the_layout_and_round_trips(tiny_idx: Path, tmp_path: Path) -> None:
+    """The "grid" head: any input size, a matched CNN baseline, stored in the checkpoint."""
+    from models.classifier import ClassifierConfig, count_parameters, matched_baseline
+    from models.stn import STNConfig
+
+    torch.manual_seed(0)
+    grid = SmallCNN(1, ClassifierConfig(head="grid")).eval()
+    for size in (28, 42, 60):
+        assert grid(torch.rand(2, 1, size, size)).shape == (2, 10)
+    # unlike global average pooling (invariant up to border effects), it sees where things are
+    gap = SmallCNN(1, ClassifierConfig(head="gap")).eval()
+    image = torch.zeros(1, 1, 28, 28)
+    image[..., 4:10, 4:10] = 1.0
+    shifted = torch.roll(image, shifts=(12, 12), dims=(2, 3))
+
+    def change(model: SmallCNN) -> float:  # relative change of the pooled features (before the FC layers)
+        with torch.no_grad():
+            a, b = model.net[:-4](image), model.net[:-4](shifted)
+        return float((a - b).norm() / a.norm())
+
+    assert change(gap) < 0.1 and change(grid) > 0.3, (change(gap), change(grid))
+    stn_cfg = STNConfig(loc_size=(42, 42), output_size=(42, 42), std=(0.35,))
+    head = ClassifierConfig(head="grid")
+    baseline = matched_baseline(stn_cfg, head)
+    assert baseline.config.head == "grid"
+    assert abs(count_parameters(baseline) / count_parameters(STCNN(stn_cfg, head)) - 1) < 0.05
+    with pytest.raises(ValueError, match="unknown classifier head 'avg'"):
+        ClassifierConfig(head="avg")
+    with pytest.raises(T.ConfigError, match="unknown head"):
+        T.train(_quick(tiny_idx, head="avg"))
+    result = T.train(_quick(tiny_idx, head="grid", steps=2, out=str(tmp_path / "run")))
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert ckpt.head_config.head == "grid" and isinstance(ckpt.build(), STCNN)
+    assert result.meta["train_config"]["head"] == "grid"
+
+
 def test_training_is_deterministic(tiny_idx: Path) -> None:
     a = T.train(_quick(tiny_idx, steps=3, batch_size=16))
     b = T.train(_quick(tiny_idx, steps=3, batch_size=16))
