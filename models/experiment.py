@@ -244,7 +244,7 @@ def report_markdown(summary: dict[str, Any]) -> str:
             r = cell["residual_spread"]
             vals = []
             for k, fmt in (("angle_deg", "{:.2f}"), ("log_scale", "{:.3f}"), ("tx", "{:.3f}"), ("ty", "{:.3f}")):
-                ratio = f" ({r[k] / spread[k]:.2f}x)" if spread[k] > 1e-9 else ""
+                ratio = f" ({r[k] / spread[k]:.2f}x)" if spread[k] > 1e-6 else ""
                 vals.append(f"{fmt.format(spread[k])} → {fmt.format(r[k])}{ratio}")
             lines.append(f"| {d} | {_label(m)} | " + " | ".join(vals) + f" | {100 * cell['collapsed_fraction']:.1f}% |")
     lines += ["", "### Parameters (and the CNN's gap to each ST-CNN)", "",
@@ -282,7 +282,7 @@ def report_markdown(summary: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------- figure
 
 
-def write_figure(out: str | Path, plan: Plan, path: str | Path, examples: int = 8, cell: int = 48,
+def write_figure(out: str | Path, plan: Plan, path: str | Path, examples: int = 8, cell: int = 64,
                  model: str = "affine") -> Path | None:
     """PNG: per distortion, a row of distorted test inputs above the ST-CNN's rectified outputs
     (seed 0 of ``model``), each image scaled to ``cell`` pixels. None when no run is there."""
