@@ -137,7 +137,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 EXPERIMENT_EPILOG = """\
 examples:
-  stn experiment paper-table --out runs/paper-table            # the full table (about 2 h on 2 cores)
+  stn experiment paper-table --out runs/paper-table            # the full table (about 80 min on 2 cores)
   stn experiment paper-table --out runs/quick --steps 200 --seeds 1 --limit-train 5000 --limit-test 1000
 writes OUT/<distortion>/<model>-s<seed>/ per run (checkpoint.pt, metrics.json, sheet.png), then
 OUT/results.json, OUT/results.md (the tables of docs/RESULTS.md) and OUT/figure.png.
@@ -153,7 +153,7 @@ def configure_experiment(parser: argparse.ArgumentParser) -> None:
       help="paper-table: the STN paper's Table 1 (CNN vs ST-CNN per transform family and distortion)")
     a("--out", required=True, metavar="DIR", help="output folder (resumable)")
     a("--data", default=DEFAULT_DATA, metavar="PATH", help="MNIST-format IDX folder (default %(default)s)")
-    a("--distortions", nargs="+", choices=DISTORTION_CHOICES, default=["R", "RTS", "P"],
+    a("--distortions", nargs="+", choices=DISTORTION_CHOICES, default=["R", "RTS", "P", "E"],
       help="default: %(default)s")
     a("--transforms", nargs="+", choices=TRANSFORM_CHOICES, default=["affine", "projective", "tps"],
       help="ST-CNN transform families (default: %(default)s)")

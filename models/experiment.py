@@ -39,7 +39,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 CNN = "cnn"
-PAPER_DISTORTIONS = ("R", "RTS", "P")
+PAPER_DISTORTIONS = ("R", "RTS", "P", "E")
 PAPER_TRANSFORMS = ("affine", "projective", "tps")
 
 
