@@ -176,7 +176,9 @@ def run_experiment(args: argparse.Namespace) -> int:
     import logging
 
     try:
+        from models.data import DataError
         from models.experiment import Budget, Plan, report_markdown, run_paper_table
+        from models.train import ConfigError
     except ImportError as e:
         print(f"stn experiment: needs the training install (pip install -e '.[train]'): {e}", file=sys.stderr)
         return 2
@@ -185,8 +187,12 @@ def run_experiment(args: argparse.Namespace) -> int:
                     head=args.head, limit_train=args.limit_train, limit_test=args.limit_test)
     plan = Plan(distortions=tuple(args.distortions), transforms=tuple(args.transforms), seeds=args.seeds,
                 repeat_on=tuple(args.seeded), budget=budget)
-    summary = run_paper_table(plan, args.out, args.data, jobs=args.jobs, threads=args.threads,
-                              progress=lambda line: print(line, flush=True))
+    try:
+        summary = run_paper_table(plan, args.out, args.data, jobs=args.jobs, threads=args.threads,
+                                  progress=lambda line: print(line, flush=True))
+    except (ConfigError, DataError) as e:
+        print(f"stn experiment: error: {e}", file=sys.stderr)
+        return 2
     print(report_markdown(summary))
     print(f"wrote {args.out}/results.json, results.md, figure.png")
     return 1 if summary["failures"] else 0

@@ -120,9 +120,26 @@ def _train_one(run: Run, budget: Budget, data: str, out: str, threads: int) -> d
         raise
 
 
+def check_plan(plan: Plan, data: str, out: str | Path) -> None:
+    """Before anything is trained: ConfigError / DataError (ValueError) naming what to fix, so a
+    bad option or data path fails once, not once per run."""
+    from models.data import load_dataset
+    from models.train import ConfigError, check_config
+
+    runs = plan.runs()
+    if not runs:
+        raise ConfigError("the plan has no runs: name at least one distortion")
+    if plan.seeds < 1:
+        raise ConfigError(f"seeds must be >= 1, got {plan.seeds}")
+    for run in runs:
+        check_config(train_config_for(run, plan.budget, data, Path(out)))
+    load_dataset(data, None, 1, 1)  # the data can be read (two images; the runs read it all)
+
+
 def run_paper_table(plan: Plan, out: str | Path, data: str, jobs: int = 2, threads: int = 1,
                     progress: Callable[[str], None] = log.info) -> dict[str, Any]:
     """Train every run of ``plan`` not already in ``out``, then summarise, report and draw."""
+    check_plan(plan, data, out)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "plan.json").write_text(json.dumps(
@@ -328,5 +345,6 @@ def write_figure(out: str | Path, plan: Plan, path: str | Path, examples: int = 
     return path
 
 
-__all__ = ["Budget", "Run", "Plan", "PAPER_DISTORTIONS", "PAPER_TRANSFORMS", "train_config_for", "run_paper_table",
+__all__ = ["Budget", "Run", "Plan", "PAPER_DISTORTIONS", "PAPER_TRANSFORMS", "train_config_for", "check_plan",
+           "run_paper_table",
            "summarise", "report_markdown", "write_figure"]

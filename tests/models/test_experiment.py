@@ -117,3 +117,17 @@ def test_a_failing_run_is_reported_and_the_others_finish(tiny_idx: Path, tmp_pat
     md = (out / "results.md").read_text()
     assert "Failed runs" in md and "none/affine-s0" in md
     assert any("none/affine-s0" in line for line in lines)
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--lr", "-1"], "lr and loc_lr_mult must be > 0"),
+    (["--data", "/nonexistent/fmnist"], "does not exist"),
+])
+def test_bad_options_fail_once_before_training(tiny_idx: Path, tmp_path: Path, extra: list[str], message: str) -> None:
+    cmd = [str(STN), "experiment", "paper-table", "--out", str(tmp_path / "out"), "--data", str(tiny_idx),
+           "--steps", "2", *extra]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.count("error:") == 1
+    assert not (tmp_path / "out").exists(), "nothing is written for a plan that cannot run"
