@@ -16,6 +16,7 @@ from models.frames import TRANSFORMS  # numpy-only
 DEFAULT_DATA = "/usr/share/datasets/fashion-mnist"  # == models.data.DEFAULT_DATA (not imported: keep this light)
 DISTORTION_CHOICES = ("R", "RTS", "P", "E", "TC", "none")
 TRANSFORM_CHOICES = TRANSFORMS
+HEAD_CHOICES = ("gap", "grid")  # == models.classifier.HEADS (not imported: it imports torch)
 
 EPILOG = """\
 examples:
@@ -49,7 +50,7 @@ def configure_train(parser: argparse.ArgumentParser) -> None:
       help="R rotation, RTS rotation+translation+scale on a 1.5x canvas, P projective, E elastic (TPS), "
            "TC translation+clutter on a 60/28x canvas, none (default %(default)s)")
     a("--transform", choices=TRANSFORM_CHOICES, default="affine", help="STN transform family (default %(default)s)")
-    a("--head", choices=("gap", "grid"), default="gap",
+    a("--head", choices=HEAD_CHOICES, default="gap",
       help="classifier head: gap (global average pooling) or grid (4x4 average pooling, keeps the layout) "
            "(default %(default)s)")
     a("--epochs", type=_size, default=None,
@@ -165,7 +166,7 @@ def configure_experiment(parser: argparse.ArgumentParser) -> None:
     a("--batch-size", type=_size, default=128, help="default %(default)s")
     a("--lr", type=float, default=1e-3, help="Adam learning rate for every model (default %(default)s)")
     a("--loc-lr-mult", type=float, default=1.0, help="localisation-net lr multiplier (default %(default)s)")
-    a("--head", choices=("gap", "grid"), default="grid", help="classifier head for every model (default %(default)s)")
+    a("--head", choices=HEAD_CHOICES, default="grid", help="classifier head for every model (default %(default)s)")
     a("--limit-train", type=_size, default=None, metavar="N", help="first N training images (default: all)")
     a("--limit-test", type=_size, default=None, metavar="N", help="first N test images (default: all)")
     a("--jobs", type=_size, default=2, help="runs trained at once, one process each (default %(default)s)")

@@ -89,6 +89,12 @@ class Plan:
         return sorted(runs, key=lambda r: (-math.prod(canvas_size(r.distortion, (28, 28))), r.seed))
 
 
+def plan_dict(plan: Plan) -> dict[str, Any]:
+    """The plan as JSON values (plan.json and results.json)."""
+    return {"distortions": list(plan.distortions), "transforms": list(plan.transforms), "seeds": plan.seeds,
+            "repeat": list(plan.repeat), "repeat_on": list(plan.repeat_on), "budget": asdict(plan.budget)}
+
+
 def train_config_for(run: Run, budget: Budget, data: str, out: Path, threads: int = 1):  # -> TrainConfig
     from models.train import TrainConfig
 
@@ -142,11 +148,10 @@ def run_paper_table(plan: Plan, out: str | Path, data: str, jobs: int = 2, threa
     check_plan(plan, data, out)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "plan.json").write_text(json.dumps(
-        {"distortions": plan.distortions, "transforms": plan.transforms, "seeds": plan.seeds,
-         "repeat": plan.repeat, "repeat_on": plan.repeat_on, "budget": asdict(plan.budget), "data": data}, indent=2) + "\n")
-    todo = [r for r in plan.runs() if not (out / r.key / "metrics.json").exists()]
-    total = len(plan.runs())
+    (out / "plan.json").write_text(json.dumps({**plan_dict(plan), "data": data}, indent=2) + "\n")
+    runs = plan.runs()
+    todo = [r for r in runs if not (out / r.key / "metrics.json").exists()]
+    total = len(runs)
     progress(f"{total} runs, {total - len(todo)} already done, {len(todo)} to train ({jobs} at a time, "
              f"{threads} thread(s) each)")
     failures: list[str] = []
@@ -168,7 +173,7 @@ def run_paper_table(plan: Plan, out: str | Path, data: str, jobs: int = 2, threa
     summary["failures"] = failures
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "results.md").write_text(report_markdown(summary))
-    write_figure(out, plan, out / "figure.png")
+    write_figure(out, plan, data, out / "figure.png")
     return summary
 
 
@@ -215,8 +220,7 @@ def summarise(out: str | Path, plan: Plan) -> dict[str, Any]:
                 row[model]["reduction_vs_cnn"] = (base - row[model]["error"]["mean"]) / base if base else None
                 row[model]["parameter_gap_vs_cnn"] = cnn["parameters"] / row[model]["parameters"] - 1.0
         cells[d] = row
-    return {"plan": {"distortions": list(plan.distortions), "transforms": list(plan.transforms), "seeds": plan.seeds,
-                     "repeat": list(plan.repeat), "repeat_on": list(plan.repeat_on), "budget": asdict(plan.budget)}, "results": cells}
+    return {"plan": plan_dict(plan), "results": cells}
 
 
 def _label(model: str) -> str:
@@ -299,10 +303,11 @@ def report_markdown(summary: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------- figure
 
 
-def write_figure(out: str | Path, plan: Plan, path: str | Path, examples: int = 8, cell: int = 64,
+def write_figure(out: str | Path, plan: Plan, data: str, path: str | Path, examples: int = 8, cell: int = 64,
                  model: str = "affine") -> Path | None:
-    """PNG: per distortion, a row of distorted test inputs above the ST-CNN's rectified outputs
-    (seed 0 of ``model``), each image scaled to ``cell`` pixels. None when no run is there."""
+    """PNG: per distortion, a row of distorted test inputs (the first ``examples`` test images of
+    ``data``, distorted with the plan's eval seed) above the ST-CNN's rectified outputs (seed 0 of
+    ``model``), each image scaled to ``cell`` pixels. None when no run is there."""
     import torch
     from PIL import Image, ImageDraw
 
@@ -315,19 +320,16 @@ def write_figure(out: str | Path, plan: Plan, path: str | Path, examples: int = 
     ckpts = [(d, p) for d, p in ckpts if p.exists()]
     if not ckpts:
         return None
-    first = load_checkpoint(ckpts[0][1])
-    data = first.meta["train_config"]["data"]
     test = load_dataset(data).test.head(max(examples, 1))
     up = torch.from_numpy(test.images).float() / 255.0
     label_w, gap = 64, 4
     canvas = Image.new("L", (label_w + examples * (cell + gap) + gap, len(ckpts) * (2 * cell + 3 * gap) + gap), 96)
     draw = ImageDraw.Draw(canvas)
     for row, (d, ckpt_path) in enumerate(ckpts):
-        ckpt = load_checkpoint(ckpt_path)
-        st = ckpt.build_stn()
+        st = load_checkpoint(ckpt_path).build_stn()
         mean = torch.tensor(st.config.mean).view(1, -1, 1, 1)
         std = torch.tensor(st.config.std).view(1, -1, 1, 1)
-        g = torch.Generator().manual_seed(ckpt.meta["train_config"]["eval_seed"])
+        g = torch.Generator().manual_seed(plan.budget.eval_seed)
         distorted = dist.distort(d, up, g).images
         with torch.no_grad():
             rectified, _ = st((distorted - mean) / std)
@@ -345,6 +347,5 @@ def write_figure(out: str | Path, plan: Plan, path: str | Path, examples: int = 
     return path
 
 
-__all__ = ["Budget", "Run", "Plan", "PAPER_DISTORTIONS", "PAPER_TRANSFORMS", "train_config_for", "check_plan",
-           "run_paper_table",
-           "summarise", "report_markdown", "write_figure"]
+__all__ = ["Budget", "Run", "Plan", "PAPER_DISTORTIONS", "PAPER_TRANSFORMS", "plan_dict", "train_config_for",
+           "check_plan", "run_paper_table", "summarise", "report_markdown", "write_figure"]

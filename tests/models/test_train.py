@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from models import cli, data, distortions, evaluate, frames, transforms
+from models import classifier, cli, data, distortions, evaluate, frames, transforms
 from models import train as T
 from models.checkpoint import load_checkpoint
 from models.classifier import STCNN, SmallCNN
@@ -42,6 +42,7 @@ def _went_down(history: list[float], k: int = 8) -> tuple[float, float]:
 def test_cli_choices_match_the_library() -> None:
     assert cli.DISTORTION_CHOICES == distortions.DISTORTIONS
     assert cli.TRANSFORM_CHOICES == transforms.TRANSFORMS
+    assert cli.HEAD_CHOICES == tuple(classifier.HEADS)
     assert cli.DEFAULT_DATA == data.DEFAULT_DATA
 
 
