@@ -5,12 +5,16 @@ each image at its own full resolution and any output size. The exported graph is
 piece (``image -> rectified, theta``); it is split along the tensors the contract names:
 
 - ``resize``:    ``image`` [1, C, H, W]            -> ``loc_input`` [1, C, lh, lw]
-- ``localiser``: ``loc_input`` [N, C, lh, lw]      -> ``theta``
+- ``localiser``: ``loc_input`` [N, c, lh, lw]      -> ``theta``
 - ``sampler``:   ``image``, ``theta``, ``base_grid`` [h, w, D] -> ``rectified`` [N, C, h, w]
 
 ``base_grid`` is an initializer in the full model (for the model's own output size); in
 the sampler it is an input, so a caller feeds ``models.frames.base_grid`` of any size.
 All three run the exported operators, the sampler's lowering included.
+
+Channels: the localiser takes the model's ``c`` (``stn.in_channels``); ``resize`` and
+``sampler`` declare C dynamic, since resizing and sampling act on every channel alike: a
+server samples an upload in its own colour (1 or 3 channels) whatever the localiser takes.
 """
 
 from __future__ import annotations
@@ -88,14 +92,14 @@ def split(model: onnx.ModelProto, info: ModelInfo) -> SubModels:
             raise ContractError(f"model has no tensor named {required!r}: not an stn contract model (re-export it)")
     c = info.in_channels
     lh, lw = info.loc_size
-    image = _float_input(INPUT_IMAGE, ["N", c, "H", "W"])
+    image = _float_input(INPUT_IMAGE, ["N", "C", "H", "W"])  # any C: see the module docstring
     loc_input = _float_input(LOC_INPUT, ["N", c, lh, lw])
     theta = _float_input(OUTPUT_THETA, ["N", *info.theta_shape])
     base_dim = info.theta_shape[0] if info.transform == "tps" else 3
     base_grid = _float_input(BASE_GRID, ["h", "w", base_dim])
     return SubModels(
-        resize=extract(model, [image], [loc_input], "stn_resize"),
+        resize=extract(model, [image], [_float_input(LOC_INPUT, ["N", "C", lh, lw])], "stn_resize"),
         localiser=extract(model, [loc_input], [theta], "stn_localiser"),
-        sampler=extract(model, [image, theta, base_grid], [_float_input(OUTPUT_RECTIFIED, ["N", c, "h", "w"])],
+        sampler=extract(model, [image, theta, base_grid], [_float_input(OUTPUT_RECTIFIED, ["N", "C", "h", "w"])],
                         "stn_sampler"),
     )

@@ -272,22 +272,24 @@ def default_limits() -> images.Limits:
 
 
 # ---- one image ---------------------------------------------------------------------------------
-def read_image(path: str, channels: int, limits: images.Limits, name: str) -> np.ndarray:
-    """Read and decode one file (size checked before reading); images.ImageError or OSError on failure."""
+def read_image(path: str, limits: images.Limits, name: str) -> images.Decoded:
+    """Read and decode one file in its own colour (size checked before reading); images.ImageError or OSError
+    on failure."""
     from service import images
 
     images.check_bytes(os.path.getsize(path), limits, name)
     with open(path, "rb") as f:
         data = f.read()
-    return images.decode(data, channels, limits, name)
+    return images.decode(data, limits, name)
 
 
-def encode_output(array: np.ndarray, fmt: str, quality: int = 90) -> bytes:
-    """float [C, h, w] in [0, 1] -> PNG / JPEG (``service.images.encode``) or WebP bytes."""
+def encode_output(array: np.ndarray, fmt: str, quality: int = 90, bits: int = 8) -> bytes:
+    """float [C, h, w] in [0, 1] -> PNG / JPEG (``service.images.encode``; 16-bit PNG for ``bits=16``) or
+    WebP bytes (8-bit; gray is written as RGB, WebP has no gray)."""
     from service import images
 
     if fmt in images.ENCODINGS:
-        return images.encode(array, fmt, quality)
+        return images.encode(array, fmt, quality, bits)
     if fmt != "webp":
         raise ValueError(f"format must be one of {', '.join(OUTPUT_FORMATS)}, got {fmt!r}")
     import io
@@ -323,7 +325,7 @@ def finish_image(model: ModelRuntime, item: Item, prepared: Prepared, theta: np.
     with timer("sample"):
         result = pipeline.rectify(model, prepared, theta, size)
     with timer("encode"):
-        data = encode_output(result.image, fmt, quality)
+        data = encode_output(result.image, fmt, quality, result.bits)
     return data, result_record(model, result, item)
 
 
@@ -617,7 +619,6 @@ def run_local(job: Job, model: ModelRuntime, config: BatchConfig, bar: Any, time
     from service import pipeline
 
     limits = default_limits()
-    channels = model.info.in_channels
     batch = max(1, config.batch_size)
     workers = workers_for(config)
     window = max(2 * batch, 4 * workers)
@@ -625,9 +626,9 @@ def run_local(job: Job, model: ModelRuntime, config: BatchConfig, bar: Any, time
     def prepare(item: Item) -> tuple[Item, Prepared | None, str | None]:
         try:
             with timer("read_decode"):
-                array = read_image(item.path, channels, limits, item.source)
+                decoded = read_image(item.path, limits, item.source)
             with timer("prepare"):
-                return item, pipeline.prepare_array(model, array, item.source), None
+                return item, pipeline.prepare_array(model, decoded.array, item.source, decoded.bits), None
         except Exception as e:  # noqa: BLE001 (any unreadable file is an error line; the job goes on)
             return item, None, _reason(e)
 

@@ -30,25 +30,29 @@ from export.metadata import ModelInfo
 from service.batch import BatchConfig, Item, Job, Timer, _reason, finish_image, read_image
 
 
-def decode_batch(batch: dict[str, np.ndarray], channels: int, max_bytes: int, max_pixels: int) -> dict[str, Any]:
-    """Rows (source, path, output) -> rows with the decoded float32 image as bytes + shape, or an error."""
+def decode_batch(batch: dict[str, np.ndarray], max_bytes: int, max_pixels: int) -> dict[str, Any]:
+    """Rows (source, path, output) -> rows with the decoded float32 image (its own colour) as bytes + shape and
+    its precision (bits), or an error."""
     from service import images
 
     limits = images.Limits(max_bytes=max_bytes, max_pixels=max_pixels)
-    pixels, shapes, errors = [], [], []
+    pixels, shapes, bits, errors = [], [], [], []
     t0 = time.perf_counter()
     for path, source in zip(batch["path"], batch["source"], strict=True):
         try:
-            a = read_image(str(path), channels, limits, str(source))
-            pixels.append(a.tobytes())
-            shapes.append(list(a.shape))
+            decoded = read_image(str(path), limits, str(source))
+            pixels.append(decoded.array.tobytes())
+            shapes.append(list(decoded.array.shape))
+            bits.append(decoded.bits)
             errors.append("")
         except Exception as e:  # noqa: BLE001 (an unreadable file is an error line)
             pixels.append(b"")
             shapes.append([0, 0, 0])
+            bits.append(8)
             errors.append(_reason(e))
     return {"source": batch["source"], "path": batch["path"], "output": batch["output"],
             "pixels": np.array(pixels, dtype=object), "shape": np.array(shapes, dtype=np.int64),
+            "bits": np.array(bits, dtype=np.int64),
             "error": np.array(errors, dtype=object),
             "decode_s": np.array([time.perf_counter() - t0] + [0.0] * (len(errors) - 1), dtype=np.float64)}
 
@@ -82,7 +86,8 @@ class RectifyActor:
             try:
                 a = np.frombuffer(batch["pixels"][i], np.float32).reshape(tuple(int(v) for v in batch["shape"][i]))
                 with timer("prepare"):
-                    prepared.append((i, pipeline.prepare_array(self.model, a, str(batch["source"][i]))))
+                    prepared.append((i, pipeline.prepare_array(self.model, a, str(batch["source"][i]),
+                                                               int(batch["bits"][i]))))
             except Exception as e:  # noqa: BLE001
                 errors[i] = _reason(e)
         with timer("localise"):
@@ -133,8 +138,7 @@ def run_ray(job: Job, config: BatchConfig, model_path: Path, info: ModelInfo, ba
         blocks = max(1, min(len(rows) // batch + 1, 4 * cpus))
         ds = ray.data.from_items(rows, override_num_blocks=blocks)
         ds = ds.map_batches(decode_batch, batch_size=batch, batch_format="numpy",
-                            fn_kwargs={"channels": info.in_channels, "max_bytes": limits.max_bytes,
-                                       "max_pixels": limits.max_pixels})
+                            fn_kwargs={"max_bytes": limits.max_bytes, "max_pixels": limits.max_pixels})
         providers = config.providers or (("CUDAExecutionProvider", "CPUExecutionProvider") if gpus else
                                          ("CPUExecutionProvider",))
         ds = ds.map_batches(RectifyActor, batch_size=batch, batch_format="numpy",

@@ -108,7 +108,7 @@ def naive_loop(model_path: Path, files: list[Path], out: Path, fmt: str) -> tupl
     t0 = time.perf_counter()
     for f in files:
         t = time.perf_counter()
-        a = images.decode(f.read_bytes(), info.in_channels, limits, f.name)
+        a = images.to_channels(images.decode(f.read_bytes(), limits, f.name).array, info.in_channels)
         t1 = time.perf_counter()
         rect = sess.run(["rectified"], {"image": ((a - mean) / std)[None].astype(np.float32)})[0][0]
         t2 = time.perf_counter()
@@ -129,7 +129,8 @@ def decode_all(model_path: Path, files: list[Path]) -> tuple[list[np.ndarray], n
 
     info = ModelInfo.from_props(read_props(onnx.load(str(model_path), load_external_data=False)))
     limits = images.Limits()
-    decoded = [images.to_uint8(images.decode(f.read_bytes(), info.in_channels, limits, f.name)) for f in files]
+    decoded = [images.to_uint8(images.to_channels(images.decode(f.read_bytes(), limits, f.name).array,
+                                                  info.in_channels)) for f in files]
     return (decoded, np.asarray(info.mean, np.float32).reshape(1, -1, 1, 1),
             np.asarray(info.std, np.float32).reshape(1, -1, 1, 1))
 

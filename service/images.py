@@ -4,11 +4,18 @@ Limits are checked before any pixel is decoded: the byte size first, then the pi
 the header declares (``PIL.Image.open`` reads only the header). PIL's own decompression-bomb
 check is set to the same limit as a second guard. Arrays are float32 [C, H, W] in [0, 1],
 in the orientation the user sees (EXIF orientation applied).
+
+Colour: an upload is decoded in its own colour (gray stays one channel, everything else
+becomes RGB, alpha is composited on white, 16-bit keeps its precision): that is what the
+sampler reads and the encoder writes back. :func:`to_channels` converts a (small) copy to
+the model's channels for the localiser. A decoded image costs 4 bytes per pixel and
+channel: at most 12 x STN_MAX_IMAGE_PIXELS bytes (480 MB at the default 40 Mpx).
 """
 
 from __future__ import annotations
 
 import io
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +23,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")  # what PIL may decode; anything else is refused
 ENCODINGS = {"png": ("PNG", "image/png"), "jpeg": ("JPEG", "image/jpeg")}
+
+log = logging.getLogger(__name__)
 
 
 class ImageError(ValueError):
@@ -65,47 +74,142 @@ def open_checked(data: bytes, limits: Limits, filename: str = "image") -> Image.
     return img
 
 
-def to_array(img: Image.Image, channels: int) -> np.ndarray:
-    """Decode and convert to float32 [channels, H, W] in [0, 1] (EXIF orientation applied).
+@dataclass(frozen=True)
+class Decoded:
+    """A decoded upload in its own colour: what the sampler reads and the encoder writes back."""
 
-    Grayscale, RGB, RGBA, palette, CMYK, 1-bit and 16-bit modes are accepted. Alpha is
-    dropped (colour kept as stored) unless the model takes 4 channels; 16-bit samples
-    are scaled by 1/65535, 8-bit by 1/255.
-    """
-    if channels not in (1, 3, 4):
-        raise ValueError(f"models with {channels} channels are not supported (1, 3 or 4)")
-    img.load()  # the decode; errors here are corrupt or truncated data
-    img = ImageOps.exif_transpose(img) or img
-    mode = img.mode
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        a = np.asarray(img, dtype=np.float32)
-        a = np.clip(a, 0.0, 1.0) if mode == "F" else np.clip(a / 65535.0, 0.0, 1.0)
-        if channels == 1:
-            return a[None].astype(np.float32, copy=False)
-        planes = [a, a, a] + ([np.ones_like(a)] if channels == 4 else [])
-        return np.stack(planes).astype(np.float32, copy=False)
-    if mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    target = {1: "L", 3: "RGB", 4: "RGBA"}[channels]
-    if img.mode != target:
-        if channels == 1 and img.mode not in ("1", "L", "LA", "RGB", "RGBA", "RGBX"):
-            img = img.convert("RGB")
-        img = img.convert(target)
-    a = np.asarray(img)
-    if a.ndim == 2:
-        a = a[None]
-    else:
-        a = a.transpose(2, 0, 1)
+    array: np.ndarray  # float32 [C, H, W] in [0, 1]; C = 1 (gray) or 3 (RGB); EXIF orientation applied
+    bits: int = 8  # 8 or 16: the samples' precision (PNG output of a 16-bit upload is 16-bit)
+
+
+_GRAY_16 = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_LUMA = np.asarray([0.299, 0.587, 0.114], np.float32)  # ITU-R 601-2, as PIL's convert("L")
+# EXIF orientation -> numpy ops on an [H, W, ...] array, as PIL's ImageOps.exif_transpose
+_ORIENT = {
+    2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1), 6: lambda a: np.rot90(a, -1), 7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
+    8: lambda a: np.rot90(a, 1),
+}
+_warned_no_cv2: list[bool] = []
+
+
+def _rawmode(img: Image.Image) -> str:
+    """The decoder's raw mode (``RGB;16B`` for a 16-bit RGB PNG, which PIL would reduce to 8 bits)."""
+    tile = getattr(img, "tile", None) or []
+    if not tile:
+        return ""
+    args = tile[0].args if hasattr(tile[0], "args") else tile[0][3]
+    if isinstance(args, tuple):
+        args = args[0] if args and isinstance(args[0], str) else ""
+    return args if isinstance(args, str) else ""
+
+
+def _composite_on_white(color: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """float [..., H, W] colour and [H, W] alpha in [0, 1] -> colour over white (in place)."""
+    color *= alpha
+    color += 1.0 - alpha
+    return color
+
+
+def _planes(a: np.ndarray, scale: float) -> np.ndarray:
+    """uint8/uint16 [H, W] or [H, W, C] -> float32 [C, H, W] times ``scale``."""
+    a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
     out = np.empty(a.shape, np.float32)
-    np.multiply(a, np.float32(1.0 / 255.0), out=out)
+    np.multiply(a, np.float32(scale), out=out)
     return out
 
 
-def decode(data: bytes, channels: int, limits: Limits, filename: str = "image") -> np.ndarray:
-    """Bytes -> float32 [channels, H, W] in [0, 1]; raises BadImageError / ImageTooLargeError."""
+def _decode_16bit_colour(img: Image.Image, data: bytes, rawmode: str) -> Decoded | None:
+    """A 16-bit RGB(A)/LA PNG or TIFF through OpenCV (PIL reads it as 8 bits); None without OpenCV."""
+    try:
+        import cv2
+    except ImportError:
+        if not _warned_no_cv2:
+            _warned_no_cv2.append(True)
+            log.warning("16-bit colour images are decoded at 8 bits: opencv-python-headless is not installed")
+        return None
+    a = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if a is None or a.dtype != np.uint16 or a.shape[:2] != (img.height, img.width):
+        return None  # not what the header said: let PIL decode it (or say why it cannot)
+    if a.ndim == 3:
+        a = a[..., [2, 1, 0, 3] if a.shape[2] == 4 else [2, 1, 0]]  # BGR(A) -> RGB(A)
+    orientation = img.getexif().get(0x0112, 1)
+    if orientation in _ORIENT:
+        a = _ORIENT[orientation](a)
+    f = _planes(a, 1.0 / 65535.0)
+    if f.shape[0] == 4:
+        f = _composite_on_white(f[:3], f[3])
+    if rawmode.startswith("LA"):  # gray + alpha (PIL calls it RGBA, OpenCV expands the gray to BGR)
+        f = f[:1]
+    return Decoded(np.ascontiguousarray(f), 16)
+
+
+def to_array(img: Image.Image, data: bytes | None = None) -> Decoded:
+    """Decode to float32 [C, H, W] in [0, 1] in the image's own colour (EXIF orientation applied).
+
+    Gray (L, 1-bit, 16-bit I;16, 32-bit I/F) stays one channel; RGB, palette, CMYK, YCbCr and
+    the rest become RGB. Alpha (RGBA, LA, PA, palette transparency) is composited on white.
+    16-bit samples are scaled by 1/65535 and keep their precision (``bits=16``; 16-bit RGB(A)
+    PNG/TIFF go through OpenCV, given the encoded ``data``), 8-bit by 1/255.
+    """
+    rawmode = _rawmode(img) if data is not None and img.mode in ("RGB", "RGBA", "LA") else ""
+    if ";16" in rawmode:
+        decoded = _decode_16bit_colour(img, data, rawmode)
+        if decoded is not None:
+            return decoded
+    img.load()  # the decode; errors here are corrupt or truncated data
+    img = ImageOps.exif_transpose(img) or img
+    mode = img.mode
+    if mode in _GRAY_16 or mode == "F":
+        a = np.asarray(img, dtype=np.float32)
+        a = np.clip(a, 0.0, 1.0) if mode == "F" else np.clip(a * np.float32(1.0 / 65535.0), 0.0, 1.0)
+        return Decoded(a[None], 8 if mode == "F" else 16)
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif mode in ("PA", "RGBa"):
+        img = img.convert("RGBA")
+    elif mode == "La":
+        img = img.convert("LA")
+    elif mode == "1":
+        img = img.convert("L")
+    elif mode not in ("L", "LA", "RGB", "RGBA"):
+        img = img.convert("RGB")  # CMYK, YCbCr, LAB, HSV, RGBX
+    if img.mode in ("RGBA", "LA"):
+        a = _planes(np.asarray(img), 1.0 / 255.0)
+        return Decoded(np.ascontiguousarray(_composite_on_white(a[:-1], a[-1])), 8)
+    return Decoded(_planes(np.asarray(img), 1.0 / 255.0), 8)
+
+
+def to_channels(array: np.ndarray, channels: int) -> np.ndarray:
+    """[..., C, h, w] float32 (C = 1 or 3) -> the model's ``channels`` (1, 3 or 4), for the localiser.
+
+    Gray is replicated to RGB; RGB becomes gray with ITU-R 601-2 luma weights (PIL's
+    ``convert("L")``); a 4-channel model gets RGB and an opaque alpha. Resizing and these
+    conversions are linear, so they commute: a server converts the small resized copy.
+    """
+    c = array.shape[-3]
+    if c == channels:
+        return array
+    if c == 1 and channels in (3, 4):
+        rgb = np.repeat(array, 3, axis=-3)
+    elif c == 3 and channels == 1:
+        gray = np.tensordot(array, _LUMA, axes=([array.ndim - 3], [0]))  # [..., h, w]
+        return np.ascontiguousarray(np.expand_dims(gray, -3), np.float32)
+    elif c == 3 and channels == 4:
+        rgb = array
+    else:
+        raise ValueError(f"cannot convert {c} channel(s) to the model's {channels}")
+    if channels == 3:
+        return np.ascontiguousarray(rgb, np.float32)
+    alpha = np.ones_like(rgb[..., :1, :, :])
+    return np.ascontiguousarray(np.concatenate([rgb, alpha], axis=-3), np.float32)
+
+
+def decode(data: bytes, limits: Limits, filename: str = "image") -> Decoded:
+    """Bytes -> :class:`Decoded` in the upload's own colour; raises BadImageError / ImageTooLargeError."""
     img = open_checked(data, limits, filename)
     try:
-        return to_array(img, channels)
+        return to_array(img, data)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -121,12 +225,39 @@ def to_uint8(array: np.ndarray) -> np.ndarray:
     return a[0] if a.shape[0] == 1 else np.ascontiguousarray(a.transpose(1, 2, 0))
 
 
-def encode(array: np.ndarray, fmt: str = "png", quality: int = 90) -> bytes:
-    """float [C, h, w] in [0, 1] -> PNG or JPEG bytes (JPEG drops a 4th channel)."""
+def to_uint16(array: np.ndarray) -> np.ndarray:
+    """float [C, h, w] in [0, 1] -> uint16 [h, w] or [h, w, C], rounded."""
+    a = (np.clip(array, 0.0, 1.0) * 65535.0 + 0.5).astype(np.uint16)
+    return a[0] if a.shape[0] == 1 else np.ascontiguousarray(a.transpose(1, 2, 0))
+
+
+def _png16(array: np.ndarray) -> bytes | None:
+    """float [C, h, w] -> 16-bit PNG (gray through PIL, RGB through OpenCV); None without OpenCV for RGB."""
+    a = to_uint16(array)
+    if a.ndim == 2:
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, "PNG", compress_level=1)  # mode I;16: a 16-bit gray PNG
+        return buf.getvalue()
+    try:
+        import cv2
+    except ImportError:
+        return None
+    ok, out = cv2.imencode(".png", np.ascontiguousarray(a[..., ::-1]), [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    return out.tobytes() if ok else None
+
+
+def encode(array: np.ndarray, fmt: str = "png", quality: int = 90, bits: int = 8) -> bytes:
+    """float [C, h, w] in [0, 1] (C = 1 or 3) -> PNG or JPEG bytes.
+
+    ``bits=16`` (a 16-bit upload) writes a 16-bit PNG; JPEG is always 8-bit.
+    """
     if fmt not in ENCODINGS:
         raise ValueError(f"format must be one of {', '.join(ENCODINGS)}, got {fmt!r}")
-    a = to_uint8(array)
-    img = Image.fromarray(a)
+    if fmt == "png" and bits == 16:
+        data = _png16(array)
+        if data is not None:
+            return data
+    img = Image.fromarray(to_uint8(array))
     buf = io.BytesIO()
     if fmt == "png":
         img.save(buf, "PNG", compress_level=1)

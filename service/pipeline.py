@@ -2,7 +2,8 @@
 
 ::
 
-    bytes --prepare--> Prepared (raw image at full resolution + normalized small copy)
+    bytes --prepare--> Prepared (raw image at full resolution, in its own colour + normalized small copy
+                                 in the model's channels)
     [Prepared.loc, ...] --ModelRuntime.localise (batched)--> theta per image
     Prepared + theta --rectify--> Rectified (sampled at full resolution, any output size)
     Rectified --geometry / encode / result_json--> what the API returns
@@ -19,6 +20,12 @@ Public API:
 
 Normalization: see ``service.runtime``: the localiser gets the normalized small copy, the
 sampler the raw [0, 1] image (zeros padding is black, as OpenCV's default border).
+
+Colour: the sampler reads the upload in its own colour (``service.images``: gray stays gray,
+RGB stays RGB, RGBA is composited on white, 16-bit keeps its precision until encoding),
+whatever the model's channels; the transform is the same for every channel. The localiser
+gets the model's channels: the small copy is resized in the upload's colour and then
+converted (``images.to_channels``: gray replicated for an RGB localiser, luma for a gray one).
 All matrix math comes from ``models.frames`` (conventions in its module docstring).
 """
 
@@ -41,8 +48,9 @@ class Prepared:
     """One decoded upload: the raw image (for the sampler) and the localiser's input."""
 
     filename: str
-    image: DeviceImage  # [1, C, H, W] float32 in [0, 1], full resolution
-    loc: np.ndarray  # [C, lh, lw] float32, normalized with the model's mean/std
+    image: DeviceImage  # [1, C, H, W] float32 in [0, 1], full resolution, the upload's own colour (C = 1 or 3)
+    loc: np.ndarray  # [in_channels, lh, lw] float32, the model's channels, normalized with its mean/std
+    bits: int = 8  # the upload's precision (8 or 16); a 16-bit upload gives a 16-bit PNG
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -57,19 +65,22 @@ class Rectified:
     input_size: tuple[int, int]  # (H, W) of the image as uploaded (after EXIF orientation)
     output_size: tuple[int, int]  # (h, w) of the rectified image
     theta: np.ndarray  # as the model exports it: [2,3], [3,3] or [K,2]
-    image: np.ndarray
+    image: np.ndarray  # [C, h, w]: the upload's colour (C = 1 or 3)
+    bits: int = 8  # the upload's precision: images.encode(image, "png", bits=bits) keeps it
 
 
-def prepare_array(model: ModelRuntime, array: np.ndarray, filename: str = "image") -> Prepared:
-    """A decoded [C, H, W] float32 image in [0, 1] -> Prepared (exported resize, then normalize)."""
+def prepare_array(model: ModelRuntime, array: np.ndarray, filename: str = "image", bits: int = 8) -> Prepared:
+    """A decoded [C, H, W] float32 image in [0, 1], any colour -> Prepared (exported resize, the
+    model's channels, then normalize)."""
     image = model.upload(array)
-    loc = model.normalize(model.resize(image))[0]
-    return Prepared(filename, image, loc)
+    loc = model.normalize(images.to_channels(model.resize(image), model.info.in_channels))[0]
+    return Prepared(filename, image, loc, bits)
 
 
 def prepare(model: ModelRuntime, data: bytes, limits: images.Limits, filename: str = "image") -> Prepared:
-    """Check limits, decode to the model's channels, resize and normalize (the CPU-heavy front half)."""
-    return prepare_array(model, images.decode(data, model.info.in_channels, limits, filename), filename)
+    """Check limits, decode in the upload's own colour, resize, convert and normalize (the CPU-heavy front half)."""
+    decoded = images.decode(data, limits, filename)
+    return prepare_array(model, decoded.array, filename, decoded.bits)
 
 
 def localise(model: ModelRuntime, items: Sequence[Prepared]) -> list[np.ndarray]:
@@ -84,7 +95,7 @@ def rectify(model: ModelRuntime, item: Prepared, theta: np.ndarray,
     """Sample the full-resolution image with ``theta`` into ``output_size`` (default: the model's)."""
     size = tuple(output_size or model.info.output_size)
     out = model.sample(item.image, theta[None], size)[0]
-    return Rectified(item.filename, item.input_size, (int(size[0]), int(size[1])), np.asarray(theta), out)
+    return Rectified(item.filename, item.input_size, (int(size[0]), int(size[1])), np.asarray(theta), out, item.bits)
 
 
 def _rows(m: np.ndarray) -> list[list[float]]:
@@ -116,7 +127,7 @@ def geometry(transform: str, theta: np.ndarray, input_size: tuple[int, int],
 
 
 def result_json(model: ModelRuntime, result: Rectified, encoded_png: bytes | None = None) -> dict[str, Any]:
-    """The ``results[i]`` object of ``POST /v1/rectify`` (``image``: base64 PNG)."""
+    """The ``results[i]`` object of ``POST /v1/rectify`` (``image``: base64 PNG, 16-bit for a 16-bit upload)."""
     h, w = result.output_size
     out: dict[str, Any] = {
         "filename": result.filename,
@@ -129,7 +140,7 @@ def result_json(model: ModelRuntime, result: Rectified, encoded_png: bytes | Non
     out.update(geometry(model.info.transform, result.theta, result.input_size, result.output_size,
                         model.info.tps_grid))
     if encoded_png is None:
-        encoded_png = images.encode(result.image, "png")
+        encoded_png = images.encode(result.image, "png", bits=result.bits)
     out["image"] = base64.b64encode(encoded_png).decode("ascii")
     return out
 

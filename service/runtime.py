@@ -164,7 +164,7 @@ class ModelRuntime:
 
     # ---- pieces -------------------------------------------------------------------------
     def upload(self, image: np.ndarray) -> DeviceImage:
-        """Wrap [C, H, W] or [N, C, H, W] float32 in [0, 1]; on a GPU, copy it to the device once."""
+        """Wrap [C, H, W] or [N, C, H, W] float32 in [0, 1], any C; on a GPU, copy it to the device once."""
         a = image[None] if image.ndim == 3 else image
         self._check_image(a)
         a = np.ascontiguousarray(a, dtype=np.float32)
@@ -172,7 +172,7 @@ class ModelRuntime:
         return DeviceImage(a, value)
 
     def resize(self, image: DeviceImage) -> np.ndarray:
-        """The exported resize sub-model: [N, C, H, W] -> [N, C, lh, lw] (no normalization)."""
+        """The exported resize sub-model: [N, C, H, W] -> [N, C, lh, lw], any C (no normalization)."""
         return self._run(self._resize, {INPUT_IMAGE: image}, LOC_INPUT)
 
     def normalize(self, x: np.ndarray) -> np.ndarray:
@@ -187,7 +187,7 @@ class ModelRuntime:
         return self._run(self._localiser, {LOC_INPUT: np.ascontiguousarray(loc_batch, np.float32)}, OUTPUT_THETA)
 
     def sample(self, image: DeviceImage, theta: np.ndarray, output_size: tuple[int, int] | None = None) -> np.ndarray:
-        """The exported sampler at full resolution: [N, C, H, W] + theta [N, ...] -> [N, C, h, w]."""
+        """The exported sampler at full resolution: [N, C, H, W] (any C) + theta [N, ...] -> [N, C, h, w]."""
         size = tuple(output_size or self.info.output_size)
         theta = np.ascontiguousarray(theta, np.float32).reshape(-1, *self.info.theta_shape)
         if theta.shape[0] != image.array.shape[0]:
@@ -241,8 +241,8 @@ class ModelRuntime:
 
     # ---- internals ----------------------------------------------------------------------
     def _check_image(self, a: np.ndarray) -> None:
-        if a.ndim != 4 or a.shape[1] != self.info.in_channels:
-            raise ValueError(f"image must be [N, {self.info.in_channels}, H, W], got {list(a.shape)}")
+        if a.ndim != 4 or a.shape[1] < 1:  # any C: resize and sampler act on every channel alike
+            raise ValueError(f"image must be [N, C, H, W], got {list(a.shape)}")
 
     def _run(self, sess: ort.InferenceSession, feeds: dict[str, Any], output: str) -> np.ndarray:
         if not self.io_binding:

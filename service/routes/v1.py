@@ -131,7 +131,7 @@ async def rectify_uploads(state: ServiceState, model: ModelRuntime, uploads: lis
     def finish(item: pipeline.Prepared, theta: np.ndarray) -> Any:
         t0 = time.perf_counter()
         r = pipeline.rectify(model, item, theta, output_size)
-        encoded = images.encode(r.image, "png" if fmt == "json" else fmt)
+        encoded = images.encode(r.image, "png" if fmt == "json" else fmt, bits=r.bits)
         out = pipeline.result_json(model, r, encoded) if fmt == "json" else (encoded, image_headers(model, r))
         rectify_time.observe(time.perf_counter() - t0)
         return out

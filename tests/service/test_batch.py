@@ -111,8 +111,8 @@ def test_folder_job_outputs_reports_and_errors(local_run, tree, rgb_model, model
     assert set(files_of(out)) == expected_outputs | {"results.jsonl", "errors.jsonl"}
     h, w = rgb_model.info.output_size
     for rel in expected_outputs:
-        with Image.open(out / rel) as im:
-            assert im.format == "PNG" and im.size == (w, h) and im.mode == "RGB"
+        with Image.open(out / rel) as im:  # each in its upload's colour (gray stays gray), whatever the model's
+            assert im.format == "PNG" and im.size == (w, h) and im.mode == ("L" if rel == "gray.png" else "RGB")
 
     results = read_jsonl(out / "results.jsonl")
     assert [r["source"] for r in results] == sorted(GOOD)
@@ -193,8 +193,8 @@ def test_gray_model_and_cli_size(tree, model_dir, tmp_path) -> None:  # noqa: AN
                      "--size", "33x21", "--providers", "CPUExecutionProvider", "--no-progress", "--workers", "1"])
     assert rc == 0
     for r in read_jsonl(out / "results.jsonl"):
-        with Image.open(out / r["output"]) as im:
-            assert im.mode == "L" and im.size == (33, 21)
+        with Image.open(out / r["output"]) as im:  # colour uploads stay colour with a gray localiser
+            assert im.mode == "RGB" and im.size == (33, 21)
         assert np.array(r["theta"]).shape == (2, 3)
 
 

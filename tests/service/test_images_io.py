@@ -6,7 +6,7 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from service import images
 
@@ -24,38 +24,121 @@ def gradient(h: int = 20, w: int = 30) -> np.ndarray:
     return np.stack([x * 255 // (w - 1), y * 255 // (h - 1), (x + y) * 255 // (h + w - 2)], -1).astype(np.uint8)
 
 
+def png16(a: np.ndarray, exif: bytes = b"") -> bytes:
+    """A 16-bit PNG written by hand (gray, gray+alpha, RGB or RGBA by the channel count), optional eXIf chunk."""
+    import struct
+    import zlib
+
+    a = a[..., None] if a.ndim == 2 else a
+    h, w, c = a.shape
+    color_type = {1: 0, 2: 4, 3: 2, 4: 6}[c]
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    rows = a.astype(">u2").reshape(h, w * c)
+    raw = b"".join(b"\0" + row.tobytes() for row in rows)
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
+    extra = chunk(b"eXIf", exif.removeprefix(b"Exif\0\0")) if exif else b""
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + extra + chunk(b"IDAT", zlib.compress(raw))
+            + chunk(b"IEND", b""))
+
+
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "BMP", "TIFF"])
 @pytest.mark.parametrize("channels", [1, 3])
-def test_formats_decode_to_model_channels(fmt: str, channels: int) -> None:
+def test_formats_decode_in_their_own_colour(fmt: str, channels: int) -> None:
     rgb = gradient()
-    data = encode_pil(Image.fromarray(rgb), fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
-    a = images.decode(data, channels, LIMITS)
-    assert a.dtype == np.float32 and a.shape == (channels, 20, 30)
-    assert 0.0 <= a.min() and a.max() <= 1.0
-    ref = rgb.transpose(2, 0, 1) / 255.0 if channels == 3 else np.asarray(Image.fromarray(rgb).convert("L"))[None] / 255.0
+    pixels = rgb if channels == 3 else np.asarray(Image.fromarray(rgb).convert("L"))
+    data = encode_pil(Image.fromarray(pixels), fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
+    d = images.decode(data, LIMITS)
+    out_c = 3 if fmt == "WEBP" else channels  # WebP has no gray: PIL reads it back as RGB
+    assert d.array.dtype == np.float32 and d.array.shape == (out_c, 20, 30) and d.bits == 8
+    assert 0.0 <= d.array.min() and d.array.max() <= 1.0
+    ref = pixels.transpose(2, 0, 1) / 255.0 if channels == 3 else pixels[None] / 255.0
     tol = 0.08 if fmt in ("JPEG", "WEBP") else 1e-6
-    assert np.abs(a - ref).mean() < tol
+    assert np.abs(d.array - ref).mean() < tol
 
 
-def test_modes() -> None:
+def test_modes_become_gray_or_rgb() -> None:
     rgb = gradient()
-    for mode in ("L", "RGB", "RGBA", "P", "1", "CMYK", "LA"):
+    expect = {"L": 1, "1": 1, "LA": 1, "I;16": 1, "RGB": 3, "RGBA": 3, "P": 3, "CMYK": 3, "YCbCr": 3, "PA": 3}
+    for mode, c in expect.items():
         img = Image.fromarray(rgb).convert(mode)
-        fmt = "TIFF" if mode == "CMYK" else "PNG"
-        for c in (1, 3):
-            a = images.decode(encode_pil(img, fmt), c, LIMITS)
-            assert a.shape == (c, 20, 30), mode
+        fmt = "TIFF" if mode in ("CMYK", "YCbCr", "PA") else "PNG"
+        d = images.decode(encode_pil(img, fmt), LIMITS)
+        assert d.array.shape == (c, 20, 30), mode
+        assert d.bits == (16 if mode == "I;16" else 8), mode
+    pal = Image.fromarray(rgb).convert("P")
+    d = images.decode(encode_pil(pal, "PNG"), LIMITS)
+    np.testing.assert_allclose(d.array, np.asarray(pal.convert("RGB")).transpose(2, 0, 1) / 255.0, atol=1e-6)
 
 
-def test_16_bit_is_scaled_not_clipped() -> None:
+def test_alpha_is_composited_on_white() -> None:
+    rgb = gradient()
+    alpha = np.tile(np.linspace(0, 255, 30).astype(np.uint8), (20, 1))
+    d = images.decode(encode_pil(Image.fromarray(np.dstack([rgb, alpha])), "PNG"), LIMITS)
+    a = alpha / 255.0
+    ref = (rgb / 255.0 * a[..., None] + (1 - a[..., None])).transpose(2, 0, 1)
+    assert d.array.shape == (3, 20, 30)
+    np.testing.assert_allclose(d.array, ref, atol=1e-6)
+    assert np.allclose(d.array[:, :, 0], 1.0)  # transparent: white, whatever the stored colour
+    gray_alpha = Image.fromarray(np.dstack([rgb[..., 0], alpha]), "LA")
+    d = images.decode(encode_pil(gray_alpha, "PNG"), LIMITS)
+    np.testing.assert_allclose(d.array[0], rgb[..., 0] / 255.0 * a + 1 - a, atol=1e-6)
+
+
+def test_16_bit_gray_keeps_its_precision() -> None:
     a16 = (np.linspace(0, 65535, 20 * 30).reshape(20, 30)).astype(np.uint16)
     img = Image.fromarray(a16)  # mode I;16
     assert img.mode.startswith("I")
-    data = encode_pil(img, "PNG")
-    gray = images.decode(data, 1, LIMITS)
-    np.testing.assert_allclose(gray[0], a16 / 65535.0, atol=1e-6)
-    rgb = images.decode(data, 3, LIMITS)
-    assert rgb.shape == (3, 20, 30) and np.allclose(rgb[0], rgb[2])
+    d = images.decode(encode_pil(img, "PNG"), LIMITS)
+    assert d.bits == 16 and d.array.shape == (1, 20, 30)
+    np.testing.assert_allclose(d.array[0], a16 / 65535.0, atol=1e-7)
+    assert len(np.unique(d.array)) > 256
+
+
+@pytest.mark.parametrize("c", [3, 4, 2])
+def test_16_bit_colour_keeps_its_precision(c: int) -> None:
+    """PIL reads 16-bit RGB(A)/LA PNGs as 8 bits; the decoder keeps all 16 (alpha composited on white)."""
+    rng = np.random.default_rng(c)
+    a16 = rng.integers(0, 65536, (20, 30, c)).astype(np.uint16)
+    d = images.decode(png16(a16), LIMITS)
+    f = a16 / 65535.0
+    if c in (2, 4):
+        f = f[..., :-1] * f[..., -1:] + (1 - f[..., -1:])
+    assert d.bits == 16 and d.array.shape == (c - (c % 2 == 0), 20, 30)
+    np.testing.assert_allclose(d.array, f.transpose(2, 0, 1), atol=1e-6)
+    assert len(np.unique(d.array)) > 256
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_16_bit_colour_exif_orientation_as_pil(orientation: int) -> None:
+    """The 16-bit colour path orients like PIL's exif_transpose (checked on the 8-bit image PIL makes of it)."""
+    a16 = (np.random.default_rng(0).integers(0, 256, (20, 30, 3)) * 257).astype(np.uint16)  # exact in 8 bits
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = png16(a16, exif.tobytes())
+    d = images.decode(data, LIMITS)
+    with Image.open(io.BytesIO(data)) as im:
+        ref = np.asarray(ImageOps.exif_transpose(im).convert("RGB")).transpose(2, 0, 1) / 255.0
+    assert d.bits == 16 and d.array.shape == ref.shape
+    np.testing.assert_allclose(d.array, ref, atol=1e-6)
+
+
+def test_to_channels_for_the_localiser() -> None:
+    rgb = gradient()
+    x = (rgb.transpose(2, 0, 1) / 255.0).astype(np.float32)
+    gray = images.to_channels(x, 1)
+    assert gray.shape == (1, 20, 30) and gray.dtype == np.float32
+    pil_gray = np.asarray(Image.fromarray(rgb).convert("L")) / 255.0
+    assert np.abs(gray[0] - pil_gray).max() <= 0.5 / 255 + 1e-6  # PIL's luma, up to its rounding
+    batch = np.stack([x, x[::-1]])
+    np.testing.assert_allclose(images.to_channels(batch, 1)[0], gray, atol=1e-7)
+    assert images.to_channels(x, 3) is x
+    rep = images.to_channels(gray, 3)
+    assert rep.shape == (3, 20, 30) and all(np.array_equal(rep[i], gray[0]) for i in range(3))
+    four = images.to_channels(x, 4)
+    assert four.shape == (4, 20, 30) and np.all(four[3] == 1.0) and np.array_equal(four[:3], x)
 
 
 def test_exif_orientation_applied() -> None:
@@ -63,13 +146,12 @@ def test_exif_orientation_applied() -> None:
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 CW on display
     data = encode_pil(img, "JPEG", exif=exif.tobytes(), quality=95)
-    a = images.decode(data, 3, LIMITS)
-    assert a.shape == (3, 30, 20)
+    assert images.decode(data, LIMITS).array.shape == (3, 30, 20)
 
 
 def test_byte_limit_before_anything() -> None:
     with pytest.raises(images.ImageTooLargeError, match="bytes"):
-        images.decode(b"\0" * (LIMITS.max_bytes + 1), 1, LIMITS)
+        images.decode(b"\0" * (LIMITS.max_bytes + 1), LIMITS)
 
 
 def test_decompression_bomb_is_refused_from_the_header(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -78,26 +160,41 @@ def test_decompression_bomb_is_refused_from_the_header(monkeypatch: pytest.Monke
     called = []
     monkeypatch.setattr(Image.Image, "load", lambda self: called.append(1))
     with pytest.raises(images.ImageTooLargeError, match="pixels"):
-        images.decode(bomb, 1, LIMITS)
+        images.decode(bomb, LIMITS)
     assert not called, "the image was decoded before the pixel limit was checked"
 
 
 @pytest.mark.parametrize("data", [b"not an image", b"", b"GIF89a" + b"\0" * 50])
 def test_undecodable(data: bytes) -> None:
     with pytest.raises(images.BadImageError):
-        images.decode(data, 1, LIMITS)
+        images.decode(data, LIMITS)
 
 
 def test_truncated() -> None:
     data = encode_pil(Image.fromarray(gradient(200, 200)), "JPEG")
     with pytest.raises(images.BadImageError):
-        images.decode(data[: len(data) // 3], 3, LIMITS)
+        images.decode(data[: len(data) // 3], LIMITS)
 
 
 @pytest.mark.parametrize("fmt", ["png", "jpeg"])
 @pytest.mark.parametrize("c", [1, 3])
 def test_encode_round_trip(fmt: str, c: int) -> None:
     a = (gradient()[..., :c].transpose(2, 0, 1) / 255.0).astype(np.float32)
-    back = images.decode(images.encode(a, fmt), c, LIMITS)
-    assert back.shape == a.shape
-    assert np.abs(back - a).max() < (0.1 if fmt == "jpeg" else 1 / 255 + 1e-6)
+    back = images.decode(images.encode(a, fmt), LIMITS)
+    assert back.array.shape == a.shape and back.bits == 8
+    assert np.abs(back.array - a).max() < (0.1 if fmt == "jpeg" else 1 / 255 + 1e-6)
+
+
+@pytest.mark.parametrize("c", [1, 3])
+def test_encode_16_bit_png_and_8_bit_jpeg(c: int) -> None:
+    a = np.random.default_rng(c).random((c, 20, 30)).astype(np.float32)
+    png = images.encode(a, "png", bits=16)
+    back = images.decode(png, LIMITS)
+    assert back.bits == 16 and back.array.shape == a.shape
+    assert np.abs(back.array - a).max() <= 0.5 / 65535 + 1e-6
+    with Image.open(io.BytesIO(png)) as im:
+        assert im.mode == ("I;16" if c == 1 else "RGB")  # PIL shows 16-bit RGB as RGB; the file has 16 bits
+    assert png[24] == 16  # IHDR bit depth
+    jpeg = images.encode(a, "jpeg", bits=16)
+    with Image.open(io.BytesIO(jpeg)) as im:
+        assert im.format == "JPEG" and im.mode == ("L" if c == 1 else "RGB")
