@@ -104,19 +104,21 @@ def _rawmode(img: Image.Image) -> str:
     return args if isinstance(args, str) else ""
 
 
-def _composite_on_white(color: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """float [..., H, W] colour and [H, W] alpha in [0, 1] -> colour over white (in place)."""
-    color *= alpha
-    color += 1.0 - alpha
-    return color
-
-
 def _planes(a: np.ndarray, scale: float) -> np.ndarray:
     """uint8/uint16 [H, W] or [H, W, C] -> float32 [C, H, W] times ``scale``."""
     a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
     out = np.empty(a.shape, np.float32)
     np.multiply(a, np.float32(scale), out=out)
     return out
+
+
+def _on_white(a: np.ndarray, scale: float) -> np.ndarray:
+    """uint8/uint16 [H, W, C + 1] with alpha last -> float32 [C, H, W] composited on white, times ``scale``."""
+    color = _planes(a[..., :-1], scale)
+    alpha = a[..., -1] * np.float32(scale)
+    color *= alpha
+    color += 1.0 - alpha
+    return color
 
 
 def _decode_16bit_colour(img: Image.Image, data: bytes, rawmode: str) -> Decoded | None:
@@ -136,12 +138,10 @@ def _decode_16bit_colour(img: Image.Image, data: bytes, rawmode: str) -> Decoded
     orientation = img.getexif().get(0x0112, 1)
     if orientation in _ORIENT:
         a = _ORIENT[orientation](a)
-    f = _planes(a, 1.0 / 65535.0)
-    if f.shape[0] == 4:
-        f = _composite_on_white(f[:3], f[3])
-    if rawmode.startswith("LA"):  # gray + alpha (PIL calls it RGBA, OpenCV expands the gray to BGR)
-        f = f[:1]
-    return Decoded(np.ascontiguousarray(f), 16)
+    if rawmode.startswith("LA"):  # gray + alpha (PIL calls it RGBA, OpenCV expands the gray to BGRA)
+        a = a[..., [0, 3]] if a.ndim == 3 and a.shape[2] == 4 else a
+    alpha = a.ndim == 3 and a.shape[2] in (2, 4)
+    return Decoded(_on_white(a, 1.0 / 65535.0) if alpha else _planes(a, 1.0 / 65535.0), 16)
 
 
 def to_array(img: Image.Image, data: bytes | None = None) -> Decoded:
@@ -175,8 +175,7 @@ def to_array(img: Image.Image, data: bytes | None = None) -> Decoded:
     elif mode not in ("L", "LA", "RGB", "RGBA"):
         img = img.convert("RGB")  # CMYK, YCbCr, LAB, HSV, RGBX
     if img.mode in ("RGBA", "LA"):
-        a = _planes(np.asarray(img), 1.0 / 255.0)
-        return Decoded(np.ascontiguousarray(_composite_on_white(a[:-1], a[-1])), 8)
+        return Decoded(_on_white(np.asarray(img), 1.0 / 255.0), 8)
     return Decoded(_planes(np.asarray(img), 1.0 / 255.0), 8)
 
 
