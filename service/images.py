@@ -104,21 +104,19 @@ def _rawmode(img: Image.Image) -> str:
     return args if isinstance(args, str) else ""
 
 
-def _planes(a: np.ndarray, scale: float) -> np.ndarray:
-    """uint8/uint16 [H, W] or [H, W, C] -> float32 [C, H, W] times ``scale``."""
-    a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
-    out = np.empty(a.shape, np.float32)
-    np.multiply(a, np.float32(scale), out=out)
+def _to_float(bands: list[np.ndarray], scale: float, alpha: bool) -> np.ndarray:
+    """uint8/uint16 [H, W] planes -> float32 [C, H, W] times ``scale``; with ``alpha`` (the last plane), the
+    colour planes composited on white. One plane at a time: PIL's ``split`` and strided views are cheaper to
+    read plane by plane than an interleaved [H, W, C] array transposed in one go."""
+    color = bands[:-1] if alpha else bands
+    out = np.empty((len(color), *color[0].shape), np.float32)
+    for i, band in enumerate(color):
+        np.multiply(band, np.float32(scale), out=out[i])
+    if alpha:
+        a = bands[-1] * np.float32(scale)
+        out *= a
+        out += 1.0 - a
     return out
-
-
-def _on_white(a: np.ndarray, scale: float) -> np.ndarray:
-    """uint8/uint16 [H, W, C + 1] with alpha last -> float32 [C, H, W] composited on white, times ``scale``."""
-    color = _planes(a[..., :-1], scale)
-    alpha = a[..., -1] * np.float32(scale)
-    color *= alpha
-    color += 1.0 - alpha
-    return color
 
 
 def _decode_16bit_colour(img: Image.Image, data: bytes, rawmode: str) -> Decoded | None:
@@ -134,14 +132,14 @@ def _decode_16bit_colour(img: Image.Image, data: bytes, rawmode: str) -> Decoded
     if a is None or a.dtype != np.uint16 or a.shape[:2] != (img.height, img.width):
         return None  # not what the header said: let PIL decode it (or say why it cannot)
     if a.ndim == 3:
-        a = a[..., [2, 1, 0, 3] if a.shape[2] == 4 else [2, 1, 0]]  # BGR(A) -> RGB(A)
+        a = a[..., [2, 1, 0, 3][: a.shape[2]]]  # BGR(A) -> RGB(A)
     orientation = img.getexif().get(0x0112, 1)
     if orientation in _ORIENT:
         a = _ORIENT[orientation](a)
-    if rawmode.startswith("LA"):  # gray + alpha (PIL calls it RGBA, OpenCV expands the gray to BGRA)
-        a = a[..., [0, 3]] if a.ndim == 3 and a.shape[2] == 4 else a
-    alpha = a.ndim == 3 and a.shape[2] in (2, 4)
-    return Decoded(_on_white(a, 1.0 / 65535.0) if alpha else _planes(a, 1.0 / 65535.0), 16)
+    bands = [a] if a.ndim == 2 else [a[..., i] for i in range(a.shape[2])]
+    if rawmode.startswith("LA") and len(bands) == 4:  # gray + alpha (PIL calls it RGBA, OpenCV makes it BGRA)
+        bands = [bands[0], bands[3]]
+    return Decoded(_to_float(bands, 1.0 / 65535.0, alpha=len(bands) in (2, 4)), 16)
 
 
 def to_array(img: Image.Image, data: bytes | None = None) -> Decoded:
@@ -174,9 +172,8 @@ def to_array(img: Image.Image, data: bytes | None = None) -> Decoded:
         img = img.convert("L")
     elif mode not in ("L", "LA", "RGB", "RGBA"):
         img = img.convert("RGB")  # CMYK, YCbCr, LAB, HSV, RGBX
-    if img.mode in ("RGBA", "LA"):
-        return Decoded(_on_white(np.asarray(img), 1.0 / 255.0), 8)
-    return Decoded(_planes(np.asarray(img), 1.0 / 255.0), 8)
+    bands = [np.asarray(b) for b in (img.split() if img.mode != "L" else (img,))]
+    return Decoded(_to_float(bands, 1.0 / 255.0, alpha=img.mode in ("RGBA", "LA")), 8)
 
 
 def to_channels(array: np.ndarray, channels: int) -> np.ndarray:
