@@ -324,3 +324,18 @@ def test_ray_engine_writes_the_same_colour_outputs(colour_dir, colour_inputs, tm
     for name in EXPECTED:
         assert (remote / name).read_bytes() == (local / name).read_bytes(), name
     assert read_image((remote / "rgb16.png").read_bytes())[1] == 16
+
+
+def test_io_binding_path_samples_the_upload_colour(colour_dir) -> None:  # noqa: ANN001
+    """The bound path (GPU servers) gives what the plain one does, for a colour upload to a gray model."""
+    plain = load_model(colour_dir / "gray.onnx", SessionConfig(providers=CPU))
+    bound = load_model(colour_dir / "gray.onnx", SessionConfig(providers=CPU, io_binding=True))
+    assert bound.io_binding and not plain.io_binding
+    src = smooth(70, 50, 3, seed=8).transpose(2, 0, 1).copy()
+    a, b = pipeline.prepare_array(plain, src), pipeline.prepare_array(bound, src)
+    assert a.loc.shape == b.loc.shape == (1, *plain.info.loc_size)
+    [ta], [tb] = pipeline.localise(plain, [a]), pipeline.localise(bound, [b])
+    np.testing.assert_allclose(ta, tb, atol=1e-6)
+    ra, rb = pipeline.rectify(plain, a, ta, (33, 44)).image, pipeline.rectify(bound, b, tb, (33, 44)).image
+    assert ra.shape == (3, 33, 44)
+    np.testing.assert_allclose(ra, rb, atol=1e-6)
