@@ -131,14 +131,18 @@ def _decode_16bit_colour(img: Image.Image, data: bytes, rawmode: str) -> Decoded
     a = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if a is None or a.dtype != np.uint16 or a.shape[:2] != (img.height, img.width):
         return None  # not what the header said: let PIL decode it (or say why it cannot)
-    if a.ndim == 3:
-        a = a[..., [2, 1, 0, 3][: a.shape[2]]]  # BGR(A) -> RGB(A)
     orientation = img.getexif().get(0x0112, 1)
     if orientation in _ORIENT:
-        a = _ORIENT[orientation](a)
-    bands = [a] if a.ndim == 2 else [a[..., i] for i in range(a.shape[2])]
-    if rawmode.startswith("LA") and len(bands) == 4:  # gray + alpha (PIL calls it RGBA, OpenCV makes it BGRA)
-        bands = [bands[0], bands[3]]
+        a = _ORIENT[orientation](a)  # a view
+    if a.ndim == 2:
+        order = [None]
+    elif rawmode.startswith("LA") and a.shape[2] == 4:  # gray + alpha (PIL calls it RGBA, OpenCV makes it BGRA)
+        order = [0, 3]
+    else:
+        order = {3: [2, 1, 0], 4: [2, 1, 0, 3]}.get(a.shape[2], [])  # BGR(A) -> RGB(A)
+        if not order:
+            return None
+    bands = [a if i is None else a[..., i] for i in order]  # views: no copy before the float planes
     return Decoded(_to_float(bands, 1.0 / 65535.0, alpha=len(bands) in (2, 4)), 16)
 
 
