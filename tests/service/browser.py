@@ -52,9 +52,14 @@ def browser_context(**options: object) -> Iterator[object]:
             context.close()
 
 
-def open_page(context, url: str, expect_models: str = "loaded"):  # noqa: ANN001, ANN201
-    """A new tab on the page at ``url``, once its model list has loaded (or failed, ``expect_models="error"``)."""
+def open_page(context, url: str, expect_models: str = "loaded", errors: list | None = None):  # noqa: ANN001, ANN201
+    """A new tab on the page at ``url``, once its model list has loaded (or failed, ``expect_models="error"``).
+
+    Uncaught JavaScript errors of the page are appended to ``errors`` when given.
+    """
     page = context.new_page()
+    if errors is not None:
+        page.on("pageerror", lambda e: errors.append(str(e)))
     page.goto(url + "/")
     page.wait_for_selector(f"body[data-models={expect_models}]", timeout=10_000)
     return page

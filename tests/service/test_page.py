@@ -134,7 +134,8 @@ def check_result_image(page, card, res: dict, size: tuple[int, int], tmp_path: P
 
 
 def test_page_rectifies_and_draws_the_sampled_region(server, context, tmp_path: Path) -> None:  # noqa: ANN001
-    page = open_page(context, server.url)
+    js_errors: list[str] = []
+    page = open_page(context, server.url, errors=js_errors)
     responses = Responses(page)
     names = page.locator("#model option").evaluate_all("os => os.map(o => o.value)")
     assert names == ["affine", "projective", "tps"]
@@ -189,11 +190,13 @@ def test_page_rectifies_and_draws_the_sampled_region(server, context, tmp_path: 
     card = page.locator("#results .card").first
     card.locator("button.copy").click()
     page.wait_for_function("document.querySelector('#results .card button.copy').textContent === 'copied'")
+    assert js_errors == []
     page.close()
 
 
 def test_page_shows_the_servers_error_sentence(server, context, tmp_path: Path) -> None:  # noqa: ANN001
-    page = open_page(context, server.url)
+    js_errors: list[str] = []
+    page = open_page(context, server.url, errors=js_errors)
     responses = Responses(page)
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"this is not a JPEG at all")
@@ -216,6 +219,7 @@ def test_page_shows_the_servers_error_sentence(server, context, tmp_path: Path) 
     assert card.get_attribute("data-state") == "error"
     assert card.locator(".error").text_content() == responses.items[-1].json()["detail"]
     assert "WIDTHxHEIGHT" in card.locator(".error").text_content()
+    assert js_errors == []
     page.close()
 
 
@@ -308,3 +312,25 @@ def test_screenshot(context, tmp_path: Path) -> None:  # noqa: ANN001
         screenshot(context, srv.url, sheet_inputs(tmp_path), out)
     shot = Image.open(io.BytesIO(out.read_bytes()))
     assert shot.width == 1100 and shot.height > 600
+
+
+def test_page_region_lines_up_with_an_exif_rotated_photo(server, context, tmp_path: Path) -> None:  # noqa: ANN001
+    """A phone photo stored sideways (EXIF orientation 6): the browser and the server show it the same way up."""
+    a = smooth_image(40, 64, 3, seed=5)  # stored 64 wide, 40 high; shown 40 wide, 64 high
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "JPEG", exif=exif)
+    path = tmp_path / "phone.jpg"
+    path.write_bytes(buf.getvalue())
+    page = open_page(context, server.url)
+    responses = Responses(page)
+    page.select_option("#model", "projective")
+    (card,) = upload(page, [path])
+    res = responses.by_filename()["phone.jpg"]
+    assert (res["input_width"], res["input_height"]) == (40, 64)
+    shown = card.locator("img.upload").evaluate("i => [i.naturalWidth, i.naturalHeight]")
+    assert shown == [40, 64]
+    assert "read differently" not in card.locator(".input-caption").text_content()
+    np.testing.assert_allclose(corners_of(card), expected_corners(res), atol=1e-9)
+    page.close()
