@@ -15,7 +15,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from service import errors
 from service.metrics import MetricsMiddleware
-from service.routes import ops, v1, v2
+from service.routes import ops, page, v1, v2
 from service.settings import Settings, get_settings
 from service.state import ServiceState
 
@@ -41,6 +41,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(
         title="stn",
         summary="Spatial Transformer Networks: upload images, get them rectified.",
+        description="Try the served models in a browser on [the demo page](/): upload images, see the "
+                    "sampled region and the rectified result.",
         version="0.1.0",
         lifespan=lifespan,
     )
@@ -50,6 +52,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v2.router)
     app.include_router(v2.models_router)
     app.include_router(ops.router)
+    app.include_router(page.router)
+    app.mount(page.STATIC_PATH, page.static_files(), name="static")
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["*"], expose_headers=["*"])

@@ -17,7 +17,8 @@ _SERVE_OPTIONS = {  # flag -> (Settings field, type, help)
 
 def configure_serve(p: argparse.ArgumentParser) -> None:
     p.description = ("Serve the models of a folder over HTTP. Every setting comes from STN_* environment variables "
-                     "(the README's settings table); these flags override the most common ones.")
+                     "(the README's settings table); these flags override the most common ones. Open http://HOST:PORT/ "
+                     "in a browser for the demo page.")
     for flag, (_, typ, help_text) in _SERVE_OPTIONS.items():
         p.add_argument(flag, type=typ, default=None, help=help_text)
 

@@ -1,0 +1,46 @@
+"""The demo page: ``GET /`` and its assets (``service/static/``: HTML, CSS, plain JavaScript), and the sample photo.
+
+The page and the photo are open (they hold no secrets); the page calls ``/v1`` with the API key
+the user types in (kept in the tab's ``sessionStorage``, sent as ``X-API-Key``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+
+from service.errors import Problem
+from service.settings import default_model_dir
+
+STATIC_DIR = Path(__file__).resolve().parents[1] / "static"  # package data (pyproject.toml)
+STATIC_PATH = "/static"  # where the page's assets are mounted
+
+router = APIRouter(tags=["page"], include_in_schema=False)
+
+
+def sample_path() -> Path:
+    """The bundled sample photo: ``sample.jpg`` in the package's default model folder (may not exist)."""
+    return default_model_dir() / "sample.jpg"
+
+
+@router.get("/")
+async def index() -> FileResponse:
+    return FileResponse(STATIC_DIR / "index.html", media_type="text/html; charset=utf-8",
+                        headers={"Cache-Control": "no-cache"})
+
+
+@router.api_route("/sample.jpg", methods=["GET", "HEAD"])
+async def sample() -> FileResponse:
+    """The sample photo, or 404 when none is bundled (the page then hides its "try the sample" button)."""
+    path = sample_path()
+    if not path.is_file():
+        raise Problem(404, f"no sample photo is bundled with this installation ({path} does not exist)")
+    return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "no-cache"})
+
+
+def static_files() -> StaticFiles:
+    """The page's assets, to mount at :data:`STATIC_PATH`."""
+    return StaticFiles(directory=STATIC_DIR)

@@ -1,0 +1,336 @@
+"""The demo page (``GET /``): served by the real app, driven in a real browser (Debian's Chromium via Playwright).
+
+Every browser test opens the page from a real uvicorn server on 127.0.0.1, chooses real image
+files in the page's file input and reads back what the page shows, against the JSON the page
+received (captured from the browser's own network responses) and against ``models.frames``.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from browser import browser_context, chromium_missing, open_page, screenshot, sheet_inputs, upload
+from conftest import DEFAULT_MODELS, live_server
+from PIL import Image
+from test_http_v1 import encode, slow_localiser
+from test_runtime_pipeline import smooth_image
+
+from models import frames
+from service.routes import page as page_route
+
+STATIC_BUDGET = 100 * 1024  # the page and its assets, in all
+
+
+# ---- served by the app (no browser) -----------------------------------------------------------
+
+def test_page_and_assets_are_served_open_and_small(model_dir: Path) -> None:
+    with live_server(model_dir=model_dir, api_keys="k1") as srv:
+        r = httpx.get(srv.url + "/")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+        assets = ["/static/page.css", "/static/page.js"]
+        for a in assets:
+            assert a in r.text
+        total = len(r.content)
+        for a in assets:
+            ra = httpx.get(srv.url + a)  # open: the page holds no secret, the key guards /v1
+            assert ra.status_code == 200, a
+            total += len(ra.content)
+        on_disk = sum(p.stat().st_size for p in page_route.STATIC_DIR.iterdir())
+        assert total == on_disk < STATIC_BUDGET, (total, on_disk)
+        assert "cdn" not in r.text.lower() and "http://" not in r.text.replace('"http://www.w3.org/2000/svg"', "")
+        # linked from /docs: the OpenAPI description that the docs page renders
+        info = httpx.get(srv.url + "/openapi.json").json()["info"]
+        assert "[the demo page](/)" in info["description"]
+        assert httpx.get(srv.url + "/docs").status_code == 200
+        assert httpx.get(srv.url + "/v1/models").status_code == 401  # the API itself stays closed
+
+
+def test_sample_photo_endpoint(server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    missing = tmp_path / "none" / "sample.jpg"
+    monkeypatch.setattr(page_route, "sample_path", lambda: missing)
+    r = httpx.get(server.url + "/sample.jpg")
+    assert r.status_code == 404 and r.headers["content-type"].startswith("application/problem+json")
+    assert str(missing) in r.json()["detail"]
+    assert httpx.head(server.url + "/sample.jpg").status_code == 404
+    photo = tmp_path / "sample.jpg"
+    photo.write_bytes(encode(smooth_image(48, 64, 3), "JPEG"))
+    monkeypatch.setattr(page_route, "sample_path", lambda: photo)
+    r = httpx.get(server.url + "/sample.jpg")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+    assert r.content == photo.read_bytes()
+    assert httpx.head(server.url + "/sample.jpg").status_code == 200
+
+
+# ---- in the browser -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def context() -> Iterator[object]:
+    """One Chromium for this module (each test opens its own tab: its own sessionStorage)."""
+    if why := chromium_missing():
+        if os.environ.get("CI"):  # .ci/run installs chromium: never skip there
+            pytest.fail(f"the browser tests cannot run: {why}")
+        pytest.skip(why)
+    with browser_context() as ctx:
+        yield ctx
+
+
+class Responses:
+    """The /v1/rectify responses the page received (from the browser's network events)."""
+
+    def __init__(self, page) -> None:  # noqa: ANN001
+        self.items: list = []
+        page.on("response", lambda r: self.items.append(r) if "/v1/rectify" in r.url else None)
+
+    def by_filename(self) -> dict[str, dict]:
+        out = {}
+        for r in self.items:
+            if r.status == 200:
+                for res in r.json()["results"]:
+                    out[res["filename"]] = res
+        return out
+
+
+def write(path: Path, a: np.ndarray, fmt: str = "PNG") -> Path:
+    path.write_bytes(encode(a, fmt))
+    return path
+
+
+def corners_of(card) -> np.ndarray:  # noqa: ANN001
+    return np.array(json.loads(card.locator("svg.overlay polygon.region").get_attribute("data-corners")))
+
+
+def expected_corners(res: dict) -> np.ndarray:
+    """The output's outer corners mapped through the JSON's ``input_px_from_output_px``."""
+    w, h = res["width"], res["height"]
+    pts = np.array([[-0.5, -0.5, 1], [w - 0.5, -0.5, 1], [w - 0.5, h - 0.5, 1], [-0.5, h - 0.5, 1]])
+    m = np.array(res["input_px_from_output_px"]) @ pts.T
+    return (m[:2] / m[2]).T
+
+
+def check_result_image(page, card, res: dict, size: tuple[int, int], tmp_path: Path) -> None:  # noqa: ANN001
+    """The shown and the downloaded result decode at ``size`` (w, h) and are the PNG the JSON carried."""
+    w, h = size
+    assert (res["width"], res["height"]) == (w, h)
+    natural = card.locator("img.result").evaluate("i => [i.naturalWidth, i.naturalHeight]")
+    assert natural == [w, h]
+    with page.expect_download() as dl:
+        card.locator("a.download").click()
+    stem = res["filename"].rsplit(".", 1)[0]
+    assert dl.value.suggested_filename == f"{stem}-rectified.png"
+    target = tmp_path / dl.value.suggested_filename
+    dl.value.save_as(target)
+    assert Image.open(target).size == (w, h)
+    assert target.read_bytes() == base64.b64decode(res["image"])
+
+
+def test_page_rectifies_and_draws_the_sampled_region(server, context, tmp_path: Path) -> None:  # noqa: ANN001
+    js_errors: list[str] = []
+    page = open_page(context, server.url, errors=js_errors)
+    responses = Responses(page)
+    names = page.locator("#model option").evaluate_all("os => os.map(o => o.value)")
+    assert names == ["affine", "projective", "tps"]
+    files = {
+        "affine": [write(tmp_path / "gray.png", smooth_image(50, 70, 1)),
+                   write(tmp_path / "rgb.jpg", smooth_image(64, 48, 3, seed=1), "JPEG")],
+        "projective": [write(tmp_path / "proj.png", smooth_image(60, 80, 3, seed=2))],
+        "tps": [write(tmp_path / "tps.png", smooth_image(40, 56, 3, seed=3))],
+    }
+    sizes = {"affine": (64, 40), "projective": None, "tps": (33, 21)}
+    for model, paths in files.items():
+        page.select_option("#model", model)
+        assert model in page.text_content("#model-description")
+        spec = server.state.models[model].info
+        size = sizes[model]
+        page.fill("#width", str(size[0]) if size else "")
+        page.fill("#height", str(size[1]) if size else "")
+        cards = upload(page, paths)
+        got = responses.by_filename()
+        for path, card in zip(paths, cards, strict=True):  # the newest batch first, in its order
+            assert card.get_attribute("data-filename") == path.name
+            assert card.get_attribute("data-state") == "done", card.inner_text()
+            res = got[path.name]
+            want = size or (spec.output_size[1], spec.output_size[0])
+            ih, iw = np.asarray(Image.open(path)).shape[:2]
+            assert (res["input_width"], res["input_height"]) == (iw, ih)
+            if model == "tps":
+                rows, cols = spec.tps_grid
+                src = np.array(res["source_points_px"])
+                assert card.locator("svg.overlay polyline.grid").count() == rows + cols
+                want_corners = src[[0, cols - 1, rows * cols - 1, (rows - 1) * cols]]
+                # the grid's corner control points are the output's corners, seen through theta
+                corner_norm = np.array(res["theta"])[[0, cols - 1, rows * cols - 1, (rows - 1) * cols]]
+                px = frames.px_from_norm((ih, iw))
+                np.testing.assert_allclose(want_corners, corner_norm @ px[:2, :2].T + px[:2, 2], atol=1e-9)
+                tgt = np.array(res["target_points_px"])[[0, cols - 1, rows * cols - 1, (rows - 1) * cols]]
+                np.testing.assert_allclose(tgt, [[-0.5, -0.5], [want[0] - 0.5, -0.5], [want[0] - 0.5, want[1] - 0.5],
+                                                 [-0.5, want[1] - 0.5]], atol=1e-9)
+            else:
+                want_corners = expected_corners(res)
+                matrix = frames.input_px_from_output_px(np.array(res["theta"]), (ih, iw), (want[1], want[0]))
+                np.testing.assert_allclose(res["input_px_from_output_px"], matrix, atol=1e-9)
+            np.testing.assert_allclose(corners_of(card), want_corners, atol=1e-9)
+            numbers = json.loads(card.locator("pre.matrices").text_content())  # what "copy" copies
+            assert numbers["theta"] == res["theta"]
+            keys = ("control_points", "source_points_px", "target_points_px") if model == "tps" else \
+                ("input_px_from_output_px", "output_px_from_input_px")
+            for k in keys:
+                assert numbers[k] == res[k]
+            check_result_image(page, card, res, want, tmp_path)
+    assert len(responses.items) == 4  # one request per image
+    card = page.locator("#results .card").first
+    card.locator("button.copy").click()
+    page.wait_for_function("document.querySelector('#results .card button.copy').textContent === 'copied'")
+    assert js_errors == []
+    page.close()
+
+
+def test_page_shows_the_servers_error_sentence(server, context, tmp_path: Path) -> None:  # noqa: ANN001
+    js_errors: list[str] = []
+    page = open_page(context, server.url, errors=js_errors)
+    responses = Responses(page)
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"this is not a JPEG at all")
+    good = write(tmp_path / "fine.png", smooth_image(30, 30, 1))
+    page.select_option("#model", "affine")
+    bad_card, good_card = upload(page, [bad, good])
+    assert bad_card.get_attribute("data-filename") == "broken.jpg"
+    assert good_card.get_attribute("data-state") == "done"
+    assert bad_card.get_attribute("data-state") == "error"
+    failed = [r for r in responses.items if r.status != 200]
+    assert len(failed) == 1 and failed[0].status == 400
+    detail = failed[0].json()["detail"]
+    assert "broken.jpg" in detail
+    assert bad_card.locator(".error").text_content() == detail
+    assert bad_card.locator(".error").is_visible() and not bad_card.locator(".views").is_visible()
+    # a bad output size: the server's sentence again
+    page.fill("#width", "0")
+    page.fill("#height", "10")
+    (card,) = upload(page, [good])
+    assert card.get_attribute("data-state") == "error"
+    assert card.locator(".error").text_content() == responses.items[-1].json()["detail"]
+    assert "WIDTHxHEIGHT" in card.locator(".error").text_content()
+    assert js_errors == []
+    page.close()
+
+
+def test_page_with_api_keys(model_dir: Path, context, tmp_path: Path) -> None:  # noqa: ANN001
+    image = write(tmp_path / "keyed.png", smooth_image(36, 44, 1))
+    with live_server(model_dir=model_dir, api_keys="s3cret,other") as srv:
+        need_key = httpx.get(srv.url + "/v1/models").json()["detail"]
+        page = open_page(context, srv.url, expect_models="error")
+        assert need_key in page.text_content("#notice")  # says why
+        assert page.is_visible("#notice") and "needs-key" in page.get_attribute("#key-form", "class")
+        (card,) = upload(page, [image])
+        assert card.get_attribute("data-state") == "error"
+        assert card.locator(".error").text_content() == need_key
+
+        page.fill("#api-key", "wrong")
+        page.click("#key-form button[type=submit]")
+        page.wait_for_function("document.querySelector('#notice').textContent.includes('not valid')")
+
+        sent = []
+        page.on("request", lambda r: sent.append(r.headers.get("x-api-key")) if "/v1/" in r.url else None)
+        page.fill("#api-key", "s3cret")
+        page.click("#key-form button[type=submit]")
+        page.wait_for_selector("body[data-models=loaded]")
+        assert not page.is_visible("#notice")
+        assert page.evaluate("sessionStorage.getItem('stn.apiKey')") == "s3cret"
+        (card,) = upload(page, [image])
+        assert card.get_attribute("data-state") == "done", card.inner_text()
+        assert sent and set(sent) == {"s3cret"}
+        # kept in the tab: a reload still has it; a new tab does not
+        page.reload()
+        page.wait_for_selector("body[data-models=loaded]")
+        assert page.input_value("#api-key") == "s3cret"
+        other = open_page(context, srv.url, expect_models="error")
+        assert other.input_value("#api-key") == ""
+        other.close()
+        page.close()
+
+
+def test_page_retries_a_busy_server_after_retry_after(model_dir: Path, context, tmp_path: Path) -> None:  # noqa: ANN001
+    image = write(tmp_path / "busy.png", smooth_image(30, 30, 1))
+    with live_server(model_dir=model_dir, max_queue_size=1) as srv, slow_localiser(srv) as release:
+        page = open_page(context, srv.url)
+        responses = Responses(page)
+        page.select_option("#model", "affine")
+        first: dict = {}
+
+        def hold_the_queue() -> None:
+            first["r"] = httpx.post(srv.url + "/v1/rectify?model=affine", content=encode(smooth_image(30, 30, 1)),
+                                    headers={"content-type": "image/png"}, timeout=30)
+
+        t = threading.Thread(target=hold_the_queue)
+        t.start()
+        deadline = time.monotonic() + 5
+        while srv.state.inflight.get("affine", 0) < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (card,) = upload(page, [image], wait=False)
+        page.wait_for_selector("#results .card[data-state=retrying]", timeout=10_000)
+        assert "queue" in card.locator(".status").text_content()
+        busy = responses.items[0]
+        assert busy.status == 503 and busy.headers["retry-after"] == "1"
+        release.set()
+        page.wait_for_selector("#results .card[data-state=done]", timeout=10_000)
+        t.join(10)
+        assert first["r"].status_code == 200
+        assert [r.status for r in responses.items][-1] == 200
+        page.close()
+
+
+def test_page_sample_button(server, context, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    monkeypatch.setattr(page_route, "sample_path", lambda: tmp_path / "missing.jpg")
+    page = open_page(context, server.url)
+    page.wait_for_load_state("networkidle")
+    assert not page.is_visible("#sample")
+    photo = write(tmp_path / "sample.jpg", smooth_image(64, 48, 3, seed=7), "JPEG")
+    monkeypatch.setattr(page_route, "sample_path", lambda: photo)
+    page.reload()
+    page.wait_for_selector("#sample", state="visible")
+    page.click("#sample")
+    page.wait_for_selector("#results .card[data-filename='sample.jpg'][data-state=done]")
+    assert page.locator("#results .card img.result").evaluate("i => i.naturalWidth") > 0
+    page.close()
+
+
+def test_screenshot(context, tmp_path: Path) -> None:  # noqa: ANN001
+    """The README's screenshot, made by the same code (tests/service/browser.py) on the bundled model."""
+    if not DEFAULT_MODELS:
+        pytest.skip("models/default/*.onnx is not bundled yet")
+    with live_server() as srv:
+        out = tmp_path / "page.png"
+        screenshot(context, srv.url, sheet_inputs(tmp_path), out)
+    shot = Image.open(io.BytesIO(out.read_bytes()))
+    assert shot.width == 1100 and shot.height > 600
+
+
+def test_page_region_lines_up_with_an_exif_rotated_photo(server, context, tmp_path: Path) -> None:  # noqa: ANN001
+    """A phone photo stored sideways (EXIF orientation 6): the browser and the server show it the same way up."""
+    a = smooth_image(40, 64, 3, seed=5)  # stored 64 wide, 40 high; shown 40 wide, 64 high
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "JPEG", exif=exif)
+    path = tmp_path / "phone.jpg"
+    path.write_bytes(buf.getvalue())
+    page = open_page(context, server.url)
+    responses = Responses(page)
+    page.select_option("#model", "projective")
+    (card,) = upload(page, [path])
+    res = responses.by_filename()["phone.jpg"]
+    assert (res["input_width"], res["input_height"]) == (40, 64)
+    shown = card.locator("img.upload").evaluate("i => [i.naturalWidth, i.naturalHeight]")
+    assert shown == [40, 64]
+    assert "read differently" not in card.locator(".input-caption").text_content()
+    np.testing.assert_allclose(corners_of(card), expected_corners(res), atol=1e-9)
+    page.close()
