@@ -79,6 +79,7 @@ class GpuContext:
     workdir: Path
     provider: str = CUDA
     quick: bool = False  # small sizes and short runs (the CPU rehearsal in the tests)
+    bench_model: bool = True  # also check the 224x224 affine bench model (exported here; needs torch)
     goals: list[dict[str, Any]] = field(default_factory=list)
     _files: list[tuple[str, Path]] | None = None
 
@@ -105,7 +106,7 @@ class GpuContext:
             from service.runtime import model_files
 
             files = [(p.stem, p) for p in model_files(self.model_dir)]
-            if has_torch():
+            if self.bench_model and has_torch():
                 from export.bench import synthetic_affine224
                 from export.onnx_export import export_onnx, info_for
 
