@@ -1,6 +1,9 @@
 """Checkpoints: weights plus the full config, so export rebuilds the model from the file alone.
 
 Loaded with ``torch.load(weights_only=True)``: only tensors and plain containers inside.
+A checkpoint written during training (``stn train --save-every``, ``OUT/last.pt``) also holds
+``train_state`` (step, optimizer, schedule, loss scaler, RNG state, loss history) for
+``stn train --resume``; export and serving ignore it.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class Checkpoint:
     head_config: ClassifierConfig | None
     state_dict: dict[str, torch.Tensor]
     meta: dict[str, Any] = field(default_factory=dict)  # name, version, dataset, classes, metrics, created_by
+    train_state: dict[str, Any] | None = None  # what --resume needs (models.train); None in finished checkpoints
 
     def build(self) -> torch.nn.Module:
         """The trained module, weights loaded, in eval mode."""
@@ -56,8 +60,9 @@ class Checkpoint:
         raise CheckpointError("this checkpoint is a plain CNN baseline: it has no spatial transformer to export")
 
 
-def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, meta: dict[str, Any]) -> None:
-    """Write atomically (temporary file, then rename)."""
+def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, meta: dict[str, Any],
+                    train_state: dict[str, Any] | None = None) -> None:
+    """Write atomically (temporary file, then rename); ``train_state`` makes it resumable."""
     if isinstance(model, STCNN):
         kind, stn_cfg, head_cfg = "st-cnn", model.stn.config, model.head_config
     elif isinstance(model, SpatialTransformer):
@@ -75,6 +80,8 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, meta: dict[
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "meta": meta,
     }
+    if train_state is not None:
+        payload["train_state"] = train_state
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
@@ -102,4 +109,5 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         head_cfg = ClassifierConfig(**payload["head_config"]) if payload.get("head_config") else None
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path} has an invalid config: {e}") from None
-    return Checkpoint(kind, stn_cfg, head_cfg, payload["state_dict"], dict(payload.get("meta") or {}))
+    return Checkpoint(kind, stn_cfg, head_cfg, payload["state_dict"], dict(payload.get("meta") or {}),
+                      payload.get("train_state"))

@@ -17,12 +17,16 @@ DEFAULT_DATA = "/usr/share/datasets/fashion-mnist"  # == models.data.DEFAULT_DAT
 DISTORTION_CHOICES = ("R", "RTS", "P", "E", "TC", "none")
 TRANSFORM_CHOICES = TRANSFORMS
 HEAD_CHOICES = ("gap", "grid")  # == models.classifier.HEADS (not imported: it imports torch)
+AMP_CHOICES = ("off", "bf16", "fp16")  # == models.devices.AMP_CHOICES (not imported: it imports torch)
 
 EPILOG = """\
 examples:
   stn train --distortion RTS --epochs 5 --out runs/rts          # ST-CNN on Fashion-MNIST RTS
   stn train --model cnn --distortion RTS --out runs/rts-cnn      # the matched plain-CNN baseline
   stn train --mode rectify --data my_upright_images/ --distortion RTS --out runs/rectifier
+  stn train --device cuda --amp bf16 --workers 4 --save-every 500 --eval-every 1000 --out runs/gpu
+  stn train ... --out runs/gpu --resume runs/gpu/last.pt         # continue an interrupted run
+  torchrun --standalone --nproc_per_node 4 -m stn train --device cuda ... --out runs/ddp
 writes OUT/checkpoint.pt, OUT/metrics.json and OUT/sheet.png (test inputs | rectified | upright).
 """
 
@@ -78,7 +82,19 @@ def configure_train(parser: argparse.ArgumentParser) -> None:
       help="start the spatial transformer from this checkpoint's (same config), e.g. a --mode rectify run "
            "before a --mode classify run")
     a("--name", default=None, help="model name stored in the checkpoint (default: derived)")
-    a("--no-progress", action="store_true", help="no progress bar")
+    a("--device", default="cpu", metavar="DEVICE",
+      help="auto (CUDA when available), cpu, cuda or cuda:N; under torchrun, cuda means cuda:LOCAL_RANK "
+           "(default %(default)s)")
+    a("--amp", choices=AMP_CHOICES, default="off",
+      help="mixed precision: bf16 autocast, fp16 autocast with loss scaling (CUDA only), or off (default %(default)s)")
+    a("--workers", type=int, default=0, metavar="N",
+      help="data-loading worker processes (batches are the same whatever N) (default %(default)s)")
+    a("--eval-every", type=_size, default=None, metavar="STEPS", help="evaluate on the test set every STEPS steps")
+    a("--save-every", type=_size, default=None, metavar="STEPS",
+      help="write the resumable OUT/last.pt every STEPS steps (also written when interrupted with Ctrl-C)")
+    a("--resume", default=None, metavar="CHECKPOINT",
+      help="continue the run saved in CHECKPOINT (an OUT/last.pt), with the options it was started with")
+    a("--no-progress", action="store_true", help="no progress bar or progress lines")
     a("--out", required=True, metavar="DIR", help="output folder for checkpoint.pt, metrics.json, sheet.png")
 
 
@@ -109,6 +125,8 @@ def run_train(args: argparse.Namespace) -> int:
         limit_train=args.limit_train, limit_test=args.limit_test, seed=args.seed, threads=args.threads,
         clip_grad=args.clip_grad, boundary_weight=args.boundary_weight, out=args.out, name=args.name,
         created_by="stn " + shlex.join(sys.argv[1:]), progress=not args.no_progress, init_stn=args.init_stn,
+        device=args.device, amp=args.amp, workers=args.workers, eval_every=args.eval_every,
+        save_every=args.save_every, resume=args.resume,
     )
     try:
         result = train(config)
@@ -118,10 +136,21 @@ def run_train(args: argparse.Namespace) -> int:
     except FloatingPointError as e:
         print(f"stn train: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        import os
+
+        last = os.path.join(args.out, "last.pt")
+        print("stn train: interrupted" + (f"; continue with --resume {last}" if os.path.exists(last) else ""),
+              file=sys.stderr)
+        return 130
+    if result.rank != 0:  # torchrun: rank 0 reports
+        return 0
     m = result.metrics
     print(f"{m['dataset']}: {m['mode']} {m['model']}, {m['steps']} steps ({m['epochs']:.2f} epochs) in "
           f"{m['train_seconds']:.1f} s ({m['seconds_per_epoch']:.1f} s/epoch), final train loss "
           f"{m['final_train_loss']:.4f}")
+    print(f"device {m['device']}, amp {m['amp']}, {m['world_size']} rank(s), {m['workers']} data worker(s): "
+          f"{m['steps_per_second']:.2f} steps/s")
     if "test_error" in m:
         print(f"test error: {100 * m['test_error']:.2f}% on {m['test_examples']} distorted test images")
     if "test_image_l1" in m:

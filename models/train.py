@@ -23,6 +23,17 @@ Modes
   inverse, so it works for every family on both sides: homogeneous ``theta_D`` is applied as
   a matrix; a TPS ``theta_D`` (E) by sampling its dense warp field at the points.
 
+Devices and scale
+-----------------
+``device`` (``auto``: CUDA when available), ``amp`` (bf16 or fp16 autocast; fp16 with a loss
+scaler, GPU only), ``workers`` (data-loading processes) and data-parallel ranks under
+``torchrun`` are handled by ``models.devices``. Batch ``s`` is a pure function of the seed and
+``s`` (:class:`TrainBatches`: the epoch's permutation and the step's distortions have their own
+derived seeds), so the number of workers does not change a CPU run, and a run resumed from
+``OUT/last.pt`` (``--save-every``; ``resume``) ends with the same weights as an uninterrupted
+one. Under ``torchrun`` each rank trains on every ``world``-th example of the global batch
+(``batch_size`` stays the global batch), and rank 0 alone evaluates and writes files.
+
 Inputs are scaled by the model's own mean/std (stored in the checkpoint): mean 0 and the
 training images' per-channel std, so that the sampler's zero padding is the images' (dark)
 background, as in the distortions.
@@ -53,6 +64,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -61,11 +73,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
+from models import devices, evaluate, frames
 from models import distortions as dist
-from models import evaluate, frames
-from models.checkpoint import save_checkpoint
+from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from models.classifier import HEADS, STCNN, ClassifierConfig, count_parameters, matched_baseline
 from models.data import DEFAULT_DATA, ImageSet, ImageSplits, load_dataset
 from models.sampler import grid_sample
@@ -119,8 +130,14 @@ class TrainConfig:
     out: str | None = None  # write checkpoint.pt, metrics.json, sheet.png here
     name: str | None = None  # model name in the checkpoint; None = derived from model/dataset/distortion
     created_by: str = ""  # the command line that produced the model (stored in the checkpoint)
-    progress: bool = True  # show a tqdm progress bar
+    progress: bool = True  # a tqdm bar on a terminal, plain log lines otherwise
     init_stn: str | None = None  # start the STN from this checkpoint's transformer (e.g. rectify first, then classify)
+    device: str = "cpu"  # auto (CUDA when available), cpu, cuda or cuda:N (under torchrun: cuda = cuda:LOCAL_RANK)
+    amp: str = "off"  # mixed precision: off, bf16 (autocast) or fp16 (autocast + loss scaling, CUDA only)
+    workers: int = 0  # data-loading worker processes (0: batches are made in the training process)
+    eval_every: int | None = None  # evaluate on the test set every N steps (logged, in metrics["evals"])
+    save_every: int | None = None  # write the resumable OUT/last.pt every N steps
+    resume: str | None = None  # continue the run saved in this checkpoint (its OUT/last.pt), same options
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -133,6 +150,7 @@ class TrainResult:
     history: list[float]  # training loss per step
     meta: dict[str, Any]  # the checkpoint's meta
     files: dict[str, str] = field(default_factory=dict)  # "checkpoint", "metrics", "sheet" -> path (when out is set)
+    rank: int = 0  # under torchrun: this process's rank (only rank 0 has metrics and files)
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -165,6 +183,15 @@ def check_config(config: TrainConfig) -> None:
         size = getattr(config, name)
         if size is not None and (len(size) != 2 or min(size) < 1):
             raise ConfigError(f"{name} must be (h, w) with both >= 1, got {size}")
+    if config.amp not in devices.AMP_CHOICES:
+        raise ConfigError(f"unknown amp {config.amp!r}; choose one of {', '.join(devices.AMP_CHOICES)}")
+    if config.workers < 0:
+        raise ConfigError(f"workers must be >= 0, got {config.workers}")
+    for name in ("eval_every", "save_every"):
+        if getattr(config, name) is not None and getattr(config, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
+    if (config.save_every or config.resume) and not config.out:
+        raise ConfigError("save_every and resume write OUT/last.pt: set out")
 
 
 def _to_float(images: torch.Tensor) -> torch.Tensor:
@@ -219,8 +246,9 @@ class _Objective:
     """Per-batch forward pass and loss for one (mode, model) pair; shared by training and evaluation."""
 
     def __init__(self, model: nn.Module, config: TrainConfig, source_size: tuple[int, int],
-                 mean: torch.Tensor, std: torch.Tensor) -> None:
+                 mean: torch.Tensor, std: torch.Tensor, forward: nn.Module | None = None) -> None:
         self.model, self.config, self.source_size = model, config, source_size
+        self.forward = forward or model  # what the batch goes through (the DDP wrapper under torchrun)
         self.mean, self.std = mean, std
         self.stn = _stn_of(model)
         if self.stn is not None:
@@ -242,17 +270,17 @@ class _Objective:
         cfg = self.config
         parts: dict[str, torch.Tensor] = {}
         if self.stn is None:
-            logits = self.model(x)
+            logits = self.forward(x)
             parts["ce"] = F.cross_entropy(logits, labels)
             parts["logits"] = logits.detach()
             return parts["ce"], parts
         if isinstance(self.model, STCNN):
-            logits, rectified, theta = self.model(x)
+            logits, rectified, theta = self.forward(x)
             parts["ce"] = F.cross_entropy(logits, labels)
             parts["logits"] = logits.detach()
             loss = parts["ce"]
         else:
-            rectified, theta = self.model(x)
+            rectified, theta = self.forward(x)
             loss = torch.zeros((), device=x.device)
         points = self.stn.transform.grid(theta, self.coarse.to(x.device))  # [N, 8, 8, 2] in the distorted input
         parts["boundary"] = boundary_penalty(points, cfg.boundary)
@@ -332,6 +360,7 @@ def evaluate_model(model: nn.Module, objective: _Objective, test: ImageSet, conf
                    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Metrics on the distorted test set, and the first examples for the sheet."""
     model.eval()
+    device = next(model.parameters()).device
     g = torch.Generator().manual_seed(config.eval_seed)
     images = torch.from_numpy(test.images)
     labels = None if test.labels is None else torch.from_numpy(test.labels)
@@ -340,8 +369,8 @@ def evaluate_model(model: nn.Module, objective: _Objective, test: ImageSet, conf
     sheet: dict[str, torch.Tensor] = {}
     family_d, grid_d = None, None
     for start in range(0, len(images), config.eval_batch_size):
-        up = _to_float(images[start : start + config.eval_batch_size])
-        lab = None if labels is None else labels[start : start + config.eval_batch_size]
+        up = _to_float(images[start : start + config.eval_batch_size]).to(device)
+        lab = None if labels is None else labels[start : start + config.eval_batch_size].to(device)
         d = dist.distort(config.distortion, up, g)
         _, parts = objective(up, lab if config.mode == "classify" else None, d)
         family_d, grid_d = d.family, d.tps_grid
@@ -362,7 +391,7 @@ def evaluate_model(model: nn.Module, objective: _Objective, test: ImageSet, conf
             if objective.stn is not None:
                 sheet["upright"] = objective.target_images(up[:k]).cpu()
             else:
-                sheet["upright"] = up[:k]
+                sheet["upright"] = up[:k].cpu()
     n = len(images)
     metrics: dict[str, Any] = {"test_examples": n}
     if preds:
@@ -413,112 +442,59 @@ def write_sheet(path: str | Path, sheet: dict[str, torch.Tensor], scale: int | N
 # ----------------------------------------------------------------------------------- training
 
 
-def train(config: TrainConfig, splits: ImageSplits | None = None) -> TrainResult:
-    """Train, evaluate, and (when ``config.out`` is set) write checkpoint.pt, metrics.json, sheet.png.
+class TrainBatches(torch.utils.data.Dataset):
+    """Training batch ``step`` for one rank: ``(upright, labels, distorted)``, whichever process makes it.
 
-    ``splits`` overrides reading ``config.data`` (for tests and notebooks). Raises ConfigError
-    or ``models.data.DataError`` (both ValueError) with a message naming what to fix.
+    The global batch of step ``s`` is slice ``s % steps_per_epoch`` of the permutation of epoch
+    ``s // steps_per_epoch`` (seeded by ``(seed, 0, epoch)``); rank ``r`` of ``world`` takes every
+    ``world``-th example of it, and its distortions are drawn from ``(seed, 1, s, r)``.
     """
-    check_config(config)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    if splits is None:
-        splits = load_dataset(config.data, config.image_size, config.limit_train, config.limit_test)
-    else:
-        splits = replace(splits, train=splits.train.head(config.limit_train), test=splits.test.head(config.limit_test))
-    if config.mode == "classify":
-        if not splits.labelled:
-            raise ConfigError(f"{splits.source} has no labels (no class subfolders); classify mode needs them. "
-                              "Use --mode rectify to learn rectification from unlabelled upright images.")
-        top = int(max(splits.train.labels.max(initial=0), splits.test.labels.max(initial=0)))
-        if top >= len(splits.classes):
-            raise ConfigError(f"labels go up to {top} but only {len(splits.classes)} class names are known")
-    if len(splits.train) < 2:
-        raise ConfigError(f"need at least 2 training examples, got {len(splits.train)}")
 
-    stn_config = stn_config_for(config, splits)
-    torch.manual_seed(config.seed)
-    model = build_model(config, splits, stn_config)
-    stn = _stn_of(model)
-    created_by = config.created_by
-    if config.init_stn:  # the model's history: the run that trained the transformer first
-        created_by = " && ".join(c for c in (_init_stn_from(stn, config.init_stn), created_by) if c)
-    mean = torch.tensor(stn_config.mean).view(1, -1, 1, 1)
-    std = torch.tensor(stn_config.std).view(1, -1, 1, 1)
-    objective = _Objective(model, config, splits.image_size, mean, std)
-    optimizer = _optimizer(model, config)
+    def __init__(self, train_set: ImageSet, config: TrainConfig, batch: int, steps_per_epoch: int,
+                 rank: int = 0, world: int = 1) -> None:
+        self.images = torch.from_numpy(train_set.images)
+        self.labels = None if train_set.labels is None or config.mode == "rectify" else torch.from_numpy(train_set.labels)
+        self.config, self.batch, self.steps_per_epoch = config, batch, steps_per_epoch
+        self.rank, self.world = rank, world
+        self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)
 
-    n_train = len(splits.train)
-    batch = min(config.batch_size, n_train)
-    steps_per_epoch = max(1, n_train // batch)
-    if config.steps is None:
-        total = (config.epochs or DEFAULT_EPOCHS) * steps_per_epoch
-    else:
-        total = config.steps if config.epochs is None else min(config.steps, config.epochs * steps_per_epoch)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(s, total) / total)))
-    g_shuffle = torch.Generator().manual_seed(config.seed)
-    g_distort = torch.Generator().manual_seed(config.seed + 1)
-    images = torch.from_numpy(splits.train.images)
-    labels = None if splits.train.labels is None else torch.from_numpy(splits.train.labels)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None, dist.Distorted]:
+        epoch, b = divmod(int(step), self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._order = torch.randperm(len(self.images), generator=devices.generator(self.config.seed, 0, epoch))
+            self._epoch = epoch
+        idx = self._order[b * self.batch : (b + 1) * self.batch][self.rank :: self.world]
+        up = _to_float(self.images[idx])
+        lab = None if self.labels is None else self.labels[idx]
+        d = dist.distort(self.config.distortion, up, devices.generator(self.config.seed, 1, step, self.rank))
+        return up, lab, d
 
-    dataset = f"{splits.name} {config.distortion}"
-    log.info("training %s (%d parameters) on %s: %d examples, %d steps of %d", type(model).__name__,
-             count_parameters(model), dataset, n_train, total, batch)
-    history: list[float] = []
-    warned = False
-    model.train()
-    t0 = time.perf_counter()
-    bar = tqdm(total=total, desc=f"train {config.mode} {dataset}", unit="step", disable=not config.progress,
-               dynamic_ncols=True)
-    step = 0
-    while step < total:
-        order = torch.randperm(n_train, generator=g_shuffle)
-        for b in range(steps_per_epoch):
-            if step >= total:
-                break
-            idx = order[b * batch : (b + 1) * batch]
-            up = _to_float(images[idx])
-            lab = None if labels is None or config.mode == "rectify" else labels[idx]
-            d = dist.distort(config.distortion, up, g_distort)
-            loss, parts = objective(up, lab, d)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"training loss became {float(loss)} at step {step}; lower --lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(params, config.clip_grad)
-            optimizer.step()
-            schedule.step()
-            history.append(loss.item())
-            step += 1
-            if "outside" in parts and not warned and float(parts["outside"].mean()) > 0.95:
-                log.warning("step %d: the transformer samples mostly outside the input (collapse); the boundary "
-                            "penalty pulls it back, lower --loc-lr-mult or --lr if this persists", step)
-                warned = True
-            if step % 10 == 0 or step == total:
-                bar.set_postfix(loss=f"{np.mean(history[-10:]):.4f}")
-            bar.update(1)
-    bar.close()
-    train_seconds = time.perf_counter() - t0
 
-    t1 = time.perf_counter()
-    test_metrics, sheet = evaluate_model(model, objective, splits.test, config)
-    model.eval()
-    metrics: dict[str, Any] = {
-        "dataset": dataset, "mode": config.mode, "model": config.model if config.mode == "classify" else "stn",
-        "transform": config.transform if stn is not None else None, "distortion": config.distortion,
-        "parameters": count_parameters(model), "train_examples": n_train, "batch_size": batch, "steps": total,
-        "epochs": total / steps_per_epoch, "train_seconds": train_seconds,
-        "seconds_per_epoch": train_seconds / total * steps_per_epoch,
-        "final_train_loss": float(np.mean(history[-min(50, len(history)):])),
-        **test_metrics, "eval_seconds": time.perf_counter() - t1,
-    }
-    if metrics.get("collapsed_fraction"):
-        log.warning("%.1f%% of test examples are sampled mostly outside the input", 100 * metrics["collapsed_fraction"])
+def _distorted_to(d: dist.Distorted, device: torch.device) -> dist.Distorted:
+    if device.type == "cpu":
+        return d
+    return replace(d, images=d.images.to(device, non_blocking=True), theta=d.theta.to(device, non_blocking=True),
+                   params={k: v.to(device, non_blocking=True) for k, v in d.params.items()})
+
+
+# config fields that may differ between a run and its resumption (they do not change the weights on one device)
+_RESUMABLE_CHANGES = ("out", "name", "created_by", "progress", "threads", "workers", "device", "eval_every",
+                      "save_every", "resume", "eval_batch_size")
+
+
+def _check_resume(saved: dict[str, Any], config: TrainConfig, path: str) -> None:
+    now = config.to_dict()
+    diff = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {now[k]!r}" for k in now
+            if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k]]
+    if diff:
+        raise ConfigError(f"--resume {path}: the run was started with other options ({'; '.join(diff)}); "
+                          "resume with the options it was started with")
+
+
+def _meta(config: TrainConfig, splits: ImageSplits, stn_config: STNConfig, stn: nn.Module | None, dataset: str,
+          created_by: str, metrics: dict[str, Any] | None) -> dict[str, Any]:
     kind = "cnn" if stn is None else "stn"
-    meta = {
+    return {
         "name": config.name or f"{kind}-{splits.name}-{config.distortion}-{config.mode}",
         "version": MODEL_VERSION,
         "dataset": dataset,
@@ -532,6 +508,197 @@ def train(config: TrainConfig, splits: ImageSplits | None = None) -> TrainResult
         "canvas_size": list(dist.canvas_size(config.distortion, splits.image_size)),
         "train_config": config.to_dict(),
     }
+
+
+_EVAL_KEYS = ("test_error", "test_cross_entropy", "test_image_l1", "test_grid_mse", "collapsed_fraction")
+
+
+def train(config: TrainConfig, splits: ImageSplits | None = None,
+          on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Train, evaluate, and (when ``config.out`` is set) write checkpoint.pt, metrics.json, sheet.png.
+
+    ``splits`` overrides reading ``config.data`` (for tests and notebooks). ``on_step(step, loss)``
+    is called after every optimizer step. Raises ConfigError or ``models.data.DataError`` (both
+    ValueError) with a message naming what to fix. Under ``torchrun`` every rank calls it; only
+    rank 0 evaluates and writes, the others return an empty ``metrics`` and ``rank`` > 0.
+    """
+    check_config(config)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    ranks = devices.Ranks()
+    try:
+        device = devices.resolve_device(config.device, ranks.local_rank)
+        precision = devices.Precision(config.amp, device)
+    except devices.DeviceError as e:
+        raise ConfigError(str(e)) from None
+    if splits is None:
+        splits = load_dataset(config.data, config.image_size, config.limit_train, config.limit_test)
+    else:
+        splits = replace(splits, train=splits.train.head(config.limit_train), test=splits.test.head(config.limit_test))
+    if config.mode == "classify":
+        if not splits.labelled:
+            raise ConfigError(f"{splits.source} has no labels (no class subfolders); classify mode needs them. "
+                              "Use --mode rectify to learn rectification from unlabelled upright images.")
+        top = int(max(splits.train.labels.max(initial=0), splits.test.labels.max(initial=0)))
+        if top >= len(splits.classes):
+            raise ConfigError(f"labels go up to {top} but only {len(splits.classes)} class names are known")
+    if len(splits.train) < 2:
+        raise ConfigError(f"need at least 2 training examples, got {len(splits.train)}")
+    if len(splits.train) < ranks.world or config.batch_size < ranks.world:
+        raise ConfigError(f"{ranks.world} ranks need a batch size and a training set of at least {ranks.world}")
+    resume = None
+    if config.resume:
+        try:
+            resume = load_checkpoint(config.resume)
+        except CheckpointError as e:
+            raise ConfigError(f"--resume: {e}") from None
+        if resume.train_state is None:
+            raise ConfigError(f"--resume {config.resume}: a finished checkpoint has no training state; resume from "
+                              "the OUT/last.pt that --save-every writes")
+        _check_resume(resume.train_state["train_config"], config, config.resume)
+
+    stn_config = stn_config_for(config, splits)
+    torch.manual_seed(config.seed)
+    model = build_model(config, splits, stn_config)
+    stn = _stn_of(model)
+    created_by = config.created_by
+    if config.init_stn:  # the model's history: the run that trained the transformer first
+        created_by = " && ".join(c for c in (_init_stn_from(stn, config.init_stn), created_by) if c)
+    if resume is not None:  # the same run, continued: its weights and the command that started it
+        model.load_state_dict(resume.state_dict)
+        created_by = str(resume.meta.get("created_by", created_by))
+    ranks.start(device)
+    model.to(device)
+    mean = torch.tensor(stn_config.mean).view(1, -1, 1, 1).to(device)
+    std = torch.tensor(stn_config.std).view(1, -1, 1, 1).to(device)
+    objective = _Objective(model, config, splits.image_size, mean, std)
+    forward = ranks.wrap(model, device)
+    train_objective = objective if forward is model else _Objective(model, config, splits.image_size, mean, std,
+                                                                    forward)
+    optimizer = _optimizer(model, config)
+
+    n_train = len(splits.train)
+    batch = min(config.batch_size, n_train)
+    steps_per_epoch = max(1, n_train // batch)
+    if config.steps is None:
+        total = (config.epochs or DEFAULT_EPOCHS) * steps_per_epoch
+    else:
+        total = config.steps if config.epochs is None else min(config.steps, config.epochs * steps_per_epoch)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(s, total) / total)))
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    dataset = f"{splits.name} {config.distortion}"
+    history: list[float] = []
+    evals: list[dict[str, Any]] = []
+    step, seconds_before = 0, 0.0
+    if resume is not None:
+        state = resume.train_state
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        precision.load_state_dict(state["scaler"])
+        devices.set_rng_state(state["rng"], device)
+        step, history, evals = int(state["step"]), list(state["history"]), list(state["evals"])
+        seconds_before = float(state["train_seconds"])
+    log.info("training %s (%d parameters) on %s: %d examples, %d steps of %d, from step %d on %s (amp %s, %d rank(s))",
+             type(model).__name__, count_parameters(model), dataset, n_train, total, batch, step, device, config.amp,
+             ranks.world)
+    loader = torch.utils.data.DataLoader(
+        TrainBatches(splits.train, config, batch, steps_per_epoch, ranks.rank, ranks.world), batch_size=None,
+        sampler=range(step, total), num_workers=config.workers, worker_init_fn=devices.worker_init,
+        prefetch_factor=4 if config.workers else None, generator=torch.Generator().manual_seed(config.seed))
+    last = Path(config.out) / "last.pt" if config.out else None
+
+    def save_state(at: int, seconds: float) -> None:
+        if last is None or not ranks.main:
+            return
+        last.parent.mkdir(parents=True, exist_ok=True)
+        state = {"step": at, "total": total, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                 "scaler": precision.state_dict(), "rng": devices.rng_state(device), "history": list(history),
+                 "evals": list(evals), "train_seconds": seconds, "world_size": ranks.world,
+                 "train_config": config.to_dict()}
+        save_checkpoint(last, model, _meta(config, splits, stn_config, stn, dataset, created_by, None), state)
+
+    warned = False
+    model.train()
+    t0 = time.perf_counter()
+    progress = devices.Progress(total, f"train {config.mode} {dataset}", config.progress and ranks.main, start=step)
+    between_steps = True  # the state is consistent (an interruption now can be saved and resumed)
+    try:
+        for up, lab, d in loader:
+            between_steps = False
+            up, d = up.to(device, non_blocking=True), _distorted_to(d, device)
+            lab = None if lab is None else lab.to(device, non_blocking=True)
+            with precision.autocast():
+                loss, parts = train_objective(up, lab, d)
+            loss = loss.float()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {float(loss)} at step {step}; lower --lr")
+            optimizer.zero_grad(set_to_none=True)
+            precision.backward(loss)
+            if config.clip_grad > 0:
+                precision.unscale(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, config.clip_grad)
+            precision.step(optimizer)
+            schedule.step()
+            history.append(ranks.mean(loss).item())
+            step += 1
+            between_steps = True
+            if "outside" in parts and not warned and float(parts["outside"].mean()) > 0.95:
+                log.warning("step %d: the transformer samples mostly outside the input (collapse); the boundary "
+                            "penalty pulls it back, lower --loc-lr-mult or --lr if this persists", step)
+                warned = True
+            progress.update(float(np.mean(history[-10:])) if step % 10 == 0 or step == total else None)
+            if config.eval_every and step % config.eval_every == 0 and step < total:
+                if ranks.main:
+                    found, _ = evaluate_model(model, objective, splits.test, config)
+                    evals.append({"step": step, **{k: found[k] for k in _EVAL_KEYS if k in found}})
+                    progress.line("eval " + " ".join(f"{k} {v:.4g}" for k, v in evals[-1].items() if k != "step"))
+                    model.train()
+                ranks.barrier()
+            if config.save_every and step % config.save_every == 0 and step < total:
+                save_state(step, seconds_before + time.perf_counter() - t0)
+            if on_step is not None:
+                on_step(step, history[-1])
+    except KeyboardInterrupt:
+        if between_steps and step < total:
+            save_state(step, seconds_before + time.perf_counter() - t0)
+            if last is not None and ranks.main:
+                log.warning("interrupted at step %d: resume with --resume %s", step, last)
+        ranks.stop()
+        raise
+    except BaseException:
+        ranks.stop()
+        raise
+    finally:
+        progress.close()
+    train_seconds = seconds_before + time.perf_counter() - t0
+    this_run_steps = total - (int(resume.train_state["step"]) if resume is not None else 0)
+
+    if not ranks.main:
+        ranks.barrier()  # rank 0 evaluates and writes
+        ranks.stop()
+        model.eval()
+        return TrainResult(model, {}, history, {}, {}, rank=ranks.rank)
+    t1 = time.perf_counter()
+    test_metrics, sheet = evaluate_model(model, objective, splits.test, config)
+    model.eval()
+    metrics: dict[str, Any] = {
+        "dataset": dataset, "mode": config.mode, "model": config.model if config.mode == "classify" else "stn",
+        "transform": config.transform if stn is not None else None, "distortion": config.distortion,
+        "parameters": count_parameters(model), "train_examples": n_train, "batch_size": batch, "steps": total,
+        "epochs": total / steps_per_epoch, "train_seconds": train_seconds,
+        "seconds_per_epoch": train_seconds / total * steps_per_epoch,
+        "steps_per_second": this_run_steps / max(train_seconds - seconds_before, 1e-9),  # this invocation's
+        "final_train_loss": float(np.mean(history[-min(50, len(history)):])),
+        "device": str(device), "amp": config.amp, "world_size": ranks.world, "workers": config.workers,
+        **test_metrics, "eval_seconds": time.perf_counter() - t1,
+    }
+    if evals:
+        metrics["evals"] = evals
+    if metrics.get("collapsed_fraction"):
+        log.warning("%.1f%% of test examples are sampled mostly outside the input", 100 * metrics["collapsed_fraction"])
+    meta = _meta(config, splits, stn_config, stn, dataset, created_by, metrics)
     files: dict[str, str] = {}
     if config.out:
         out = Path(config.out)
@@ -541,10 +708,15 @@ def train(config: TrainConfig, splits: ImageSplits | None = None) -> TrainResult
         save_checkpoint(files["checkpoint"], model, meta)
         Path(files["metrics"]).write_text(json.dumps(metrics, indent=2) + "\n")
         write_sheet(files["sheet"], sheet)
+        if last is not None and last.exists():
+            last.unlink()  # the run is finished: checkpoint.pt is its result
+    ranks.barrier()
+    ranks.stop()
     return TrainResult(model, metrics, history, meta, files)
 
 
 __all__ = [
     "MODES", "MODELS", "DEFAULT_EPOCHS", "ConfigError", "TrainConfig", "TrainResult", "check_config", "stn_config_for", "build_model",
     "boundary_penalty", "outside_fraction", "map_through_distortion", "evaluate_model", "write_sheet", "train",
+    "TrainBatches",
 ]

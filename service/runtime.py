@@ -3,7 +3,8 @@
 Public API (used by the HTTP app and by batch engines; no HTTP, no asyncio, no torch):
 
 - :func:`resolve_providers` (requested execution providers -> the usable ones, probing GPU
-  providers once per process and warning once when one falls back to CPU).
+  providers once per process and warning once when one falls back to CPU);
+  :func:`provider_status` (usable, or why not, naming the missing library: ``stn doctor``).
 - :class:`SessionConfig` (providers and thread counts) and :func:`load_model` (one ``.onnx``
   file -> :class:`ModelRuntime`, or :class:`ModelLoadError` with a reason a person can act on).
 - :func:`model_files` (the ``*.onnx`` files of a folder) and :func:`load_model_dir` (all of
@@ -29,6 +30,8 @@ bound with IO binding to both the resize and the sampler sessions.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import threading
 import time
@@ -79,8 +82,9 @@ def _provider_works(provider: str) -> bool:
     with _probe_lock:
         if provider not in _probed:
             ort.set_default_logger_severity(4)  # the failed CUDA load logs errors; we log one warning instead
-            try:
-                sess = ort.InferenceSession(_probe_model(), providers=[provider, CPU])
+            try:  # onnxruntime print()s its "EP Error" banner: keep stdout clean (`stn doctor --json`)
+                with contextlib.redirect_stdout(io.StringIO()):
+                    sess = ort.InferenceSession(_probe_model(), providers=[provider, CPU])
                 _probed[provider] = provider in sess.get_providers()
             except Exception:  # noqa: BLE001 (any failure means: not usable)
                 _probed[provider] = False
@@ -90,6 +94,37 @@ def _provider_works(provider: str) -> bool:
                 log.warning("%s is not usable here (no GPU, or its CUDA/cuDNN libraries are missing); "
                             "falling back to the next provider", provider)
         return _probed[provider]
+
+
+_PROVIDER_LIBRARIES = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "tensorrt",
+                       "MIGraphXExecutionProvider": "migraphx", "ROCMExecutionProvider": "rocm"}
+
+
+def provider_status(provider: str) -> tuple[bool, str]:
+    """(usable, why not): a provider is usable when a session runs on it (:func:`_provider_works`).
+
+    When it is not, the reason names what is missing: the provider absent from this build, or
+    the first shared library its plugin cannot load (e.g. ``libcublasLt.so.13``), or a plugin
+    that loads but cannot create a session (no GPU visible, a driver too old).
+    """
+    available = ort.get_available_providers()
+    if provider not in available:
+        return False, f"not in this onnxruntime build (it has {', '.join(available)})"
+    if provider == CPU or _provider_works(provider):
+        return True, ""
+    short = _PROVIDER_LIBRARIES.get(provider)
+    if short:
+        import ctypes
+
+        lib = Path(ort.__file__).parent / "capi" / f"libonnxruntime_providers_{short}.so"
+        if not lib.is_file():
+            return False, f"{lib} is missing from the onnxruntime install"
+        try:
+            ctypes.CDLL(str(lib))
+        except OSError as e:
+            return False, f"{lib.name} cannot load a library it needs: {e}"
+    return False, ("its libraries load, but a session on it fails (no GPU visible to this process, or a driver "
+                   "older than its CUDA runtime)")
 
 
 def resolve_providers(requested: Sequence[str]) -> list[str]:

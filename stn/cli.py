@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "export": ("export.cli", "Export a checkpoint to a self-describing ONNX model."),
     "serve": ("service.cli", "Serve ONNX models over HTTP (FastAPI + onnxruntime)."),
     "batch": ("service.batch", "Rectify many images offline."),
+    "doctor": ("service.cli", "Versions, providers, GPUs, native sampler, models; --gpu proves the GPU path."),
 }
 BENCHMARKS = {
     "export": ("export.cli", "onnxruntime vs PyTorch eager, per lowering and batch size."),

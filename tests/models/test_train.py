@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -323,3 +324,131 @@ def test_init_stn_starts_classify_from_a_rectifier(tiny_idx: Path, tmp_path: Pat
         T.train(_quick(tiny_idx, distortion="R", steps=1, init_stn=str(tmp_path / "r" / "checkpoint.pt")))
     with pytest.raises(T.ConfigError, match="--init-stn.*does not exist"):
         T.train(_quick(tiny_idx, distortion="RTS", steps=1, init_stn=str(tmp_path / "nope.pt")))
+
+
+# ------------------------------------------------------------- devices, workers, resume, ranks
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs (max abs diff {(a[k].float() - b[k].float()).abs().max():.3g})"
+
+
+def test_batches_do_not_depend_on_the_process_that_makes_them(tiny_idx: Path) -> None:
+    splits = data.load_dataset(tiny_idx)
+    cfg = _quick(tiny_idx, batch_size=16)
+    one = T.TrainBatches(splits.train, cfg, 16, 6)
+    up5, lab5, d5 = one[5]
+    for step in (0, 11, 7):  # any order, as workers and a resumed run make them
+        one[step]
+    again = T.TrainBatches(splits.train, cfg, 16, 6)[5]
+    assert torch.equal(up5, again[0]) and torch.equal(lab5, again[1]) and torch.equal(d5.images, again[2].images)
+    # rank r of 2 takes every other example of the same global batch, distorted with its own draws
+    r0, r1 = (T.TrainBatches(splits.train, cfg, 16, 6, rank=r, world=2)[5] for r in (0, 1))
+    assert torch.equal(r0[0], up5[0::2]) and torch.equal(r1[0], up5[1::2])
+    assert not torch.equal(r0[2].theta, d5.theta[0::2])
+    assert not torch.equal(one[6][0], up5)  # next step, next slice (epoch 1 starts at step 6: a new permutation)
+
+
+def test_data_workers_give_the_same_run(tiny_idx: Path) -> None:
+    a = T.train(_quick(tiny_idx, steps=8, batch_size=16))
+    b = T.train(_quick(tiny_idx, steps=8, batch_size=16, workers=2))
+    assert a.history == b.history
+    _same_weights(_weights(a.model), _weights(b.model))
+    assert b.metrics["workers"] == 2 and b.metrics["device"] == "cpu" and b.metrics["world_size"] == 1
+
+
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(tiny_idx: Path, tmp_path: Path) -> None:
+    # 96 examples / 16 = 6 steps an epoch: the run crosses epochs; --eval-every runs between steps in both
+    cfg = _quick(tiny_idx, steps=15, batch_size=16, eval_every=4)
+    whole = T.train(replace(cfg, out=str(tmp_path / "whole")))
+    assert not (tmp_path / "whole" / "last.pt").exists()  # finished: checkpoint.pt is the result
+
+    def interrupt(step: int, loss: float) -> None:
+        if step == 9:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        T.train(replace(cfg, out=str(out), save_every=5), on_step=interrupt)
+    saved = load_checkpoint(out / "last.pt")
+    assert saved.train_state["step"] == 9 and len(saved.train_state["history"]) == 9  # saved at the interruption
+    assert not (out / "checkpoint.pt").exists()
+    resumed = T.train(replace(cfg, out=str(out), save_every=5, workers=1, resume=str(out / "last.pt")))
+    _same_weights(_weights(whole.model), _weights(resumed.model))
+    assert resumed.history == whole.history and resumed.metrics["test_error"] == whole.metrics["test_error"]
+    assert [e["step"] for e in resumed.metrics["evals"]] == [4, 8, 12] == [e["step"] for e in whole.metrics["evals"]]
+    _same_weights(_weights(whole.model), load_checkpoint(out / "checkpoint.pt").build().state_dict())
+
+
+def test_resume_from_a_periodic_save(tiny_idx: Path, tmp_path: Path) -> None:
+    cfg = _quick(tiny_idx, mode="rectify", distortion="RTS", steps=12, batch_size=16, out=str(tmp_path / "r"),
+                 save_every=5)
+    whole = T.train(replace(cfg, out=str(tmp_path / "whole")))
+
+    def crash(step: int, loss: float) -> None:
+        if step == 7:
+            raise RuntimeError("crash")  # not an interruption: nothing is saved, the periodic save at 5 is usable
+
+    with pytest.raises(RuntimeError, match="crash"):
+        T.train(cfg, on_step=crash)
+    assert load_checkpoint(tmp_path / "r" / "last.pt").train_state["step"] == 5
+    # other options than the run's own are refused, naming them
+    with pytest.raises(T.ConfigError, match=r"--lr 0.003 -> 0.01"):
+        T.train(replace(cfg, lr=0.01, resume=str(tmp_path / "r" / "last.pt")))
+    with pytest.raises(T.ConfigError, match="a finished checkpoint has no training state"):
+        T.train(replace(cfg, resume=str(tmp_path / "whole" / "checkpoint.pt")))
+    resumed = T.train(replace(cfg, resume=str(tmp_path / "r" / "last.pt")))
+    _same_weights(_weights(whole.model), _weights(resumed.model))
+
+
+def test_device_and_precision_options(tiny_idx: Path) -> None:
+    result = T.train(_quick(tiny_idx, steps=3, batch_size=16, device="auto", amp="bf16"))
+    assert result.metrics["amp"] == "bf16" and math.isfinite(result.metrics["final_train_loss"])
+    assert result.metrics["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(T.ConfigError, match="--amp fp16 needs a CUDA device"):
+        T.train(_quick(tiny_idx, amp="fp16", device="cpu"))
+    with pytest.raises(T.ConfigError, match="unknown amp 'fp8'"):
+        T.train(_quick(tiny_idx, amp="fp8"))
+    with pytest.raises(T.ConfigError, match="--device must be auto, cpu, cuda or cuda:N"):
+        T.train(_quick(tiny_idx, device="gpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(T.ConfigError, match="--device cuda: no CUDA device is usable here"):
+            T.train(_quick(tiny_idx, device="cuda"))
+
+
+def test_progress_lines_when_not_a_terminal(tiny_idx: Path, tmp_path: Path) -> None:
+    code = ("import sys; from stn.cli import main; "
+            f"sys.exit(main(['train', '--data', {str(tiny_idx)!r}, '--steps', '6', '--batch-size', '16', "
+            f"'--threads', '1', '--eval-every', '3', '--out', {str(tmp_path / 'o')!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("train classify")]
+    assert any("step 6/6 loss=" in ln for ln in lines), proc.stderr
+    assert any("step 3/6 eval test_error" in ln for ln in lines), proc.stderr
+    assert "\r" not in proc.stderr  # no bar redraws in a log file
+    assert "device cpu, amp off, 1 rank(s)" in proc.stdout
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_on_gloo(tiny_idx: Path, tmp_path: Path) -> None:
+    torchrun = Path(sys.executable).parent / "torchrun"
+    out = tmp_path / "ddp"
+    args = ["--data", str(tiny_idx), "--steps", "6", "--batch-size", "16", "--threads", "1", "--save-every", "3",
+            "--out", str(out)]
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "stn", "train", *args],
+                          capture_output=True, text=True, timeout=240, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("test error") == 1 and "2 rank(s)" in proc.stdout  # rank 0 alone reports
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.json", "sheet.png"]
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert ckpt.meta["metrics"]["world_size"] == 2 and ckpt.meta["metrics"]["steps"] == 6
+    assert ckpt.kind == "st-cnn" and isinstance(ckpt.build(), STCNN)
+    assert json.loads((out / "metrics.json").read_text())["world_size"] == 2
