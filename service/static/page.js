@@ -177,7 +177,7 @@
   function padStage(stage, points, W, H) {
     const scale = parseFloat(stage.querySelector('img').style.width) / W;
     const xs = points.map((p) => p[0]), ys = points.map((p) => p[1]);
-    const pad = (v) => `${Math.round(Math.min(MAX_PAD, Math.max(0, v * scale)))}px`;
+    const pad = (v) => `${Math.round(Math.min(MAX_PAD, Math.max(0, v * scale)) + 6)}px`;  // + room for the corner mark
     stage.style.margin = [pad(-0.5 - Math.min(...ys)), pad(Math.max(...xs) - (W - 0.5)),
       pad(Math.max(...ys) - (H - 0.5)), pad(-0.5 - Math.min(...xs))].join(' ');
   }

@@ -288,7 +288,7 @@ def test_page_retries_a_busy_server_after_retry_after(model_dir: Path, context, 
         page.close()
 
 
-def test_page_sample_button(server, context, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+def test_page_sample_button_and_drop(server, context, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
     monkeypatch.setattr(page_route, "sample_path", lambda: tmp_path / "missing.jpg")
     page = open_page(context, server.url)
     page.wait_for_load_state("networkidle")
@@ -300,6 +300,13 @@ def test_page_sample_button(server, context, tmp_path: Path, monkeypatch: pytest
     page.click("#sample")
     page.wait_for_selector("#results .card[data-filename='sample.jpg'][data-state=done]")
     assert page.locator("#results .card img.result").evaluate("i => i.naturalWidth") > 0
+    # drag and drop: a real DataTransfer with a file, dropped on the page
+    page.evaluate("""([name, b64]) => {
+        const dt = new DataTransfer();
+        dt.items.add(new File([Uint8Array.from(atob(b64), (c) => c.charCodeAt(0))], name, { type: 'image/png' }));
+        document.querySelector('#drop').dispatchEvent(new DragEvent('drop', { dataTransfer: dt, bubbles: true, cancelable: true }));
+    }""", ["dropped.png", base64.b64encode(encode(smooth_image(20, 24, 1))).decode()])
+    page.wait_for_selector("#results .card[data-filename='dropped.png'][data-state=done]")
     page.close()
 
 
