@@ -179,6 +179,33 @@ def test_contract_split_matches_full_model_at_any_output_size(family: str, tmp_p
     np.testing.assert_allclose(big, ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("family,lowering", [("projective", "onnx"), ("affine", "contrib"), ("tps", "gather")])
+def test_contract_split_resize_and_sampler_take_any_channels(family: str, lowering: str, tmp_path: Path) -> None:
+    """A gray model's resize and sampler run on 3 channels (a server samples uploads in their own colour):
+    each channel comes out as if sampled alone; the localiser keeps the model's channel."""
+    if lowering not in _available_lowerings():
+        pytest.skip(f"{lowering} lowering not available")
+    stn = _stn(family, output_size=(20, 24))
+    info = info_for(stn, {}, lowering, "m", "1", "x")
+    export_onnx(stn, tmp_path / "m.onnx", info)
+    subs = split(onnx.load(tmp_path / "m.onnx"), info)
+    dims = {m: [d.dim_param or d.dim_value for d in getattr(subs, m).graph.input[0].type.tensor_type.shape.dim]
+            for m in ("resize", "localiser", "sampler")}
+    assert dims["resize"][1] == dims["sampler"][1] == "C" and dims["localiser"][1] == 1
+    resize, loc, sampler = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+                            for m in (subs.resize, subs.localiser, subs.sampler))
+    x = np.random.default_rng(1).random((1, 3, 37, 52), dtype=np.float32)
+    theta = loc.run(None, {"loc_input": resize.run(None, {"image": x[:, :1]})[0]})[0]
+    small = resize.run(None, {"image": x})[0]
+    rect = sampler.run(None, {"image": x, "theta": theta, "base_grid": frames.base_grid(family, (20, 24))})[0]
+    assert small.shape == (1, 3, 28, 28) and rect.shape == (1, 3, 20, 24)
+    for c in range(3):
+        one = x[:, c:c + 1]
+        np.testing.assert_allclose(small[:, c:c + 1], resize.run(None, {"image": one})[0], atol=1e-6)
+        alone = sampler.run(None, {"image": one, "theta": theta, "base_grid": frames.base_grid(family, (20, 24))})[0]
+        np.testing.assert_allclose(rect[:, c:c + 1], alone, atol=1e-6)
+
+
 def test_split_refuses_a_model_without_contract_names() -> None:
     x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
     y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
