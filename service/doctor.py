@@ -116,7 +116,11 @@ def models(model_dir: str | Path | None = None, provider_list: list[str] | None 
     from service.runtime import SessionConfig, load_model_dir
     from service.settings import Settings
 
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValueError as e:  # pydantic's ValidationError: an STN_* variable with a bad value
+        return {"model_dir": str(model_dir or ""), "models": [
+            {"name": "(settings)", "ok": False, "reason": f"the STN_* environment is invalid: {e}"}]}
     folder = Path(model_dir) if model_dir else settings.model_dir
     config = SessionConfig(providers=tuple(provider_list or settings.providers))
     loaded = load_model_dir(folder, config, warmup_batch=1)
