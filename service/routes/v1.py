@@ -12,10 +12,13 @@ import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 
 from service import images, pipeline
+from service.admission import Ticket, image_cost
 from service.dynamic_batcher import QueueFullError, QueueTimeoutError
 from service.errors import Problem
+from service.multipart import parse_form
 from service.runtime import ModelRuntime
 from service.state import AuthDep, ServiceState, StateDep
 
@@ -42,6 +45,27 @@ def _too_large(e: images.ImageError) -> Problem:
     return Problem(413 if isinstance(e, images.ImageTooLargeError) else 400, str(e))
 
 
+def body_cap(request: Request, state: ServiceState) -> int:
+    """The most bytes this request's body may hold: its Content-Length, capped by the route's limit."""
+    s = state.settings
+    multipart = request.headers.get("content-type", "").split(";")[0].strip().lower() == "multipart/form-data"
+    cap = s.max_upload_bytes * s.max_files + _MULTIPART_SLACK if multipart else s.max_upload_bytes
+    length = request.headers.get("content-length", "")
+    return min(int(length), cap) if length.isdigit() else cap
+
+
+def upload_cost(model: ModelRuntime, data: bytes, filename: str, limits: images.Limits,
+                output_size: tuple[int, int]) -> int:
+    """:func:`service.admission.image_cost` of one upload, from its header (Problem 400/413 when bad)."""
+    try:
+        w, h = images.open_checked(data, limits, filename).size
+    except images.ImageError as e:
+        raise _too_large(e) from None
+    info = model.info
+    grid = info.tps_grid[0] * info.tps_grid[1] if info.transform == "tps" else 3
+    return image_cost(info.in_channels, (h, w), output_size, grid)
+
+
 async def read_uploads(request: Request, state: ServiceState) -> list[tuple[str, bytes]]:
     """(filename, bytes) of each image: multipart ``file`` parts or a raw ``image/*`` body; limits first."""
     s = state.settings
@@ -53,7 +77,9 @@ async def read_uploads(request: Request, state: ServiceState) -> list[tuple[str,
             raise Problem(413, f"the request is {length} bytes; at most {s.max_files} files of "
                                f"{s.max_upload_bytes} bytes each are accepted")
         try:
-            form = await request.form(max_files=s.max_files + 1, max_fields=100)
+            form = await parse_form(request, max_files=s.max_files + 1, max_fields=100)
+        except ClientDisconnect:
+            raise
         except Exception as e:  # noqa: BLE001 (multipart parse errors)
             detail = getattr(e, "detail", str(e))
             if "Too many files" in str(detail):
@@ -112,7 +138,7 @@ def image_headers(model: ModelRuntime, result: pipeline.Rectified) -> dict[str, 
 
 
 async def rectify_uploads(state: ServiceState, model: ModelRuntime, uploads: list[tuple[str, bytes]],
-                          output_size: tuple[int, int] | None, fmt: str) -> list[Any]:
+                          output_size: tuple[int, int] | None, fmt: str, ticket: Ticket) -> list[Any]:
     """Decode in parallel, localise through the dynamic batcher, then sample, encode and describe in parallel.
 
     Returns per image the ``results[i]`` JSON object (``fmt="json"``), else ``(encoded, headers)``;
@@ -136,7 +162,6 @@ async def rectify_uploads(state: ServiceState, model: ModelRuntime, uploads: lis
         rectify_time.observe(time.perf_counter() - t0)
         return out
 
-    handed_over = False
     try:
         if len(uploads) == 1:
             prepared = [await workers.run(prepare, *uploads[0])]
@@ -146,16 +171,14 @@ async def rectify_uploads(state: ServiceState, model: ModelRuntime, uploads: lis
             for p in prepared:
                 if isinstance(p, BaseException):
                     raise p
-        state.prepared(name, len(uploads))
-        handed_over = True
+        ticket.prepared()
         thetas = await state.batchers[name].submit_many([p.loc for p in prepared])
     except images.ImageError as e:
         raise _too_large(e) from None
     except QueueFullError as e:
         raise Problem(503, f"the queue is full ({e}); retry after a moment", {"Retry-After": "1"}) from None
     finally:
-        if not handed_over:
-            state.prepared(name, len(uploads))
+        ticket.prepared()
     if len(prepared) == 1:
         results = [await workers.run(finish, prepared[0], thetas[0])]
     else:
@@ -196,19 +219,22 @@ async def rectify(request: Request, state: StateDep) -> Response:
         raise Problem(400, f"format must be one of {', '.join(FORMATS)}; got {format!r}")
     runtime = state.get_model(model)
     output_size = parse_size(size, state.settings.max_output_pixels)
-    state.check_room(runtime.name, 1)  # a full queue answers 503 before the body is read
-    uploads = await read_uploads(request, state)
-    if format != "json" and len(uploads) != 1:
-        raise Problem(400, f"format={format} returns one image; send one file, or use format=json for {len(uploads)}")
-    state.admit(runtime.name, len(uploads))
-    try:
-        async with asyncio.timeout(state.settings.request_timeout_s):
-            results = await rectify_uploads(state, runtime, uploads, output_size, format)
-    except (TimeoutError, QueueTimeoutError):
-        raise Problem(503, f"no result within {state.settings.request_timeout_s:g}s (STN_REQUEST_TIMEOUT_S); "
-                           "the server is overloaded, retry later", {"Retry-After": "1"}) from None
-    finally:
-        state.release(runtime.name, len(uploads))
+    # admission before the body is read: a full queue, memory budget or upload count answers 503 at once
+    async with state.admission.admit(runtime.name, body_bytes=body_cap(request, state)) as ticket:
+        async with ticket.reading():
+            uploads = await read_uploads(request, state)
+        if format != "json" and len(uploads) != 1:
+            raise Problem(400, f"format={format} returns one image; send one file, or use format=json for "
+                               f"{len(uploads)}")
+        out = output_size or runtime.info.output_size
+        cost = sum(upload_cost(runtime, data, f, state.limits, out) for f, data in uploads)
+        ticket.grow(len(uploads), cost, f"{len(uploads)} image(s) at size {out[1]}x{out[0]}")
+        try:
+            async with ticket.watch(request), asyncio.timeout(state.settings.request_timeout_s):
+                results = await rectify_uploads(state, runtime, uploads, output_size, format, ticket)
+        except (TimeoutError, QueueTimeoutError):
+            raise Problem(503, f"no result within {state.settings.request_timeout_s:g}s (STN_REQUEST_TIMEOUT_S); "
+                               "the server is overloaded, retry later", {"Retry-After": "1"}) from None
     if format == "json":
         return JSONResponse({"model": runtime.name, "model_version": runtime.info.version, "results": results})
     encoded, headers = results[0]
@@ -224,7 +250,7 @@ async def list_models(state: StateDep) -> dict:
     for name in sorted(state.models):
         d = state.models[name].describe()
         d.update(ready=True, default=(name == state.default_model), batching=batching,
-                 queue_depth=state.batchers[name].depth if name in state.batchers else 0)
+                 queue_depth=state.inflight.get(name, 0))
         models.append(d)
     failed = [{"name": k, "ready": False, "reason": v} for k, v in sorted(state.loaded.failures.items())]
     return {"ready": state.ready, "default": state.default_model, "models": models, "failed": failed,
