@@ -171,11 +171,12 @@ def test_oversized_heads_get_431_and_a_closed_connection(server, kind: str) -> N
 @pytest.mark.parametrize("body", [
     "[1]", '"x"', '{"inputs":[1]}', '{"parameters":[1]}', '{"outputs":[1]}',
     '{"inputs":[{"name":"image","datatype":"FP32","shape":[1,1,8,8],"parameters":{"binary_data_size":"abc"}}]}',
-    '{"inputs":[{"name":"image","datatype":"FP32","shape":[1,1,8,8],"data":[0]}],"outputs":[1]}',
+    '{"inputs":[{"name":"image","datatype":"FP32","shape":[1,1,2,2],"data":[0,0,0,0]}],"outputs":[1]}',
+    '{"inputs":[{"name":"image","datatype":"FP32","shape":[1,1,2,2],"data":[0,0,0,0]}],"parameters":[1]}',
     "[" * 100_000 + "]" * 100_000,
     '{"inputs":[{"name":"image","datatype":"FP32","shape":[1,1,2,2],"data":[[1,[2]],{"a":1}]}]}',
 ], ids=["list", "string", "inputs-item", "parameters-list", "outputs-item", "binary-size-string",
-        "outputs-item-with-input", "deep-nesting", "ragged-data"])
+        "outputs-item-with-input", "parameters-list-with-input", "deep-nesting", "ragged-data"])
 def test_v2_infer_malformed_requests_get_400_with_error(server, body: str) -> None:  # noqa: ANN001
     r = httpx.post(server.url + "/v2/models/affine/infer", content=body.encode(),
                    headers={"content-type": "application/json"}, timeout=30)
