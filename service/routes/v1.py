@@ -24,7 +24,7 @@ from service.state import AuthDep, ServiceState, StateDep
 
 router = APIRouter(prefix="/v1", tags=["v1"], dependencies=[AuthDep])
 
-_SIZE = re.compile(r"^\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*$")
+_SIZE = re.compile(r"([0-9]{1,6})[xX]([0-9]{1,6})")  # fullmatch, ASCII digits: exactly the documented pattern
 _MULTIPART_SLACK = 64 * 1024  # boundaries and part headers
 
 
@@ -32,7 +32,7 @@ def parse_size(size: str | None, max_pixels: int) -> tuple[int, int] | None:
     """``WxH`` -> (h, w); Problem 400 when malformed or over STN_MAX_OUTPUT_PIXELS."""
     if size is None or size == "":
         return None
-    m = _SIZE.match(size)
+    m = _SIZE.fullmatch(size)
     if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
         raise Problem(400, f"size must be WIDTHxHEIGHT with positive integers, like 256x128; got {size!r}")
     w, h = int(m.group(1)), int(m.group(2))
@@ -190,15 +190,17 @@ async def rectify_uploads(state: ServiceState, model: ModelRuntime, uploads: lis
 _RECTIFY_PARAMETERS = [  # documented here, read by hand below (see rectify's docstring)
     {"name": "model", "in": "query", "required": False, "schema": {"type": "string"},
      "description": "model name (default: the default model, see /v1/models)"},
-    {"name": "size", "in": "query", "required": False, "schema": {"type": "string", "pattern": "^[0-9]+x[0-9]+$"},
+    {"name": "size", "in": "query", "required": False,
+     "schema": {"type": "string", "pattern": "^([0-9]{1,6}[xX][0-9]{1,6})?$"},
      "description": "WIDTHxHEIGHT of the rectified output (default: the model's output size)"},
     {"name": "format", "in": "query", "required": False,
      "schema": {"type": "string", "enum": ["json", "png", "jpeg"], "default": "json"},
      "description": "json (default), or png/jpeg: one rectified image as the body, the transform in X-STN-* headers"},
 ]
 _RECTIFY_BODY = {"content": {
-    "multipart/form-data": {"schema": {"type": "object", "properties": {
-        "file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+        "file": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"},
+                 "description": "images (JPEG, PNG, WebP, BMP, TIFF)"}}}},
     "image/*": {"schema": {"type": "string", "format": "binary"}},
 }}
 FORMATS = ("json", "png", "jpeg")
