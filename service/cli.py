@@ -61,6 +61,9 @@ def configure_bench_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server-cpus", default="0", help="taskset CPU list for servers and the bare pipeline (default 0)")
     p.add_argument("--client-cpus", default="1", help="taskset CPU list for the load generator (default 1)")
     p.add_argument("--targets", default="bare,service,naive", help="what to measure (default bare,service,naive)")
+    p.add_argument("--overload", action="store_true", help="then offer the service 2x its saturation throughput, "
+                                                          "open loop: goodput / saturation (goal >= 0.9) and "
+                                                          "/healthz latency")
 
 
 def run_bench_serve(args: argparse.Namespace) -> int:
