@@ -98,6 +98,8 @@ COPY --from=builder --chown=stn:stn /opt/models/ /models/
 #   STN_REQUEST_TIMEOUT_S STN_MAX_UPLOAD_BYTES STN_MAX_IMAGE_PIXELS STN_MAX_FILES STN_MAX_OUTPUT_PIXELS
 #   STN_INTRA_OP_THREADS STN_INTER_OP_THREADS STN_WORKERS STN_MALLOC_KEEP_MB STN_WARMUP STN_STRICT_READINESS
 #   STN_ACCESS_LOG STN_API_KEYS STN_CORS_ORIGINS STN_LOG_LEVEL
+#   STN_MEMORY_BUDGET_MB STN_MAX_UPLOADS STN_BODY_TIMEOUT_S STN_MAX_HEADER_BYTES STN_MAX_HEADERS
+#   STN_SHUTDOWN_GRACE_S (on SIGTERM, `stn serve` drains for up to this long: give `docker stop -t` as much)
 ENV STN_MODEL_DIR=/models \
     STN_HOST=0.0.0.0 \
     STN_PORT=8000
@@ -110,5 +112,6 @@ EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
   CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('STN_PORT', '8000'), timeout=4)"]
 
+STOPSIGNAL SIGTERM
 ENTRYPOINT ["stn"]
 CMD ["serve"]

@@ -13,8 +13,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from service import errors
+from service import errors, openapi
 from service.metrics import MetricsMiddleware
+from service.middleware import RequestIdMiddleware, ShedMiddleware
 from service.routes import ops, page, v1, v2
 from service.settings import Settings, get_settings
 from service.state import ServiceState
@@ -48,6 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.stn = state
     errors.install(app)
+    openapi.install(app)
     app.include_router(v1.router)
     app.include_router(v2.router)
     app.include_router(v2.models_router)
@@ -57,7 +59,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["*"], expose_headers=["*"])
+    app.add_middleware(ShedMiddleware, admission=state.admission)  # before routing and before the body
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    app.add_middleware(RequestIdMiddleware)  # outermost: every response carries X-Request-ID
     return app
 
 

@@ -37,15 +37,16 @@ def serve_settings(args: argparse.Namespace):  # noqa: ANN201 (service.settings.
 def run_serve(args: argparse.Namespace) -> int:
     import logging
 
-    import uvicorn
-
     from service.app import create_app
+    from service.middleware import RequestIdFilter
+    from service.server import serve
 
     settings = serve_settings(args)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=settings.access_log, timeout_graceful_shutdown=5)
-    return 0
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RequestIdFilter())
+    return serve(create_app(settings), settings)
 
 
 def configure_bench_serve(p: argparse.ArgumentParser) -> None:
@@ -61,6 +62,9 @@ def configure_bench_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server-cpus", default="0", help="taskset CPU list for servers and the bare pipeline (default 0)")
     p.add_argument("--client-cpus", default="1", help="taskset CPU list for the load generator (default 1)")
     p.add_argument("--targets", default="bare,service,naive", help="what to measure (default bare,service,naive)")
+    p.add_argument("--overload", action="store_true", help="then offer the service 2x its saturation throughput, "
+                                                          "open loop: goodput / saturation (goal >= 0.9) and "
+                                                          "/healthz latency")
 
 
 def run_bench_serve(args: argparse.Namespace) -> int:

@@ -1,8 +1,8 @@
 """Image bytes in, float arrays out, and back: limits, decoding, channel conversion, encoding.
 
 Limits are checked before any pixel is decoded: the byte size first, then the pixel count
-the header declares (``PIL.Image.open`` reads only the header). PIL's own decompression-bomb
-check is set to the same limit as a second guard. Arrays are float32 [C, H, W] in [0, 1],
+the header declares (``PIL.Image.open`` reads only the header), quoting STN_MAX_IMAGE_PIXELS.
+PIL's own decompression-bomb check (and its warning on stderr) is off: ours is the same check. Arrays are float32 [C, H, W] in [0, 1],
 in the orientation the user sees (EXIF orientation applied).
 
 Colour: an upload is decoded in its own colour (gray stays one channel, everything else
@@ -25,6 +25,9 @@ FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")  # what PIL may decode; anythin
 ENCODINGS = {"png": ("PNG", "image/png"), "jpeg": ("JPEG", "image/jpeg")}
 
 log = logging.getLogger(__name__)
+# Pillow's decompression-bomb check (a warning on stderr above its limit, an error quoting twice it above
+# that) is replaced by open_checked's own, same check of the header's size against STN_MAX_IMAGE_PIXELS.
+Image.MAX_IMAGE_PIXELS = None
 
 
 class ImageError(ValueError):
@@ -55,12 +58,11 @@ def open_checked(data: bytes, limits: Limits, filename: str = "image") -> Image.
     check_bytes(len(data), limits, filename)
     if not data:
         raise BadImageError(f"{filename} is empty")
-    # PIL raises DecompressionBombError above 2x this (and warns above it); our own check below comes first.
-    Image.MAX_IMAGE_PIXELS = limits.max_pixels
     try:
         img = Image.open(io.BytesIO(data), formats=FORMATS)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageTooLargeError(f"{filename}: {e}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageTooLargeError(f"{filename} declares more than {limits.max_pixels} pixels, the limit "
+                                 "(STN_MAX_IMAGE_PIXELS)") from None
     except UnidentifiedImageError:
         raise BadImageError(f"{filename} is not a supported image; send JPEG, PNG, WebP, BMP or TIFF") from None
     except Exception as e:  # truncated headers raise all sorts
@@ -212,8 +214,9 @@ def decode(data: bytes, limits: Limits, filename: str = "image") -> Decoded:
         return to_array(img, data)
     except ImageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageTooLargeError(f"{filename}: {e}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageTooLargeError(f"{filename} has more than {limits.max_pixels} pixels, the limit "
+                                 "(STN_MAX_IMAGE_PIXELS)") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise BadImageError(f"{filename} could not be decoded (corrupt or truncated?): {e}") from None
 

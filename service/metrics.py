@@ -32,7 +32,10 @@ class Metrics:
                                       ["model", "stage"], buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("stn_batch_size", "Images per localisation batch", ["model"],
                                     buckets=BATCH_BUCKETS, registry=r)
-        self.queue_depth = Gauge("stn_queue_depth", "Images waiting for localisation", ["model"], registry=r)
+        self.queue_depth = Gauge("stn_queue_depth", "Images admitted and not finished (decoding, queued, computing)",
+                                 ["model"], registry=r)
+        self.memory_reserved = Gauge("stn_memory_reserved_bytes", "Estimated bytes of all admitted requests "
+                                     "(STN_MEMORY_BUDGET_MB bounds it)", registry=r)
         self.images = Counter("stn_images", "Images rectified", ["model"], registry=r)
         self.ready = Gauge("stn_ready", "1 when the service is ready", registry=r)
 

@@ -176,6 +176,16 @@ class DeviceImage:
         return int(self.array.shape[-2]), int(self.array.shape[-1])
 
 
+GRID_CACHE_BYTES = 64 * 1024 * 1024  # per model: base grids kept for reuse, least recently used first out
+
+
+def base_grid_bytes(transform: str, output_size: tuple[int, int], tps_grid: tuple[int, int] = (4, 4)) -> int:
+    """float32 bytes of models.frames.base_grid for ``output_size`` (without computing it)."""
+    h, w = output_size
+    cols = tps_grid[0] * tps_grid[1] if transform == "tps" else 3  # [h, w, K] or [h, w, 3]
+    return 4 * h * w * cols
+
+
 class ModelRuntime:
     """One loaded stn model: its metadata and its resize, localiser and sampler sessions."""
 
@@ -240,11 +250,20 @@ class ModelRuntime:
         grid = frames.base_grid(self.info.transform, key, self.info.tps_grid)
         if self.io_binding:
             grid = ort.OrtValue.ortvalue_from_numpy(grid, self.device, 0)
+        nbytes = base_grid_bytes(self.info.transform, key, self.info.tps_grid)
+        if nbytes > GRID_CACHE_BYTES:  # too big to keep: computed per request (admission counts it)
+            return grid
         with self._grid_lock:
             self._grids[key] = grid
-            while len(self._grids) > 16:
+            while sum(base_grid_bytes(self.info.transform, k, self.info.tps_grid) for k in self._grids) > GRID_CACHE_BYTES:
                 self._grids.popitem(last=False)
         return grid
+
+    @property
+    def grid_cache_bytes(self) -> int:
+        """Bytes held by the cached base grids (at most GRID_CACHE_BYTES)."""
+        with self._grid_lock:
+            return sum(base_grid_bytes(self.info.transform, k, self.info.tps_grid) for k in self._grids)
 
     def warmup(self, max_batch_size: int = 1) -> float:
         """Run every session once at the model's sizes (and the localiser at 1 and max batch); returns seconds."""

@@ -47,6 +47,12 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1)  # width x height per image, read from the header before decoding
     max_files: int = Field(16, ge=1)  # images per request
     max_output_pixels: int = Field(16_000_000, ge=1)  # width x height of a requested `size`
+    memory_budget_mb: int = Field(2048, ge=1)  # estimated memory of all admitted requests (bodies, decoded images, outputs); beyond it: 503
+    max_uploads: int = Field(32, ge=1)  # request bodies being read at once; beyond it: 503 before the body is read
+    body_timeout_s: float = Field(20.0, gt=0)  # longest a request body may take to arrive; beyond it: 408
+    max_header_bytes: int = Field(65536, ge=1024)  # request line and headers of one request; beyond it: 431 and close
+    max_headers: int = Field(100, ge=8)  # header fields of one request; beyond it: 431 and close
+    shutdown_grace_s: float = Field(0.0, ge=0)  # on SIGTERM, how long work in flight may finish (0: request timeout + 5 s)
     intra_op_threads: int = Field(1, ge=0)  # onnxruntime threads per session run (0: onnxruntime decides); images run in parallel anyway
     inter_op_threads: int = Field(1, ge=0)  # onnxruntime inter-op threads (0: onnxruntime decides)
     workers: int = Field(0, ge=0)  # threads decoding, sampling and encoding images (0: CPUs this process may use, at most 8)
@@ -70,6 +76,11 @@ class Settings(BaseSettings):
         if value not in ("critical", "error", "warning", "info", "debug"):
             raise ValueError(f"log_level must be one of debug, info, warning, error, critical; got {value!r}")
         return value
+
+    @property
+    def grace_s(self) -> float:
+        """Seconds work in flight may take to finish after SIGTERM (STN_SHUTDOWN_GRACE_S, else timeout + 5)."""
+        return self.shutdown_grace_s or self.request_timeout_s + 5.0
 
     @property
     def worker_threads(self) -> int:

@@ -12,6 +12,7 @@ import numpy as np
 from fastapi import Depends, Request
 
 from service import images
+from service.admission import Admission
 from service.dynamic_batcher import DynamicBatcher
 from service.errors import Problem
 from service.metrics import Metrics
@@ -31,11 +32,20 @@ class ServiceState:
         self.limits = images.Limits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels)
         self.loaded = LoadedModels()
         self.batchers: dict[str, DynamicBatcher] = {}
-        self.inflight: dict[str, int] = {}  # images admitted and not finished, per model (the queue bound)
-        self.preparing: dict[str, int] = {}  # of those, images not yet handed to the batcher
+        self.admission = Admission(settings, self.metrics)  # budgets: images, memory, uploads (service.admission)
         self.workers: CoalescingExecutor | None = None  # decode, resize, sample, encode
         self.loading = True
         self.started = time.time()
+
+    @property
+    def inflight(self) -> dict[str, int]:
+        """Images admitted and not finished, per model."""
+        return self.admission.inflight
+
+    @property
+    def preparing(self) -> dict[str, int]:
+        """Of those, images not yet handed to the batcher."""
+        return self.admission.preparing
 
     @property
     def models(self) -> dict[str, ModelRuntime]:
@@ -44,7 +54,7 @@ class ServiceState:
     @property
     def ready(self) -> bool:
         """Loaded and warmed up: at least one model, and with STN_STRICT_READINESS no failures."""
-        if self.loading or not self.models:
+        if self.loading or not self.models or self.admission.draining:
             return False
         return not (self.settings.strict_readiness and self.loaded.failures)
 
@@ -69,6 +79,7 @@ class ServiceState:
                 self.batchers[name].start()
                 self.inflight[name] = 0
                 self.preparing[name] = 0
+                self.metrics.queue_depth.labels(name).set(0)
         except Exception as e:  # noqa: BLE001 (report, never crash the process)
             log.exception("loading models failed")
             self.loaded.failures[str(s.model_dir)] = f"loading failed: {type(e).__name__}: {e}"
@@ -89,14 +100,12 @@ class ServiceState:
 
     def _make_batcher(self, model: ModelRuntime) -> DynamicBatcher:
         s, name = self.settings, model.name
-        depth = self.metrics.queue_depth.labels(name)
 
         def run_batch(locs: list[np.ndarray]) -> list[np.ndarray]:
             return list(model.localise(np.stack(locs)))
 
         def on_batch(size: int, queue_seconds: list[float], compute: float) -> None:
             self.metrics.observe_batch(name, size, queue_seconds, compute)
-            depth.set(self.batchers[name].depth)
 
         return DynamicBatcher(run_batch, max_batch_size=s.max_batch_size, max_queue_delay_s=s.max_queue_delay_ms / 1e3,
                               max_queue_size=s.max_queue_size, name=f"localise-{name}", on_batch=on_batch,
@@ -115,32 +124,6 @@ class ServiceState:
         if key is None:
             raise Problem(503, f"no model is loaded (STN_MODEL_DIR={self.settings.model_dir})", **extra)
         raise Problem(404, f"unknown model {key!r}; served models: {known}", **extra)
-
-    def check_room(self, model: str, n: int, **extra: object) -> None:
-        """Problem 503 (with Retry-After) at once when ``n`` more images do not fit in the model's queue.
-
-        The bound counts every image admitted and not finished (decoding, waiting, computing),
-        so a burst cannot pile up unbounded work anywhere in the pipeline.
-        """
-        used = self.inflight.get(model, 0)
-        if used + n > self.settings.max_queue_size:
-            raise Problem(503, f"the queue of model {model!r} is full ({used} of {self.settings.max_queue_size} "
-                               "images in flight; STN_MAX_QUEUE_SIZE); retry after a moment", {"Retry-After": "1"},
-                          **extra)
-
-    def admit(self, model: str, n: int, **extra: object) -> None:
-        """Reserve room for ``n`` images in the model's queue, or Problem 503 at once; pair with :meth:`release`."""
-        self.check_room(model, n, **extra)
-        self.inflight[model] = self.inflight.get(model, 0) + n
-        self.preparing[model] = self.preparing.get(model, 0) + n
-
-    def prepared(self, model: str, n: int) -> None:
-        """``n`` admitted images are queued for localisation (or failed): the batcher stops expecting them."""
-        self.preparing[model] = max(0, self.preparing.get(model, 0) - n)
-
-    def release(self, model: str, n: int) -> None:
-        """``n`` admitted images are done (call once per :meth:`admit`, whatever happened)."""
-        self.inflight[model] = max(0, self.inflight.get(model, 0) - n)
 
 
 async def get_state(request: Request) -> ServiceState:

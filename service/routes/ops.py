@@ -17,17 +17,25 @@ async def healthz() -> dict:
 
 @router.get("/readyz", summary="Readiness: every model loaded and warmed up", response_model=None)
 async def readyz(state: StateDep) -> dict | Response:
-    body = {"ready": state.ready, "loading": state.loading, "models": sorted(state.models),
-            "failed": state.loaded.failures}
+    """With STN_API_KEYS set, only ``ready``/``loading`` (no model names, paths or errors: /v1/models has them)."""
+    minimal = bool(state.settings.api_keys)
+    body: dict = {"ready": state.ready, "loading": state.loading}
+    if not minimal:
+        body.update(models=sorted(state.models), failed=state.loaded.failures)
     if state.ready:
         return body
-    detail = ("models are still loading" if state.loading else
-              "not ready: " + ("; ".join(f"{k}: {v}" for k, v in state.loaded.failures.items()) or "no model loaded"))
+    if state.admission.draining:
+        detail = "the server is shutting down"
+    elif state.loading:
+        detail = "models are still loading"
+    elif minimal:
+        detail = "not ready: no model is serving (details at /v1/models, with a key)"
+    else:
+        detail = "not ready: " + ("; ".join(f"{k}: {v}" for k, v in state.loaded.failures.items())
+                                  or "no model loaded")
     return problem_response(503, detail, "/readyz", {"Retry-After": "1"}, **body)
 
 
 @router.get("/metrics", summary="Prometheus metrics")
 async def metrics(state: StateDep) -> Response:
-    for name, b in state.batchers.items():
-        state.metrics.queue_depth.labels(name).set(b.depth)
     return Response(state.metrics.render(), media_type=state.metrics.content_type)

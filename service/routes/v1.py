@@ -12,16 +12,19 @@ import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 
 from service import images, pipeline
+from service.admission import Ticket, image_cost
 from service.dynamic_batcher import QueueFullError, QueueTimeoutError
 from service.errors import Problem
+from service.multipart import parse_form
 from service.runtime import ModelRuntime
 from service.state import AuthDep, ServiceState, StateDep
 
 router = APIRouter(prefix="/v1", tags=["v1"], dependencies=[AuthDep])
 
-_SIZE = re.compile(r"^\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*$")
+_SIZE = re.compile(r"([0-9]{1,6})[xX]([0-9]{1,6})")  # fullmatch, ASCII digits: exactly the documented pattern
 _MULTIPART_SLACK = 64 * 1024  # boundaries and part headers
 
 
@@ -29,7 +32,7 @@ def parse_size(size: str | None, max_pixels: int) -> tuple[int, int] | None:
     """``WxH`` -> (h, w); Problem 400 when malformed or over STN_MAX_OUTPUT_PIXELS."""
     if size is None or size == "":
         return None
-    m = _SIZE.match(size)
+    m = _SIZE.fullmatch(size)
     if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
         raise Problem(400, f"size must be WIDTHxHEIGHT with positive integers, like 256x128; got {size!r}")
     w, h = int(m.group(1)), int(m.group(2))
@@ -40,6 +43,27 @@ def parse_size(size: str | None, max_pixels: int) -> tuple[int, int] | None:
 
 def _too_large(e: images.ImageError) -> Problem:
     return Problem(413 if isinstance(e, images.ImageTooLargeError) else 400, str(e))
+
+
+def body_cap(request: Request, state: ServiceState) -> int:
+    """The most bytes this request's body may hold: its Content-Length, capped by the route's limit."""
+    s = state.settings
+    multipart = request.headers.get("content-type", "").split(";")[0].strip().lower() == "multipart/form-data"
+    cap = s.max_upload_bytes * s.max_files + _MULTIPART_SLACK if multipart else s.max_upload_bytes
+    length = request.headers.get("content-length", "")
+    return min(int(length), cap) if length.isdigit() else cap
+
+
+def upload_cost(model: ModelRuntime, data: bytes, filename: str, limits: images.Limits,
+                output_size: tuple[int, int]) -> int:
+    """:func:`service.admission.image_cost` of one upload, from its header (Problem 400/413 when bad)."""
+    try:
+        w, h = images.open_checked(data, limits, filename).size
+    except images.ImageError as e:
+        raise _too_large(e) from None
+    info = model.info
+    grid = info.tps_grid[0] * info.tps_grid[1] if info.transform == "tps" else 3
+    return image_cost(info.in_channels, (h, w), output_size, grid)
 
 
 async def read_uploads(request: Request, state: ServiceState) -> list[tuple[str, bytes]]:
@@ -53,7 +77,9 @@ async def read_uploads(request: Request, state: ServiceState) -> list[tuple[str,
             raise Problem(413, f"the request is {length} bytes; at most {s.max_files} files of "
                                f"{s.max_upload_bytes} bytes each are accepted")
         try:
-            form = await request.form(max_files=s.max_files + 1, max_fields=100)
+            form = await parse_form(request, max_files=s.max_files + 1, max_fields=100)
+        except ClientDisconnect:
+            raise
         except Exception as e:  # noqa: BLE001 (multipart parse errors)
             detail = getattr(e, "detail", str(e))
             if "Too many files" in str(detail):
@@ -112,7 +138,7 @@ def image_headers(model: ModelRuntime, result: pipeline.Rectified) -> dict[str, 
 
 
 async def rectify_uploads(state: ServiceState, model: ModelRuntime, uploads: list[tuple[str, bytes]],
-                          output_size: tuple[int, int] | None, fmt: str) -> list[Any]:
+                          output_size: tuple[int, int] | None, fmt: str, ticket: Ticket) -> list[Any]:
     """Decode in parallel, localise through the dynamic batcher, then sample, encode and describe in parallel.
 
     Returns per image the ``results[i]`` JSON object (``fmt="json"``), else ``(encoded, headers)``;
@@ -136,7 +162,6 @@ async def rectify_uploads(state: ServiceState, model: ModelRuntime, uploads: lis
         rectify_time.observe(time.perf_counter() - t0)
         return out
 
-    handed_over = False
     try:
         if len(uploads) == 1:
             prepared = [await workers.run(prepare, *uploads[0])]
@@ -146,16 +171,14 @@ async def rectify_uploads(state: ServiceState, model: ModelRuntime, uploads: lis
             for p in prepared:
                 if isinstance(p, BaseException):
                     raise p
-        state.prepared(name, len(uploads))
-        handed_over = True
+        ticket.prepared()
         thetas = await state.batchers[name].submit_many([p.loc for p in prepared])
     except images.ImageError as e:
         raise _too_large(e) from None
     except QueueFullError as e:
         raise Problem(503, f"the queue is full ({e}); retry after a moment", {"Retry-After": "1"}) from None
     finally:
-        if not handed_over:
-            state.prepared(name, len(uploads))
+        ticket.prepared()
     if len(prepared) == 1:
         results = [await workers.run(finish, prepared[0], thetas[0])]
     else:
@@ -167,15 +190,17 @@ async def rectify_uploads(state: ServiceState, model: ModelRuntime, uploads: lis
 _RECTIFY_PARAMETERS = [  # documented here, read by hand below (see rectify's docstring)
     {"name": "model", "in": "query", "required": False, "schema": {"type": "string"},
      "description": "model name (default: the default model, see /v1/models)"},
-    {"name": "size", "in": "query", "required": False, "schema": {"type": "string", "pattern": "^[0-9]+x[0-9]+$"},
+    {"name": "size", "in": "query", "required": False,
+     "schema": {"type": "string", "pattern": "^([0-9]{1,6}[xX][0-9]{1,6})?$"},
      "description": "WIDTHxHEIGHT of the rectified output (default: the model's output size)"},
     {"name": "format", "in": "query", "required": False,
      "schema": {"type": "string", "enum": ["json", "png", "jpeg"], "default": "json"},
      "description": "json (default), or png/jpeg: one rectified image as the body, the transform in X-STN-* headers"},
 ]
 _RECTIFY_BODY = {"content": {
-    "multipart/form-data": {"schema": {"type": "object", "properties": {
-        "file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+        "file": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"},
+                 "description": "images (JPEG, PNG, WebP, BMP, TIFF)"}}}},
     "image/*": {"schema": {"type": "string", "format": "binary"}},
 }}
 FORMATS = ("json", "png", "jpeg")
@@ -196,19 +221,22 @@ async def rectify(request: Request, state: StateDep) -> Response:
         raise Problem(400, f"format must be one of {', '.join(FORMATS)}; got {format!r}")
     runtime = state.get_model(model)
     output_size = parse_size(size, state.settings.max_output_pixels)
-    state.check_room(runtime.name, 1)  # a full queue answers 503 before the body is read
-    uploads = await read_uploads(request, state)
-    if format != "json" and len(uploads) != 1:
-        raise Problem(400, f"format={format} returns one image; send one file, or use format=json for {len(uploads)}")
-    state.admit(runtime.name, len(uploads))
-    try:
-        async with asyncio.timeout(state.settings.request_timeout_s):
-            results = await rectify_uploads(state, runtime, uploads, output_size, format)
-    except (TimeoutError, QueueTimeoutError):
-        raise Problem(503, f"no result within {state.settings.request_timeout_s:g}s (STN_REQUEST_TIMEOUT_S); "
-                           "the server is overloaded, retry later", {"Retry-After": "1"}) from None
-    finally:
-        state.release(runtime.name, len(uploads))
+    # admission before the body is read: a full queue, memory budget or upload count answers 503 at once
+    async with state.admission.admit(runtime.name, body_bytes=body_cap(request, state)) as ticket:
+        async with ticket.reading():
+            uploads = await read_uploads(request, state)
+        if format != "json" and len(uploads) != 1:
+            raise Problem(400, f"format={format} returns one image; send one file, or use format=json for "
+                               f"{len(uploads)}")
+        out = output_size or runtime.info.output_size
+        cost = sum(upload_cost(runtime, data, f, state.limits, out) for f, data in uploads)
+        ticket.grow(len(uploads), cost, f"{len(uploads)} image(s) at size {out[1]}x{out[0]}")
+        try:
+            async with ticket.watch(request), asyncio.timeout(state.settings.request_timeout_s):
+                results = await rectify_uploads(state, runtime, uploads, output_size, format, ticket)
+        except (TimeoutError, QueueTimeoutError):
+            raise Problem(503, f"no result within {state.settings.request_timeout_s:g}s (STN_REQUEST_TIMEOUT_S); "
+                               "the server is overloaded, retry later", {"Retry-After": "1"}) from None
     if format == "json":
         return JSONResponse({"model": runtime.name, "model_version": runtime.info.version, "results": results})
     encoded, headers = results[0]
@@ -224,7 +252,7 @@ async def list_models(state: StateDep) -> dict:
     for name in sorted(state.models):
         d = state.models[name].describe()
         d.update(ready=True, default=(name == state.default_model), batching=batching,
-                 queue_depth=state.batchers[name].depth if name in state.batchers else 0)
+                 queue_depth=state.inflight.get(name, 0))
         models.append(d)
     failed = [{"name": k, "ready": False, "reason": v} for k, v in sorted(state.loaded.failures.items())]
     return {"ready": state.ready, "default": state.default_model, "models": models, "failed": failed,

@@ -16,8 +16,10 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from export.metadata import INPUT_IMAGE, OUTPUT_RECTIFIED, OUTPUT_THETA
+from service.admission import image_cost
 from service.dynamic_batcher import QueueFullError, QueueTimeoutError
 from service.errors import Problem
 from service.runtime import ModelRuntime
@@ -80,15 +82,16 @@ def model_metadata(runtime: ModelRuntime) -> dict[str, Any]:
 
 
 @models_router.get("/models/{name}", summary="Model metadata")
+async def get_model_metadata(name: str, state: StateDep) -> dict:
+    return model_metadata(_model(state, name, None))
+
+
 @models_router.get("/models/{name}/versions/{version}", summary="Model metadata (one version)")
-async def get_model_metadata(name: str, state: StateDep, version: str | None = None) -> dict:
+async def get_model_version_metadata(name: str, version: str, state: StateDep) -> dict:
     return model_metadata(_model(state, name, version))
 
 
-@models_router.get("/models/{name}/ready", summary="Model ready", response_model=None)
-@models_router.get("/models/{name}/versions/{version}/ready", summary="Model ready (one version)",
-                   response_model=None)
-async def model_ready(name: str, state: StateDep, version: str | None = None) -> dict | Response:
+def _ready(state: ServiceState, name: str, version: str | None) -> dict | Response:
     try:
         _model(state, name, version)
     except Problem as p:
@@ -96,16 +99,85 @@ async def model_ready(name: str, state: StateDep, version: str | None = None) ->
     return {"name": name, "ready": True}
 
 
+@models_router.get("/models/{name}/ready", summary="Model ready", response_model=None)
+async def model_ready(name: str, state: StateDep) -> dict | Response:
+    return _ready(state, name, None)
+
+
+@models_router.get("/models/{name}/versions/{version}/ready", summary="Model ready (one version)",
+                   response_model=None)
+async def model_version_ready(name: str, version: str, state: StateDep) -> dict | Response:
+    return _ready(state, name, version)
+
+
+class _Parameters(BaseModel):
+    """Request/tensor parameters: the ones we read are typed, others are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    binary_data_size: int | None = Field(None, ge=0)
+    binary_data: bool | None = None
+    binary_data_output: bool | None = None
+
+
+class _Input(BaseModel):
+    model_config = ConfigDict(strict=True)
+    name: str
+    datatype: str
+    shape: list[int]
+    parameters: _Parameters | None = None
+    data: list | None = None  # values checked when converted (np.asarray), not here
+
+
+class _Output(BaseModel):
+    model_config = ConfigDict(strict=True)
+    name: str
+    parameters: _Parameters | None = None
+
+
+class InferenceRequest(BaseModel):
+    """The inference request of the Open Inference Protocol (what this server reads of it)."""
+
+    model_config = ConfigDict(strict=True)
+    id: str | None = None
+    parameters: _Parameters | None = None
+    inputs: list[_Input] = Field(min_length=1)
+    outputs: list[_Output] | None = None
+
+
+def _validation_reason(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors()[:5]:
+        loc = ".".join(str(p) for p in err.get("loc", ())) or "(the request)"
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts)
+
+
 def _parse_request(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
+    """JSON header and binary tail, validated against :class:`InferenceRequest` (Problem 400 with the reason).
+
+    Runs on a worker thread: parsing a large body must not stall the event loop.
+    """
     try:
         if header_length is not None:
             n = int(header_length)
             if n < 0 or n > len(body):
                 raise ValueError(f"{HEADER_LENGTH}={n} but the body has {len(body)} bytes")
-            return json.loads(body[:n]), body[n:]
-        return json.loads(body), b""
+            req, binary = json.loads(body[:n]), body[n:]
+        else:
+            req, binary = json.loads(body), b""
+    except RecursionError:
+        raise _problem(400, "the inference request is nested too deeply to be a valid request") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise _problem(400, f"the inference request is not valid JSON: {e}") from None
+    if not isinstance(req, dict):
+        raise _problem(400, f"the inference request must be a JSON object, got {type(req).__name__}")
+    try:
+        InferenceRequest.model_validate(req)
+    except ValidationError as e:
+        raise _problem(400, f"invalid inference request: {_validation_reason(e)}") from None
+    except RecursionError:
+        raise _problem(400, "the inference request is nested too deeply to be a valid request") from None
+    return req, binary
 
 
 def _input_tensor(request: dict[str, Any], binary: bytes, c: int) -> np.ndarray:
@@ -144,55 +216,70 @@ def _input_tensor(request: dict[str, Any], binary: bytes, c: int) -> np.ndarray:
 
 
 @models_router.post("/models/{name}/infer", summary="Inference (Open Inference Protocol)")
+async def infer(name: str, request: Request, state: StateDep) -> Response:
+    return await _infer(state, request, name, None)
+
+
 @models_router.post("/models/{name}/versions/{version}/infer", summary="Inference (one version)")
-async def infer(name: str, request: Request, state: StateDep, version: str | None = None) -> Response:
+async def infer_version(name: str, version: str, request: Request, state: StateDep) -> Response:
+    return await _infer(state, request, name, version)
+
+
+def _body_cap(request: Request, state: ServiceState) -> tuple[int, int]:
+    """(the most bytes the body may have, what to reserve for it: the body, and its parse when it is JSON)."""
+    s = state.settings
+    budget = s.max_upload_bytes * s.max_files + 64 * 1024
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > budget:
+        raise _problem(413, f"the request is {length} bytes; the limit is {budget}")
+    size = min(int(length), budget) if length.isdigit() else budget
+    binary = request.headers.get(HEADER_LENGTH) is not None
+    return budget, size if binary else 4 * size  # JSON numbers become Python objects: about 3 more bytes per byte
+
+
+async def _infer(state: ServiceState, request: Request, name: str, version: str | None) -> Response:
     runtime = _model(state, name, version)
     s = state.settings
-    state.check_room(runtime.name, 1, error="queue full")
-    length = request.headers.get("content-length")
-    budget = s.max_upload_bytes * s.max_files + 64 * 1024
-    if length and length.isdigit() and int(length) > budget:
-        raise _problem(413, f"the request is {length} bytes; the limit is {budget}")
-    chunks, total = [], 0
-    async for chunk in request.stream():  # bounded even without a Content-Length (chunked uploads)
-        total += len(chunk)
-        if total > budget:
-            raise _problem(413, f"the request exceeds {budget} bytes")
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    req, binary = _parse_request(body, request.headers.get(HEADER_LENGTH))
-    image = _input_tensor(req, binary, runtime.info.in_channels)
-    n, _, h, w = image.shape
-    if h * w > s.max_image_pixels:
-        raise _problem(413, f"images of {w}x{h} exceed {s.max_image_pixels} pixels (STN_MAX_IMAGE_PIXELS)")
-    if n > s.max_files:
-        raise _problem(413, f"{n} images; at most {s.max_files} per request (STN_MAX_FILES)")
-    state.admit(runtime.name, n, error="queue full")
-    handed_over = False
+    budget, reserve = _body_cap(request, state)
+    async with state.admission.admit(runtime.name, body_bytes=reserve, error="queue full") as ticket:
+        async with ticket.reading():
+            chunks, total = [], 0
+            async for chunk in request.stream():  # bounded even without a Content-Length (chunked uploads)
+                total += len(chunk)
+                if total > budget:
+                    raise _problem(413, f"the request exceeds {budget} bytes")
+                chunks.append(chunk)
+        body = b"".join(chunks)
+        del chunks
+        req, binary = await state.workers.run(_parse_request, body, request.headers.get(HEADER_LENGTH))
+        image = await state.workers.run(_input_tensor, req, binary, runtime.info.in_channels)
+        n, c, h, w = image.shape
+        if h * w > s.max_image_pixels:
+            raise _problem(413, f"images of {w}x{h} exceed {s.max_image_pixels} pixels (STN_MAX_IMAGE_PIXELS)")
+        if n > s.max_files:
+            raise _problem(413, f"{n} images; at most {s.max_files} per request (STN_MAX_FILES)")
+        info = runtime.info
+        grid = info.tps_grid[0] * info.tps_grid[1] if info.transform == "tps" else 3
+        ticket.grow(n, n * image_cost(c, (h, w), info.output_size, grid), f"{n} image(s) of {w}x{h}")
 
-    def front() -> tuple[Any, np.ndarray]:
-        up = runtime.upload(image)
-        return up, runtime.resize(up)  # the input is already normalized; resize is linear
+        def front() -> tuple[Any, np.ndarray]:
+            up = runtime.upload(image)
+            return up, runtime.resize(up)  # the input is already normalized; resize is linear
 
-    try:
-        async with asyncio.timeout(s.request_timeout_s):
-            try:
-                up, loc = await state.workers.run(front)
-            finally:
-                state.prepared(runtime.name, n)
-                handed_over = True
-            theta = np.stack(await state.batchers[runtime.name].submit_many(list(loc)))
-            rectified = await state.workers.run(runtime.sample, up, theta, None)
-    except QueueFullError as e:
-        raise _problem(503, f"the queue is full ({e})", {"Retry-After": "1"}) from None
-    except (TimeoutError, QueueTimeoutError):
-        raise _problem(503, f"no result within {s.request_timeout_s:g}s", {"Retry-After": "1"}) from None
-    finally:
-        if not handed_over:
-            state.prepared(runtime.name, n)
-        state.release(runtime.name, n)
-    state.metrics.images.labels(runtime.name).inc(n)
-    return _response(req, runtime, {OUTPUT_RECTIFIED: rectified, OUTPUT_THETA: theta})
+        try:
+            async with ticket.watch(request), asyncio.timeout(s.request_timeout_s):
+                try:
+                    up, loc = await state.workers.run(front)
+                finally:
+                    ticket.prepared()
+                theta = np.stack(await state.batchers[runtime.name].submit_many(list(loc)))
+                rectified = await state.workers.run(runtime.sample, up, theta, None)
+        except QueueFullError as e:
+            raise _problem(503, f"the queue is full ({e})", {"Retry-After": "1"}) from None
+        except (TimeoutError, QueueTimeoutError):
+            raise _problem(503, f"no result within {s.request_timeout_s:g}s", {"Retry-After": "1"}) from None
+        state.metrics.images.labels(runtime.name).inc(n)
+        return await state.workers.run(_response, req, runtime, {OUTPUT_RECTIFIED: rectified, OUTPUT_THETA: theta})
 
 
 def _response(req: dict[str, Any], runtime: ModelRuntime, tensors: dict[str, np.ndarray]) -> Response:

@@ -125,6 +125,15 @@ def test_servers_port_volume_healthcheck_restart(config: dict, name: str) -> Non
     assert "command" not in service  # the image's CMD: stn serve
 
 
+@pytest.mark.parametrize("name", ["stn", "stn-cpu"])
+def test_servers_get_the_time_their_drain_needs(config: dict, name: str) -> None:
+    """SIGTERM drains for up to STN_SHUTDOWN_GRACE_S (default: request timeout + 5 s); compose waits longer."""
+    grace = config["services"][name]["stop_grace_period"]
+    seconds = int(re.fullmatch(r"(\d+)s", str(grace)).group(1))
+    assert seconds > Settings().grace_s, (grace, Settings().grace_s)
+    assert re.search(r"^STOPSIGNAL SIGTERM$", dockerfile(), re.M)
+
+
 @pytest.mark.parametrize("name", ["batch", "batch-cpu"])
 def test_batch_jobs_run_stn_batch_over_mounted_folders(config: dict, name: str) -> None:
     service = config["services"][name]

@@ -64,11 +64,13 @@ class LiveServer:
     def __init__(self, app, port: int) -> None:  # noqa: ANN001
         import uvicorn
 
+        from service.server import uvicorn_config
+
         self.app = app
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
-                                timeout_graceful_shutdown=2)
+        config = uvicorn_config(app, app.state.stn.settings, host="127.0.0.1", port=port, log_level="warning",
+                                access_log=False, timeout_graceful_shutdown=2)  # the server's own protocol and caps
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True, name=f"uvicorn-{port}")
 

@@ -1,0 +1,231 @@
+"""Admission: what a request may cost, decided before the work is done, in one place for /v1 and /v2.
+
+Budgets, all checked on the event loop in O(1) (no await between check and reserve):
+
+- **images in flight per model** (``STN_MAX_QUEUE_SIZE``): admitted and not finished, whether
+  decoding, queued for localisation or computing (exported as ``stn_queue_depth``);
+- **memory** (``STN_MEMORY_BUDGET_MB``): the estimated bytes of every admitted request: its body
+  while it is held, then per image the decoded arrays and the sampled output (:func:`image_cost`);
+- **uploads** (``STN_MAX_UPLOADS``): request bodies being read at once; each must arrive within
+  ``STN_BODY_TIMEOUT_S`` (else 408 and the connection is closed).
+
+Protocol (both front ends)::
+
+    async with state.admission.admit(model, body_bytes=declared) as ticket:  # 503 before the body is read
+        body = await ticket.read(request.stream())   # or: async with ticket.reading(): ...
+        ticket.grow(images=n, cost=...)               # 503 (413 if it can never fit) before decoding
+        async with ticket.watch(request):             # the client leaves: its work is cancelled (499)
+            ... work ...
+    # everything released here, whatever happened
+
+A request that alone exceeds a budget gets 413 (it can never fit); one that does not fit *now*
+gets 503 with ``Retry-After``. While the server drains (SIGTERM) every new request gets 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+from service.errors import ClientGone, Problem
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
+
+    from service.metrics import Metrics
+    from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MB = 1024 * 1024
+RETRY = {"Retry-After": "1"}
+
+
+def image_cost(channels: int, input_size: tuple[int, int], output_size: tuple[int, int],
+               grid_floats_per_px: int = 3) -> int:
+    """Estimated peak bytes of one image in the pipeline (an upper bound, not a measurement).
+
+    Input (H, W): the decoded 8-bit image (up to 4 bytes a pixel) and two float32 copies
+    (the array, and the contiguous copy the sampler reads). Output (h, w): the float32 base
+    grid and sampling grid (``grid_floats_per_px`` + 2 floats; TPS grids have K), the float32
+    result, its 8-bit copy and the encoder's buffer.
+    """
+    (h, w), (oh, ow) = input_size, output_size
+    return h * w * (4 + 8 * channels) + oh * ow * (4 * (grid_floats_per_px + 2) + 4 * channels + 2 * channels)
+
+
+class Admission:
+    """The budgets of one app (see module docstring)."""
+
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.budget_bytes = settings.memory_budget_mb * MB
+        self.inflight: dict[str, int] = {}  # images admitted and not finished, per model
+        self.preparing: dict[str, int] = {}  # of those, images not yet handed to the batcher
+        self.reserved_bytes = 0  # estimated bytes of all admitted requests
+        self.uploads = 0  # bodies being read
+        self.requests = 0  # admitted requests not finished (the drain waits for 0)
+        self.draining = False
+
+    # ---- checks -----------------------------------------------------------------------------
+    def shed(self) -> Problem | None:
+        """The cheap early check (before routing): a Problem 503 when no new work fits at all."""
+        if self.draining:
+            return Problem(503, "the server is shutting down; retry on another instance", RETRY)
+        if self.reserved_bytes >= self.budget_bytes:
+            return Problem(503, f"the server is at its memory budget ({self.settings.memory_budget_mb} MB, "
+                                "STN_MEMORY_BUDGET_MB); retry after a moment", RETRY)
+        if self.uploads >= self.settings.max_uploads:
+            return Problem(503, f"{self.uploads} uploads are being read (STN_MAX_UPLOADS); retry after a moment",
+                           RETRY)
+        return None
+
+    def check_room(self, model: str, n: int, **extra: object) -> None:
+        """Problem 503 at once when ``n`` more images do not fit in the model's queue."""
+        used, limit = self.inflight.get(model, 0), self.settings.max_queue_size
+        if n > limit:
+            raise Problem(413, f"{n} images; the queue of a model holds {limit} (STN_MAX_QUEUE_SIZE)", **extra)
+        if used + n > limit:
+            raise Problem(503, f"the queue of model {model!r} is full ({used} of {limit} images in flight; "
+                               "STN_MAX_QUEUE_SIZE); retry after a moment", RETRY, **extra)
+
+    def check_bytes(self, cost: int, what: str, **extra: object) -> None:
+        """Problem 413 when ``cost`` alone exceeds the memory budget, 503 when it does not fit now."""
+        budget = self.budget_bytes
+        if cost > budget:
+            raise Problem(413, f"{what} needs about {cost / MB:.0f} MB of memory; the server's budget is "
+                               f"{self.settings.memory_budget_mb} MB (STN_MEMORY_BUDGET_MB): send smaller "
+                               "images or ask for a smaller size", **extra)
+        if self.reserved_bytes + cost > budget:
+            raise Problem(503, f"the server is at its memory budget ({self.reserved_bytes / MB:.0f} of "
+                               f"{self.settings.memory_budget_mb} MB reserved, STN_MEMORY_BUDGET_MB); "
+                               "retry after a moment", RETRY, **extra)
+
+    # ---- the protocol -------------------------------------------------------------------------
+    @asynccontextmanager
+    async def admit(self, model: str, *, body_bytes: int = 0, **extra: object) -> AsyncIterator[Ticket]:
+        """Admit a request for ``model`` whose body will hold ``body_bytes``; everything is released on exit."""
+        if self.draining:
+            raise Problem(503, "the server is shutting down; retry on another instance", RETRY, **extra)
+        self.check_room(model, 1, **extra)
+        if body_bytes and self.uploads >= self.settings.max_uploads:
+            raise Problem(503, f"{self.uploads} uploads are being read (STN_MAX_UPLOADS); retry after a moment",
+                          RETRY, **extra)
+        self.check_bytes(body_bytes, "the request body", **extra)
+        ticket = Ticket(self, model, extra)
+        ticket._reserve(0, body_bytes)
+        self.requests += 1
+        try:
+            yield ticket
+        finally:
+            self.requests -= 1
+            ticket._release_all()
+
+    def _changed(self, model: str) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.labels(model).set(self.inflight.get(model, 0))
+            self.metrics.memory_reserved.set(self.reserved_bytes)
+
+
+class Ticket:
+    """One admitted request's reservations (see :meth:`Admission.admit`)."""
+
+    def __init__(self, admission: Admission, model: str, extra: dict[str, object]) -> None:
+        self.admission = admission
+        self.model = model
+        self.extra = extra
+        self.images = 0
+        self.bytes = 0
+        self.preparing = 0
+        self.uploading = False
+
+    def _reserve(self, images: int, nbytes: int) -> None:
+        a = self.admission
+        a.inflight[self.model] = a.inflight.get(self.model, 0) + images
+        a.preparing[self.model] = a.preparing.get(self.model, 0) + images
+        a.reserved_bytes += nbytes
+        self.images += images
+        self.preparing += images
+        self.bytes += nbytes
+        a._changed(self.model)
+
+    def grow(self, images: int, cost: int, what: str = "the request") -> None:
+        """Reserve ``images`` more images and ``cost`` more bytes, or Problem 503/413 (nothing reserved)."""
+        a = self.admission
+        a.check_room(self.model, images, **self.extra)
+        if self.bytes + cost > a.budget_bytes:  # the whole request can never fit: 413
+            a.check_bytes(self.bytes + cost, what, **self.extra)
+        a.check_bytes(cost, what, **self.extra)  # does not fit now: 503
+        self._reserve(images, cost)
+
+    def prepared(self, n: int | None = None) -> None:
+        """``n`` (default: all) images are queued for localisation or failed: the batcher stops expecting them."""
+        n = self.preparing if n is None else min(n, self.preparing)
+        a = self.admission
+        a.preparing[self.model] = max(0, a.preparing.get(self.model, 0) - n)
+        self.preparing -= n
+
+    def _release_all(self) -> None:
+        self.prepared()
+        self._end_upload()
+        a = self.admission
+        a.inflight[self.model] = max(0, a.inflight.get(self.model, 0) - self.images)
+        a.reserved_bytes = max(0, a.reserved_bytes - self.bytes)
+        self.images = self.bytes = 0
+        a._changed(self.model)
+
+    def _end_upload(self) -> None:
+        if self.uploading:
+            self.uploading = False
+            self.admission.uploads -= 1
+
+    @asynccontextmanager
+    async def reading(self) -> AsyncIterator[None]:
+        """The body is read inside: counted as an upload, and cut off after STN_BODY_TIMEOUT_S (408)."""
+        s = self.admission.settings
+        self.uploading = True
+        self.admission.uploads += 1
+        try:
+            async with asyncio.timeout(s.body_timeout_s):
+                yield
+        except TimeoutError:
+            raise Problem(408, f"the request body did not arrive within {s.body_timeout_s:g}s "
+                               "(STN_BODY_TIMEOUT_S)", {"Connection": "close"}, **self.extra) from None
+        finally:
+            self._end_upload()
+
+    @asynccontextmanager
+    async def watch(self, request: Request) -> AsyncIterator[None]:
+        """Cancel the work inside when the client disconnects (ClientGone, counted as 499).
+
+        Call once the body is read: the next ASGI message is then ``http.disconnect``. The
+        cancelled awaits drop their images from the batcher's queue and the worker pool
+        before they run (work already running on a thread finishes and is thrown away).
+        """
+        task = asyncio.current_task()
+        gone = False
+
+        async def wait_for_disconnect() -> None:
+            nonlocal gone
+            while True:
+                message = await request.receive()
+                if message["type"] == "http.disconnect":
+                    gone = True
+                    if task is not None:
+                        task.cancel()
+                    return
+
+        watcher = asyncio.create_task(wait_for_disconnect(), name="stn-disconnect-watch")
+        try:
+            yield
+        except asyncio.CancelledError:
+            if gone and task is not None:
+                task.uncancel()
+                raise ClientGone("the client disconnected; its work was cancelled") from None
+            raise
+        finally:
+            watcher.cancel()

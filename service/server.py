@@ -1,0 +1,161 @@
+"""Running the app in uvicorn: header caps, and a graceful drain on SIGTERM.
+
+- **Header caps.** uvicorn's httptools protocol (what ``uvicorn[standard]`` picks) has no limit
+  on the request head: httptools joins a header's pieces as they arrive, so a 128 MiB header
+  took 15.5 s of event-loop time. :class:`CappedHttpToolsProtocol` counts the head's bytes and
+  lines as they arrive, *before* the parser sees them, and answers 431 and closes the
+  connection past ``STN_MAX_HEADER_BYTES`` or ``STN_MAX_HEADERS``. (With ``http="h11"``,
+  h11's own ``h11_max_incomplete_event_size`` is set to the same byte cap.)
+- **Drain.** :class:`DrainingServer`: on SIGTERM readiness turns 503 at once, new work gets
+  503 with ``Retry-After`` (``service.middleware.ShedMiddleware``), admitted work finishes for
+  up to ``STN_SHUTDOWN_GRACE_S`` (default: the request timeout + 5 s), then uvicorn shuts down
+  and the process exits 0. A second signal (or SIGINT) exits at once, as uvicorn does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import time
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+import uvicorn
+
+from service.errors import PROBLEM_JSON
+
+if TYPE_CHECKING:
+    from service.settings import Settings
+    from service.state import ServiceState
+
+log = logging.getLogger(__name__)
+
+try:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError:  # httptools is not installed: uvicorn uses h11, capped by its own setting
+    HttpToolsProtocol = None  # type: ignore[assignment,misc]
+
+_END = b"\r\n\r\n"
+
+
+if HttpToolsProtocol is not None:
+
+    class CappedHttpToolsProtocol(HttpToolsProtocol):  # type: ignore[misc,valid-type]
+        """HttpToolsProtocol that refuses heads over ``max_head_bytes`` bytes or ``max_headers`` fields."""
+
+        max_head_bytes = 65536
+        max_headers = 100
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._head_bytes = 0  # bytes of the current request's head seen so far
+            self._head_lines = 0
+            self._in_head = True
+            self._tail = b""  # last bytes of the previous chunk (a terminator may straddle chunks)
+            self._refused = False
+
+        def data_received(self, data: bytes) -> None:
+            if self._refused:  # answered 431; the connection closes shortly
+                return
+            if self._in_head:
+                window = self._tail + data
+                end = window.find(_END)
+                head = data if end < 0 else data[: max(0, end + len(_END) - len(self._tail))]
+                self._head_bytes += len(head)
+                self._head_lines += head.count(b"\n")
+                self._tail = window[-3:]
+                if self._head_bytes > self.max_head_bytes or self._head_lines > self.max_headers + 2:
+                    what = (f"more than {self.max_head_bytes} bytes (STN_MAX_HEADER_BYTES)"
+                            if self._head_bytes > self.max_head_bytes
+                            else f"more than {self.max_headers} fields (STN_MAX_HEADERS)")
+                    self._refuse(f"the request head has {what}; send fewer or smaller headers")
+                    return
+                if end >= 0:
+                    self._in_head = False
+            super().data_received(data)
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            self._head_bytes = self._head_lines = 0
+            self._in_head = True
+            self._tail = b""
+
+        def _refuse(self, detail: str) -> None:
+            log.warning("refused a request head: %s", detail)
+            body = json.dumps({"type": "about:blank", "title": "Request Header Fields Too Large", "status": 431,
+                               "detail": detail}).encode()
+            head = (f"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: {PROBLEM_JSON}\r\n"
+                    f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode()
+            if not self.transport.is_closing():
+                self.transport.write(head + body)
+                # Close after a moment, discarding what still arrives: closing with unread data would
+                # reset the connection before the client reads the 431.
+                self._refused = True
+                asyncio.get_running_loop().call_later(1.0, self.transport.close)
+
+
+def http_protocol(settings: Settings) -> Any:
+    """The HTTP protocol class (or uvicorn's name for one) that enforces the settings' header caps."""
+    if HttpToolsProtocol is None:
+        return "h11"
+    return type("StnHttpToolsProtocol", (CappedHttpToolsProtocol,),
+                {"max_head_bytes": settings.max_header_bytes, "max_headers": settings.max_headers})
+
+
+def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Config:
+    """uvicorn's Config for the app with the settings' bind address, logging, header caps and grace."""
+    kwargs: dict[str, Any] = dict(host=settings.host, port=settings.port, log_level=settings.log_level,
+                                  access_log=settings.access_log, http=http_protocol(settings),
+                                  h11_max_incomplete_event_size=settings.max_header_bytes,
+                                  timeout_graceful_shutdown=max(1, round(settings.grace_s)))
+    kwargs.update(overrides)
+    return uvicorn.Config(app, **kwargs)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server whose first SIGTERM drains before shutting down (see module docstring)."""
+
+    def __init__(self, config: uvicorn.Config, state: ServiceState) -> None:
+        super().__init__(config)
+        self.state = state
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_task: asyncio.Task | None = None
+
+    async def serve(self, sockets: Any = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        admission = self.state.admission
+        if sig == signal.SIGTERM and not admission.draining and self._loop is not None and not self.should_exit:
+            self._loop.call_soon_threadsafe(self.begin_drain)
+            return
+        super().handle_exit(sig, frame)
+
+    def begin_drain(self) -> None:
+        """Readiness 503, new work 503; exit once admitted work is done or the grace period is over."""
+        if self.state.admission.draining:
+            return
+        self.state.admission.draining = True
+        self.state.metrics.ready.set(0)
+        grace = self.state.settings.grace_s
+        log.info("SIGTERM: draining (%d request(s) in flight; up to %.0f s), then exiting",
+                 self.state.admission.requests, grace)
+        self._drain_task = asyncio.get_running_loop().create_task(self._drain(time.monotonic() + grace))
+
+    async def _drain(self, deadline: float) -> None:
+        while self.state.admission.requests > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        left = self.state.admission.requests
+        if left:
+            log.warning("grace period over: %d request(s) still in flight are cut", left)
+        self.config.timeout_graceful_shutdown = max(1, round(deadline - time.monotonic()))
+        self.should_exit = True
+
+
+def serve(app: Any, settings: Settings) -> int:
+    """Run the app until SIGTERM (drained) or SIGINT; 0 on a clean exit."""
+    DrainingServer(uvicorn_config(app, settings), app.state.stn).run()
+    return 0

@@ -1,0 +1,302 @@
+"""Issue 12's defects, each reproduced against the real server (uvicorn on 127.0.0.1, real sockets).
+
+Items: 1 cost-based admission and byte-bounded grid caches; 2 uploads inside the limits;
+3 header caps; 4 /v2 schema validation; 5 aborted uploads are 499; 8 abandoned work is
+cancelled; 9 queue depth counts admitted images; 10 the OpenAPI document; 11 minimal
+/readyz with keys; 12 the pixel limit's 413, no DecompressionBombWarning, ``filename*=``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import time
+import warnings
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import live_server
+from PIL import Image
+from test_http_v1 import assert_problem, metric
+
+
+def png(w: int, h: int, mode: str = "L") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, (w, h)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def raw_request(url: str, head: str, body: bytes = b"") -> socket.socket:
+    """A socket that has sent ``head`` (CRLF line endings added) and ``body``, left open."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(head.replace("\n", "\r\n").encode() + b"\r\n" + body)
+    return sock
+
+
+def read_all(sock: socket.socket, timeout: float) -> bytes:
+    sock.settimeout(timeout)
+    out = b""
+    try:
+        while chunk := sock.recv(65536):
+            out += chunk
+    except TimeoutError:
+        pass
+    return out
+
+
+def wait_for(cond, timeout: float = 10.0, every: float = 0.02) -> bool:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(every)
+    return False
+
+
+# ---- 1. memory is bounded by what images cost --------------------------------------------------
+
+def test_a_request_over_the_memory_budget_gets_413_naming_the_setting(model_dir: Path) -> None:
+    with live_server(model_dir=model_dir, memory_budget_mb=64) as srv:
+        r = httpx.post(srv.url + "/v1/rectify", params={"model": "affine", "size": "2000x2000"},
+                       files={"file": ("tiny.png", png(8, 8), "image/png")}, timeout=30)
+        assert_problem(r, 413, "STN_MEMORY_BUDGET_MB")
+        # a declared 6000x6000 image (a few kB of PNG) costs its decoded pixels, not its bytes
+        r = httpx.post(srv.url + "/v1/rectify", params={"model": "affine"},
+                       files={"file": ("bomb.png", png(6000, 6000), "image/png")}, timeout=30)
+        assert_problem(r, 413, "STN_MEMORY_BUDGET_MB")
+        ok = httpx.post(srv.url + "/v1/rectify", params={"model": "affine", "size": "64x64"},
+                        files={"file": ("tiny.png", png(8, 8), "image/png")}, timeout=30)
+        assert ok.status_code == 200, ok.text
+        assert srv.state.admission.reserved_bytes == 0
+
+
+def test_held_uploads_count_against_the_budget_503_not_413(model_dir: Path) -> None:
+    """A body being read reserves its bytes: a request that would fit alone gets 503 with Retry-After."""
+    with live_server(model_dir=model_dir, memory_budget_mb=64, max_upload_bytes=40 * 1024 * 1024) as srv:
+        stalled = raw_request(srv.url, "POST /v1/rectify?model=affine HTTP/1.1\nHost: x\n"
+                                       f"Content-Type: image/png\nContent-Length: {36 * 1024 * 1024}\n", b"\x89PNG")
+        try:
+            assert wait_for(lambda: srv.state.admission.reserved_bytes > 0)
+            r = httpx.post(srv.url + "/v1/rectify", params={"model": "affine", "size": "1400x1400"},  # ~51 MB
+                           files={"file": ("tiny.png", png(8, 8), "image/png")}, timeout=30)
+            body = assert_problem(r, 503, "memory budget")
+            assert r.headers["retry-after"] == "1" and body["request_id"]
+        finally:
+            stalled.close()
+        assert wait_for(lambda: srv.state.admission.reserved_bytes == 0)
+
+
+def test_base_grid_cache_is_bounded_in_bytes(model_dir: Path) -> None:
+    from service.runtime import GRID_CACHE_BYTES, SessionConfig, load_model_dir
+
+    loaded = load_model_dir(model_dir / "affine.onnx", SessionConfig(providers=("CPUExecutionProvider",)), None)
+    model = loaded.models["affine"]
+    for k in range(6):  # 6 x 12 MB grids
+        model.base_grid((1000, 1000 - k))
+    assert 0 < model.grid_cache_bytes <= GRID_CACHE_BYTES
+    model.base_grid((3000, 3000))  # 108 MB: computed, never kept
+    assert model.grid_cache_bytes <= GRID_CACHE_BYTES
+
+
+# ---- 2. uploads inside the limits --------------------------------------------------------------
+
+def test_a_stalled_body_gets_408_and_the_connection_is_closed(model_dir: Path) -> None:
+    with live_server(model_dir=model_dir, body_timeout_s=1.0) as srv:
+        t0 = time.monotonic()
+        sock = raw_request(srv.url, "POST /v1/rectify?model=affine HTTP/1.1\nHost: x\nContent-Type: image/png\n"
+                                    "Content-Length: 100000\n", b"\x89PNG\r\n")
+        reply = read_all(sock, timeout=8)
+        sock.close()
+        assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+        assert b"STN_BODY_TIMEOUT_S" in reply and time.monotonic() - t0 < 6
+        assert wait_for(lambda: srv.state.admission.uploads == 0 and srv.state.admission.reserved_bytes == 0)
+
+
+def test_uploads_beyond_the_cap_get_503_before_their_body(model_dir: Path) -> None:
+    with live_server(model_dir=model_dir, max_uploads=2, body_timeout_s=30) as srv:
+        socks = [raw_request(srv.url, "POST /v1/rectify?model=affine HTTP/1.1\nHost: x\nContent-Type: image/png\n"
+                                      "Content-Length: 5000\n", b"\x89PNG") for _ in range(2)]
+        try:
+            assert wait_for(lambda: srv.state.admission.uploads == 2)
+            r = httpx.post(srv.url + "/v1/rectify", params={"model": "affine"},
+                           files={"file": ("tiny.png", png(8, 8), "image/png")}, timeout=10)
+            assert_problem(r, 503, "STN_MAX_UPLOADS")
+            t0 = time.perf_counter()
+            assert httpx.get(srv.url + "/healthz").status_code == 200
+            assert time.perf_counter() - t0 < 1.0
+        finally:
+            for s in socks:
+                s.close()
+        assert wait_for(lambda: srv.state.admission.uploads == 0)
+
+
+def test_v2_body_is_parsed_off_the_event_loop_after_admission(server) -> None:  # noqa: ANN001
+    """A JSON body waits for admission; a full memory budget answers 503 before it is read."""
+    adm = server.state.admission
+    saved = adm.reserved_bytes
+    adm.reserved_bytes = adm.budget_bytes  # the budget is taken (as by other requests)
+    try:
+        body = {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": [0.0] * 64}]}
+        r = httpx.post(server.url + "/v2/models/affine/infer", json=body)
+        assert r.status_code == 503 and "memory budget" in r.json()["error"]
+    finally:
+        adm.reserved_bytes = saved
+
+
+# ---- 3. header caps ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["bytes", "count"])
+def test_oversized_heads_get_431_and_a_closed_connection(server, kind: str) -> None:  # noqa: ANN001
+    if kind == "bytes":
+        head = "GET /healthz HTTP/1.1\nHost: x\nX-Big: " + "a" * (1024 * 1024) + "\n"
+    else:
+        head = "GET /healthz HTTP/1.1\nHost: x\n" + "".join(f"X-H{i}: {i}\n" for i in range(500))
+    t0 = time.monotonic()
+    sock = raw_request(server.url, head)
+    reply = read_all(sock, timeout=5)
+    sock.close()
+    assert reply.startswith(b"HTTP/1.1 431"), reply[:200]
+    assert (b"STN_MAX_HEADER_BYTES" if kind == "bytes" else b"STN_MAX_HEADERS") in reply
+    assert time.monotonic() - t0 < 3
+    ok = httpx.get(server.url + "/healthz", headers={f"X-H{i}": "v" * 100 for i in range(50)})
+    assert ok.status_code == 200
+
+
+# ---- 4. /v2 infer validates its request ---------------------------------------------------------
+
+@pytest.mark.parametrize("body", [
+    "[1]", '"x"', '{"inputs":[1]}', '{"parameters":[1]}', '{"outputs":[1]}',
+    '{"inputs":[{"name":"image","datatype":"FP32","shape":[1,1,8,8],"parameters":{"binary_data_size":"abc"}}]}',
+    '{"inputs":[{"name":"image","datatype":"FP32","shape":[1,1,2,2],"data":[0,0,0,0]}],"outputs":[1]}',
+    '{"inputs":[{"name":"image","datatype":"FP32","shape":[1,1,2,2],"data":[0,0,0,0]}],"parameters":[1]}',
+    "[" * 100_000 + "]" * 100_000,
+    '{"inputs":[{"name":"image","datatype":"FP32","shape":[1,1,2,2],"data":[[1,[2]],{"a":1}]}]}',
+], ids=["list", "string", "inputs-item", "parameters-list", "outputs-item", "binary-size-string",
+        "outputs-item-with-input", "parameters-list-with-input", "deep-nesting", "ragged-data"])
+def test_v2_infer_malformed_requests_get_400_with_error(server, body: str) -> None:  # noqa: ANN001
+    r = httpx.post(server.url + "/v2/models/affine/infer", content=body.encode(),
+                   headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 400, r.text[:300]
+    assert r.json()["error"] and r.json()["status"] == 400
+
+
+# ---- 5. an aborted upload is a client disconnect ----------------------------------------------------
+
+def test_an_aborted_raw_upload_is_counted_as_499_not_500(server) -> None:  # noqa: ANN001
+    before = httpx.get(server.url + "/metrics").text
+    sock = raw_request(server.url, "POST /v1/rectify?model=affine HTTP/1.1\nHost: x\nContent-Type: image/png\n"
+                                   "Content-Length: 100000\n", b"\x89PNG\r\n" + b"\0" * 1000)
+    time.sleep(0.2)
+    sock.close()
+
+    def counted() -> bool:
+        text = httpx.get(server.url + "/metrics").text
+        return metric(text, "stn_requests_total", status="499") > metric(before, "stn_requests_total", status="499")
+
+    assert wait_for(counted, 5)
+    text = httpx.get(server.url + "/metrics").text
+    assert metric(text, "stn_requests_total", status="500") == metric(before, "stn_requests_total", status="500")
+
+
+# ---- 8, 9. abandoned work is cancelled; queue depth counts admitted images ---------------------------
+
+def test_abandoned_work_is_cancelled_and_queue_depth_counts_admitted_images(model_dir: Path) -> None:
+    with live_server(model_dir=model_dir, workers=1) as srv:
+        n, boundary = 8, "b0undary"
+        body = b""
+        for i in range(n):
+            body += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{i}.png\"\r\n"
+                     "Content-Type: image/png\r\n\r\n").encode() + png(8, 8) + b"\r\n"
+        body += f"--{boundary}--\r\n".encode()
+        # 2000x2000: 0.1 s (idle core) to seconds (shared machine) of sampling per image, on one worker
+        sock = raw_request(srv.url, "POST /v1/rectify?model=affine&size=2000x2000 HTTP/1.1\nHost: x\n"
+                                    f"Content-Type: multipart/form-data; boundary={boundary}\n"
+                                    f"Content-Length: {len(body)}\n", body)
+        try:  # the images are admitted: queue depth counts them, not just those waiting for a batch
+            assert wait_for(lambda: metric(httpx.get(srv.url + "/metrics").text, "stn_queue_depth",
+                                           model="affine") == n, 20)
+        finally:
+            sock.close()  # the client leaves
+        # one more request runs after whatever the worker still had: by then the rest was skipped
+        probe = httpx.post(srv.url + "/v1/rectify", params={"model": "affine"},
+                           files={"file": ("p.png", png(8, 8), "image/png")}, timeout=60)
+        assert probe.status_code == 200
+        text = httpx.get(srv.url + "/metrics").text
+        rectified = metric(text, "stn_compute_time_seconds_count", model="affine", stage="rectify") - 1
+        assert rectified < n, f"{rectified:.0f} of {n} abandoned images were still sampled"
+        assert metric(text, "stn_requests_total", status="499") == 1
+        assert metric(text, "stn_queue_depth", model="affine") == 0
+
+
+# ---- 10. the OpenAPI document matches the responses -------------------------------------------------
+
+def test_openapi_documents_the_real_responses(server) -> None:  # noqa: ANN001
+    doc = httpx.get(server.url + "/openapi.json").json()
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            assert "422" not in op["responses"], (method, path)
+    rectify = doc["paths"]["/v1/rectify"]["post"]["responses"]
+    for code in ("400", "401", "404", "413", "415", "503"):
+        assert "application/problem+json" in rectify[code]["content"], code
+    assert {"application/json", "image/png", "image/jpeg"} <= set(rectify["200"]["content"])
+    meta = doc["paths"]["/v2/models/{name}"]["get"]
+    assert [p["name"] for p in meta.get("parameters", [])] == ["name"]
+    assert "text/plain" in doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+
+
+# ---- 11. /readyz stays minimal with keys -------------------------------------------------------------
+
+def test_readyz_is_minimal_when_api_keys_are_set(model_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "broken.onnx").write_bytes(b"not a model")
+    with live_server(model_dir=tmp_path, api_keys=["k"], strict_readiness=True) as srv:
+        r = httpx.get(srv.url + "/readyz")
+        assert r.status_code == 503
+        assert str(tmp_path) not in r.text and "broken" not in r.text, r.text
+        assert set(r.json()) >= {"ready", "loading"} and "failed" not in r.json()
+        models = httpx.get(srv.url + "/v1/models", headers={"X-API-Key": "k"}).json()
+        assert models["failed"]  # the reason is there, behind the key
+
+
+# ---- 12. pixel-limit message, no DecompressionBombWarning, filename*= ---------------------------------
+
+def test_pixel_limit_quotes_the_setting_without_pillow_warnings() -> None:
+    from service import images
+
+    limits = images.Limits(max_pixels=4000)
+    for w in (70, 100):  # between Pillow's warning and error thresholds, and above both
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(images.ImageTooLargeError, match=r"limit is 4000 pixels \(STN_MAX_IMAGE_PIXELS\)"):
+                images.decode(png(w, w), 1, limits)
+        assert not [c for c in caught if "DecompressionBomb" in c.category.__name__], caught
+
+
+def test_multipart_part_named_only_by_filename_star(server) -> None:  # noqa: ANN001
+    boundary = "b0undary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+            "filename*=UTF-8''%C3%A9t%C3%A9.png\r\nContent-Type: image/png\r\n\r\n").encode()
+    body += png(16, 16) + f"\r\n--{boundary}--\r\n".encode()
+    r = httpx.post(server.url + "/v1/rectify", params={"model": "affine"}, content=body,
+                   headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert r.status_code == 200, r.text
+    assert r.json()["results"][0]["filename"] == "été.png"
+
+
+# ---- operations: X-Request-ID ------------------------------------------------------------------------
+
+def test_request_id_is_echoed_and_in_problems(server) -> None:  # noqa: ANN001
+    r = httpx.get(server.url + "/healthz", headers={"X-Request-ID": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    generated = httpx.get(server.url + "/healthz").headers["x-request-id"]
+    assert len(generated) == 32 and generated != httpx.get(server.url + "/healthz").headers["x-request-id"]
+    bad = httpx.post(server.url + "/v1/rectify", params={"size": "nope"}, headers={"X-Request-ID": "r-9"},
+                     files={"file": ("a.png", png(8, 8), "image/png")})
+    assert bad.status_code == 400 and bad.json()["request_id"] == "r-9" and bad.headers["x-request-id"] == "r-9"
+    v2 = httpx.post(server.url + "/v2/models/affine/infer", content=b"[1]", headers={"X-Request-ID": "r-10"})
+    assert v2.json()["request_id"] == "r-10" and v2.json()["error"]
+    assert json.loads(httpx.get(server.url + "/healthz", headers={"X-Request-ID": "x" * 500}).text)
+    assert len(httpx.get(server.url + "/healthz", headers={"X-Request-ID": "x" * 500}).headers["x-request-id"]) == 32
+
