@@ -10,9 +10,9 @@ import sys
 def configure_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint written by `stn train` (.pt)")
     p.add_argument("-o", "--output", required=True, help="ONNX file to write")
-    p.add_argument("--grid-sample", default="onnx", choices=["onnx", "contrib", "gather"],
+    p.add_argument("--grid-sample", default="onnx", choices=["onnx", "contrib", "gather", "native"],
                    help="sampler lowering: standard GridSample (opset-16 attributes), com.microsoft::GridSample, "
-                        "or core ops only (default: onnx)")
+                        "core ops only, or our ai.stn ops (needs the native library to run; default: onnx)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18; the onnx lowering needs <= 19)")
     p.add_argument("--name", help="model name in metadata (default: from the checkpoint, else the output file stem)")
     p.add_argument("--version", dest="model_version", help="model version in metadata (default: from the checkpoint)")
