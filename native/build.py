@@ -8,7 +8,8 @@ Needs onnxruntime's C API headers (``sh native/fetch-ort-headers.sh`` unpacks th
 when something is missing it says what and builds nothing, and the ``native`` loader then reports
 why the library is missing (``native.status()``).
 
-- ``libstn_sampler.so``: the CPU kernels. ``-O3 -ffp-contract=off``, no ``-march``: the hot row
+- ``libstn_sampler.so``: the CPU kernels. ``-O3 -ffp-contract=off -fno-trapping-math`` (the
+  latter lets GCC vectorise the clamps and conversions), no ``-march``: the hot row
   functions carry GCC ``target_clones`` (x86-64-v4 = AVX-512, x86-64-v3 = AVX2+FMA, baseline),
   picked at load time, so one build runs on any x86-64.
 - ``libstn_sampler_cuda.so`` (when ``nvcc`` is on PATH or under /usr/local/cuda*/bin; ``STN_NVCC``
@@ -34,7 +35,7 @@ CUDA_LIB = "libstn_sampler_cuda.so"
 CPU_SOURCES = ("ops.cc", "sampler_cpu.cc")
 CUDA_SOURCES = ("sampler_cuda.cu",)
 HEADERS = ("sampler.h", "sampler_cpu.h", "sampler_cuda.h")
-CXXFLAGS = ["-std=c++17", "-O3", "-fPIC", "-ffp-contract=off", "-fno-math-errno", "-fvisibility=hidden",
+CXXFLAGS = ["-std=c++17", "-O3", "-fPIC", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fvisibility=hidden",
             "-Wall", "-Wextra"]
 # CUDA 13 targets: Turing and later as SASS, PTX of the newest for what comes after.
 CUDA_ARCHS = ["75", "80", "86", "89", "90", "100", "120"]
@@ -101,7 +102,9 @@ def build(out_dir: str | os.PathLike = HERE, cuda: bool = True, force: bool = Fa
                 result[LIB] = "compiler failed:\n" + "\n".join(log)[-4000:]
     nvcc = find_nvcc() if cuda else None
     cuda_target = out / CUDA_LIB
-    if nvcc is None:
+    if not cuda:
+        result[CUDA_LIB] = "skipped (CPU library only)"
+    elif nvcc is None:
         result[CUDA_LIB] = "nvcc not found (CUDA library not built; the CPU library serves every provider)"
     elif not force and _newer(cuda_target, deps):
         result[CUDA_LIB] = "up to date"

@@ -29,15 +29,15 @@ namespace {
 struct RowScratch {
   std::vector<float> gx, gy, ix, iy;
   std::vector<float> w00, w01, w10, w11;
-  std::vector<int32_t> off;
-  std::vector<uint8_t> mask;
+  std::vector<int32_t> off, mask;
+  std::vector<int32_t> segs;  // [begin, end, interior] triples covering the row
   std::vector<int32_t> cidx;  // bicubic: 4 x-taps and 4 y-taps per pixel
   std::vector<float> cw;      // bicubic: 4 x and 4 y coefficients per pixel
   void resize(int w, int mode) {
     if (static_cast<int>(gx.size()) >= w && (mode != kBicubic || static_cast<int>(cidx.size()) >= 8 * w)) return;
     gx.resize(w); gy.resize(w); ix.resize(w); iy.resize(w);
     w00.resize(w); w01.resize(w); w10.resize(w); w11.resize(w);
-    off.resize(w); mask.resize(w);
+    off.resize(w); mask.resize(w); segs.reserve(3 * w + 3);
     if (mode == kBicubic) { cidx.resize(8 * w); cw.resize(8 * w); }
   }
 };
@@ -61,63 +61,107 @@ STN_CLONES void coordinate_pass(const float* gx, const float* gy, float* ix, flo
 }
 
 // Bilinear taps: offset of the north-west tap, the four weights, and which taps are inside
-// (bit 0 nw, 1 ne, 2 sw, 3 se; 15: all inside, the fast path).
-STN_CLONES void bilinear_taps(const float* ix, const float* iy, int w, int W, int H, RowScratch& s) {
+// (bit 0 nw, 1 ne, 2 sw, 3 se; 15: all inside, the fast path). Branch-free: vectorised.
+STN_CLONES void bilinear_taps(const float* __restrict ix, const float* __restrict iy, int w, int W, int H,
+                              float* __restrict w00, float* __restrict w01, float* __restrict w10,
+                              float* __restrict w11, int32_t* __restrict off, int32_t* __restrict mask) {
+  const float xmax = static_cast<float>(W) + 1.f, ymax = static_cast<float>(H) + 1.f;
   for (int j = 0; j < w; ++j) {
     float xf = floorf(ix[j]), yf = floorf(iy[j]);
     float fw = ix[j] - xf, fn = iy[j] - yf;  // east and south weights
     float fe = 1.f - fw, fs = 1.f - fn;
-    s.w00[j] = fs * fe; s.w01[j] = fs * fw; s.w10[j] = fn * fe; s.w11[j] = fn * fw;
-    int x0 = safe_index(xf, W), y0 = safe_index(yf, H);
-    bool xw = x0 >= 0 && x0 < W, xe = x0 + 1 >= 0 && x0 + 1 < W;
-    bool yn = y0 >= 0 && y0 < H, ys = y0 + 1 >= 0 && y0 + 1 < H;
-    s.mask[j] = static_cast<uint8_t>((yn && xw) | ((yn && xe) << 1) | ((ys && xw) << 2) | ((ys && xe) << 3));
-    s.off[j] = y0 * W + x0;
+    w00[j] = fs * fe; w01[j] = fs * fw; w10[j] = fn * fe; w11[j] = fn * fw;
+    // clamp to [-2, S+1] (NaN -> -2): out of bounds either way, and safe to convert
+    float xc = xf > -2.f ? xf : -2.f, yc = yf > -2.f ? yf : -2.f;
+    xc = xc < xmax ? xc : xmax;
+    yc = yc < ymax ? yc : ymax;
+    int32_t x0 = static_cast<int32_t>(xc), y0 = static_cast<int32_t>(yc);
+    int32_t xw = static_cast<uint32_t>(x0) < static_cast<uint32_t>(W);
+    int32_t xe = static_cast<uint32_t>(x0 + 1) < static_cast<uint32_t>(W);
+    int32_t yn = static_cast<uint32_t>(y0) < static_cast<uint32_t>(H);
+    int32_t ys = static_cast<uint32_t>(y0 + 1) < static_cast<uint32_t>(H);
+    mask[j] = (yn & xw) | ((yn & xe) << 1) | ((ys & xw) << 2) | ((ys & xe) << 3);
+    off[j] = y0 * W + x0;
   }
 }
 
-STN_CLONES void bilinear_channels(const float* img, int C, int64_t plane, int W, float* out, int64_t out_plane, int w,
-                                  const RowScratch& s) {
+// Runs of fast-path (mask == full) and checked pixels: [begin, end, interior] triples.
+void make_segments(const int32_t* mask, int w, int32_t full, std::vector<int32_t>& segs) {
+  segs.clear();
+  int j = 0;
+  while (j < w) {
+    bool in = mask[j] == full;
+    int k = j + 1;
+    while (k < w && (mask[k] == full) == in) ++k;
+    segs.push_back(j); segs.push_back(k); segs.push_back(in);
+    j = k;
+  }
+}
+
+// Fast path, pixel-major: each pixel's taps and weights are loaded once for every channel.
+STN_CLONES void bilinear_fast(const float* __restrict img, int C, int64_t plane, int W, float* __restrict out,
+                              int64_t out_plane, int a, int b, const float* __restrict w00,
+                              const float* __restrict w01, const float* __restrict w10, const float* __restrict w11,
+                              const int32_t* __restrict off) {
+  for (int q = a; q < b; ++q) {
+    const float* t = img + off[q];
+    const float a00 = w00[q], a01 = w01[q], a10 = w10[q], a11 = w11[q];
+    for (int c = 0; c < C; ++c, t += plane) {
+      out[c * out_plane + q] = t[0] * a00 + t[1] * a01 + t[W] * a10 + t[W + 1] * a11;
+    }
+  }
+}
+
+void bilinear_channels(const float* img, int C, int64_t plane, int W, float* out, int64_t out_plane,
+                       const RowScratch& s) {
   const float* w00 = s.w00.data(); const float* w01 = s.w01.data();
   const float* w10 = s.w10.data(); const float* w11 = s.w11.data();
-  const int32_t* off = s.off.data(); const uint8_t* mask = s.mask.data();
+  const int32_t* off = s.off.data(); const int32_t* mask = s.mask.data();
+  const size_t nseg = s.segs.size();
+  for (size_t g = 0; g < nseg; g += 3) {
+    if (s.segs[g + 2]) bilinear_fast(img, C, plane, W, out, out_plane, s.segs[g], s.segs[g + 1], w00, w01, w10, w11, off);
+  }
   for (int c = 0; c < C; ++c) {
     const float* p = img + c * plane;
     float* o = out + c * out_plane;
-    int j = 0;
-    while (j < w) {
-      int k = j;
-      while (k < w && mask[k] == 15) ++k;
-      for (int q = j; q < k; ++q) {  // fast path: all four taps inside
-        const float* b = p + off[q];
-        o[q] = b[0] * w00[q] + b[1] * w01[q] + b[W] * w10[q] + b[W + 1] * w11[q];
-      }
-      for (j = k; j < w && mask[j] != 15; ++j) {  // checked path: missing taps read zero
-        uint8_t m = mask[j];
-        const float* b = p + off[j];
-        float v00 = (m & 1) ? b[0] : 0.f, v01 = (m & 2) ? b[1] : 0.f;
-        float v10 = (m & 4) ? b[W] : 0.f, v11 = (m & 8) ? b[W + 1] : 0.f;
+    for (size_t g = 0; g < nseg; g += 3) {
+      int a = s.segs[g], b = s.segs[g + 1];
+      if (s.segs[g + 2]) continue;
+      for (int j = a; j < b; ++j) {  // checked path: missing taps read zero
+        int32_t m = mask[j];
+        if (m == 0) {  // all outside: the weights may be NaN/inf, as in torch the sum is 0 * w
+          o[j] = 0.f * w00[j] + 0.f * w01[j] + 0.f * w10[j] + 0.f * w11[j];
+          continue;
+        }
+        const float* t = p + off[j];
+        float v00 = (m & 1) ? t[0] : 0.f, v01 = (m & 2) ? t[1] : 0.f;
+        float v10 = (m & 4) ? t[W] : 0.f, v11 = (m & 8) ? t[W + 1] : 0.f;
         o[j] = v00 * w00[j] + v01 * w01[j] + v10 * w10[j] + v11 * w11[j];
       }
     }
   }
 }
 
-STN_CLONES void nearest_taps(const float* ix, const float* iy, int w, int W, int H, RowScratch& s) {
+STN_CLONES void nearest_taps(const float* __restrict ix, const float* __restrict iy, int w, int W, int H,
+                             int32_t* __restrict off, int32_t* __restrict mask) {
+  const float xmax = static_cast<float>(W), ymax = static_cast<float>(H);
   for (int j = 0; j < w; ++j) {
-    int x = safe_index(nearbyintf(ix[j]), W), y = safe_index(nearbyintf(iy[j]), H);
-    bool in = x >= 0 && x < W && y >= 0 && y < H;
-    s.mask[j] = in ? 1 : 0;
-    s.off[j] = in ? y * W + x : 0;
+    float xr = nearbyintf(ix[j]), yr = nearbyintf(iy[j]);
+    float xc = xr > -1.f ? xr : -1.f, yc = yr > -1.f ? yr : -1.f;  // NaN -> -1: outside
+    xc = xc < xmax ? xc : xmax;
+    yc = yc < ymax ? yc : ymax;
+    int32_t x = static_cast<int32_t>(xc), y = static_cast<int32_t>(yc);
+    int32_t in = (static_cast<uint32_t>(x) < static_cast<uint32_t>(W)) & (static_cast<uint32_t>(y) < static_cast<uint32_t>(H));
+    mask[j] = in;
+    off[j] = in ? y * W + x : 0;
   }
 }
 
 STN_CLONES void nearest_channels(const float* img, int C, int64_t plane, float* out, int64_t out_plane, int w,
-                                 const RowScratch& s) {
-  const int32_t* off = s.off.data(); const uint8_t* mask = s.mask.data();
+                                 const int32_t* __restrict off, const int32_t* __restrict mask) {
   for (int c = 0; c < C; ++c) {
-    const float* p = img + c * plane;
-    float* o = out + c * out_plane;
+    const float* __restrict p = img + c * plane;
+    float* __restrict o = out + c * out_plane;
     for (int j = 0; j < w; ++j) o[j] = mask[j] ? p[off[j]] : 0.f;
   }
 }
@@ -162,11 +206,13 @@ void sample_row(const float* img, int C, int H, int W, float* out, int64_t out_p
   int64_t plane = static_cast<int64_t>(H) * W;
   coordinate_pass(s.gx.data(), s.gy.data(), s.ix.data(), s.iy.data(), w, ax, ay, o.padding, o.mode != kBicubic);
   if (o.mode == kBilinear) {
-    bilinear_taps(s.ix.data(), s.iy.data(), w, W, H, s);
-    bilinear_channels(img, C, plane, W, out, out_plane, w, s);
+    bilinear_taps(s.ix.data(), s.iy.data(), w, W, H, s.w00.data(), s.w01.data(), s.w10.data(), s.w11.data(),
+                  s.off.data(), s.mask.data());
+    make_segments(s.mask.data(), w, 15, s.segs);
+    bilinear_channels(img, C, plane, W, out, out_plane, s);
   } else if (o.mode == kNearest) {
-    nearest_taps(s.ix.data(), s.iy.data(), w, W, H, s);
-    nearest_channels(img, C, plane, out, out_plane, w, s);
+    nearest_taps(s.ix.data(), s.iy.data(), w, W, H, s.off.data(), s.mask.data());
+    nearest_channels(img, C, plane, out, out_plane, w, s.off.data(), s.mask.data());
   } else {
     bicubic_taps(s.ix.data(), s.iy.data(), w, ax, ay, o.padding, s);
     bicubic_channels(img, C, plane, W, out, out_plane, w, s);
