@@ -41,8 +41,9 @@ def configure_bench_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", nargs="?", help="checkpoint to benchmark (default: the bundled default model "
                                                   "and a 3x224x224 affine model with a 64x64 localisation size)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
-    p.add_argument("--lowerings", nargs="+", default=["onnx", "contrib", "gather"],
-                   choices=["onnx", "contrib", "gather"])
+    p.add_argument("--lowerings", nargs="+", default=["onnx", "contrib", "gather", "native"],
+                   choices=["onnx", "contrib", "gather", "native"],
+                   help="native is skipped, with a warning, when the library is not built")
     p.add_argument("--threads", type=int, help="threads for both PyTorch and onnxruntime (default: cores, max 4)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds; each number is the median")
     p.add_argument("--min-seconds", type=float, default=0.4, help="minimum time per contender per round")
