@@ -4,12 +4,13 @@
 #
 #   sh native/fetch-ort-headers.sh            # idempotent: returns at once when the headers are there
 #   STN_ORT_INCLUDE=/some/dir sh native/...   # unpack elsewhere (the build reads the same variable)
+#   DEBIAN_MIRROR=http://mirror/debian sh ... # another Debian mirror (default deb.debian.org)
 #
 # Bookworm cannot install the trixie package, but its headers work with the onnxruntime wheel
 # (API 21/23 headers with onnxruntime 1.31; the library checks the runtime's API version).
 # It uses a private apt state (a trixie source list in a temporary folder), so the system's
-# apt configuration is left as it is. Needs apt-get and dpkg-deb (Debian); root is not needed
-# for `apt-get download` with a private state, but network access to Debian's archive is.
+# apt configuration is left as it is. Needs apt-get and dpkg-deb (Debian), network access to
+# Debian's archive, and the archive keys of the system (bookworm's keyring signs trixie too).
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 dest=${STN_ORT_INCLUDE:-$here/include}
@@ -21,7 +22,7 @@ suite=${STN_ORT_SUITE:-trixie}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 mkdir -p "$tmp/lists/partial" "$tmp/cache/archives/partial" "$tmp/etc/preferences.d" "$tmp/deb"
-echo "deb http://deb.debian.org/debian $suite main" > "$tmp/etc/sources.list"
+echo "deb ${DEBIAN_MIRROR:-http://deb.debian.org/debian} $suite main" > "$tmp/etc/sources.list"
 opts="-o Dir::Etc::SourceList=$tmp/etc/sources.list -o Dir::Etc::SourceParts=- \
  -o Dir::Etc::PreferencesParts=$tmp/etc/preferences.d -o Dir::State::Lists=$tmp/lists \
  -o Dir::Cache=$tmp/cache -o APT::Get::List-Cleanup=0 -o Debug::NoLocking=1 -o APT::Sandbox::User=root -qq"
