@@ -22,7 +22,6 @@ import argparse
 import itertools
 import json
 import statistics
-import time
 from collections.abc import Callable
 
 import numpy as np
@@ -47,17 +46,6 @@ def _model(op: str, domain: str) -> bytes:
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
     opsets = [helper.make_opsetid("", 18)] + ([helper.make_opsetid(domain, 1)] if domain else [])
     return helper.make_model(graph, opset_imports=opsets, ir_version=8).SerializeToString()
-
-
-def _time_round(fn: Callable[[], object], min_seconds: float, min_iters: int = 2) -> float:
-    fn()
-    n, start = 0, time.perf_counter()
-    while True:
-        fn()
-        n += 1
-        elapsed = time.perf_counter() - start
-        if n >= min_iters and elapsed >= min_seconds:
-            return elapsed / n
 
 
 def bench_case(size: int, batch: int, threads: int, channels: int, rounds: int, min_seconds: float) -> list[dict]:
@@ -109,10 +97,13 @@ def bench_case(size: int, batch: int, threads: int, channels: int, rounds: int, 
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
     contenders["opencv"] = lambda: [cv2.warpAffine(img, m, (size, size), flags=flags, borderMode=cv2.BORDER_CONSTANT,
                                                    borderValue=0) for img in hwc]
+    from export.bench import _time_round
+
     per_round: dict[str, list[float]] = {k: [] for k in contenders}
     for _ in range(rounds):
         for name, fn in contenders.items():
-            per_round[name].append(_time_round(fn, min_seconds))
+            fn()  # warm-up
+            per_round[name].append(_time_round(fn, min_seconds, 2))
     return [{"size": size, "batch": batch, "threads": threads, "contender": name,
              "ms_per_batch": 1e3 * statistics.median(v)} for name, v in per_round.items()]
 
