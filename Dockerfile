@@ -46,10 +46,18 @@ print("\n".join(p["dependencies"] + p["optional-dependencies"]["runtime"]))' > r
 # The code as a wheel (with the bundled default model, models/default/*.onnx), installed in the
 # runtime stage on top of the dependencies: a code change rebuilds (and a pull downloads) only a
 # small layer, not the venv.
+# The native sampler library is compiled here (g++ and onnxruntime's headers, builder only): the
+# wheel carries native/libstn_sampler.so; the runtime image has no compiler.
+RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
+COPY native/fetch-ort-headers.sh native/
+RUN sh native/fetch-ort-headers.sh
 COPY . .
 RUN set -eu; \
     ls models/default/*.onnx >/dev/null 2>&1 || { echo "no bundled model: models/default/*.onnx is missing" >&2; exit 1; }; \
     pip wheel -q --no-deps -w /wheels . ; \
+    python3 -c 'import glob, sys, zipfile; sys.exit(not any(n.endswith("native/libstn_sampler.so") \
+for n in zipfile.ZipFile(glob.glob("/wheels/*.whl")[0]).namelist()))' \
+      || { echo "the native sampler library was not built into the wheel" >&2; exit 1; }; \
     mkdir -p /opt/models && cp models/default/*.onnx /opt/models/
 
 # ---------------------------------------------------------------------------- runtime
@@ -96,7 +104,8 @@ COPY --from=builder --chown=stn:stn /opt/models/ /models/
 # has the settings table). The image changes only these defaults; set any of the others with -e / environment:
 #   STN_DEFAULT_MODEL STN_PROVIDERS STN_MAX_BATCH_SIZE STN_MAX_QUEUE_DELAY_MS STN_MAX_QUEUE_SIZE
 #   STN_REQUEST_TIMEOUT_S STN_MAX_UPLOAD_BYTES STN_MAX_IMAGE_PIXELS STN_MAX_FILES STN_MAX_OUTPUT_PIXELS
-#   STN_INTRA_OP_THREADS STN_INTER_OP_THREADS STN_WORKERS STN_MALLOC_KEEP_MB STN_WARMUP STN_STRICT_READINESS
+#   STN_INTRA_OP_THREADS STN_INTER_OP_THREADS STN_WORKERS STN_MALLOC_KEEP_MB STN_NATIVE_SAMPLER STN_WARMUP
+#   STN_STRICT_READINESS
 #   STN_ACCESS_LOG STN_API_KEYS STN_CORS_ORIGINS STN_LOG_LEVEL
 #   STN_MEMORY_BUDGET_MB STN_MAX_UPLOADS STN_BODY_TIMEOUT_S STN_MAX_HEADER_BYTES STN_MAX_HEADERS
 #   STN_SHUTDOWN_GRACE_S (on SIGTERM, `stn serve` drains for up to this long: give `docker stop -t` as much)

@@ -5,7 +5,8 @@ onnxruntime (CPU provider unless ``--provider`` says otherwise) with each sample
 lowering, at the same thread count. Contenders run interleaved, round after round, and
 each number is the median over rounds, so a noisy neighbour hurts all contenders alike.
 The last line printed is one JSON object with ``<model>_b<batch>_vs_torch`` ratios
-(throughput of onnxruntime with the default lowering / PyTorch's).
+(throughput of onnxruntime with the default lowering / PyTorch's) and, when the native
+library is there, ``<model>_b<batch>_native_vs_torch`` (the ``native`` lowering).
 """
 
 from __future__ import annotations
@@ -136,6 +137,10 @@ def bench_model(name: str, stn: SpatialTransformer, batch_sizes: tuple[int, ...]
             so = ort.SessionOptions()
             so.intra_op_num_threads = threads
             so.inter_op_num_threads = 1
+            if path.stem.endswith("-native"):
+                import native
+
+                native.register(so, providers)
             sess = ort.InferenceSession(str(path), so, providers=providers)
             for _ in range(2):
                 sess.run(None, {"image": a})
@@ -155,11 +160,15 @@ def bench_model(name: str, stn: SpatialTransformer, batch_sizes: tuple[int, ...]
 
 
 def run_bench(checkpoint: str | None, batch_sizes: tuple[int, ...] = (1, 32),
-              lowerings: tuple[str, ...] = ("onnx", "contrib", "gather"), threads: int | None = None,
+              lowerings: tuple[str, ...] = ("onnx", "contrib", "gather", "native"), threads: int | None = None,
               rounds: int = 5, min_seconds: float = 0.4, providers: list[str] | None = None) -> tuple[list[dict], dict]:
     """Benchmark; returns (rows, ratios). Without ``checkpoint``: the bundled default model and affine224."""
+    import native
     from models.checkpoint import load_checkpoint
 
+    if "native" in lowerings and not native.available():
+        log.warning("native lowering skipped: %s", native.status()["reason"])
+        lowerings = tuple(k for k in lowerings if k != "native")
     threads = threads or min(os.cpu_count() or 1, 4)
     torch.set_num_threads(threads)
     providers = providers or ["CPUExecutionProvider"]
@@ -181,6 +190,8 @@ def run_bench(checkpoint: str | None, batch_sizes: tuple[int, ...] = (1, 32),
                                 Path(tmp))
     ratios = {f"{r['model']}_b{r['batch']}_vs_torch": round(r["vs_torch"], 3)
               for r in rows if r["contender"] == f"ort-{DEFAULT_LOWERING}"}
+    ratios.update({f"{r['model']}_b{r['batch']}_native_vs_torch": round(r["vs_torch"], 3)
+                   for r in rows if r["contender"] == "ort-native"})
     return rows, ratios
 
 

@@ -6,6 +6,9 @@
 - ``contrib``: onnxruntime's ``com.microsoft::GridSample`` (same attribute values).
 - ``gather``: core ONNX ops only (``export.gather``), for runtimes with no GridSample;
   bilinear and nearest.
+- ``native``: our ``ai.stn::GridSample`` (the ``native`` package's library; the model then needs
+  it). The exporter fuses affine-like and projective samplers into ``ai.stn::Warp``
+  (``export.native_sampler.fuse_warp``).
 """
 
 from __future__ import annotations
@@ -25,22 +28,30 @@ _SUPPORTED_MODES = {
     "onnx": ("bilinear", "nearest", "bicubic"),
     "contrib": ("bilinear", "nearest", "bicubic"),
     "gather": ("bilinear", "nearest"),
+    "native": ("bilinear", "nearest", "bicubic"),
 }
 
 _MS_DOMAIN = onnxscript.values.Opset("com.microsoft", 1)
-_MS_GRID_SAMPLE_SCHEMA = OpSchema(
-    "GridSample",
-    "com.microsoft",
-    1,
-    inputs=[OpSchema.FormalParameter("X", "T1"), OpSchema.FormalParameter("Grid", "T2")],
-    outputs=[OpSchema.FormalParameter("Y", "T1")],
-    type_constraints=[("T1", ["tensor(float)"], ""), ("T2", ["tensor(float)"], "")],
-    attributes=[
-        OpSchema.Attribute("mode", OpSchema.AttrType.STRING, "bilinear | nearest | bicubic"),
-        OpSchema.Attribute("padding_mode", OpSchema.AttrType.STRING, "zeros | border | reflection"),
-        OpSchema.Attribute("align_corners", OpSchema.AttrType.INT, "0 | 1"),
-    ],
-)
+
+
+def _grid_sample_schema(domain: str) -> OpSchema:
+    """GridSample's schema (opset-16 attribute values) in a custom domain."""
+    return OpSchema(
+        "GridSample",
+        domain,
+        1,
+        inputs=[OpSchema.FormalParameter("X", "T1"), OpSchema.FormalParameter("Grid", "T2")],
+        outputs=[OpSchema.FormalParameter("Y", "T1")],
+        type_constraints=[("T1", ["tensor(float)"], ""), ("T2", ["tensor(float)"], "")],
+        attributes=[
+            OpSchema.Attribute("mode", OpSchema.AttrType.STRING, "bilinear | nearest | bicubic"),
+            OpSchema.Attribute("padding_mode", OpSchema.AttrType.STRING, "zeros | border | reflection"),
+            OpSchema.Attribute("align_corners", OpSchema.AttrType.INT, "0 | 1"),
+        ],
+    )
+
+
+_MS_GRID_SAMPLE_SCHEMA = _grid_sample_schema("com.microsoft")
 
 
 def grid_sample_onnx(image, grid, mode: str, padding_mode: str, align_corners: bool):  # noqa: ANN001, ANN201
@@ -52,6 +63,16 @@ def grid_sample_contrib(image, grid, mode: str, padding_mode: str, align_corners
     """onnxruntime's com.microsoft::GridSample."""
     ms_grid_sample = onnxscript.values.Op(_MS_DOMAIN, "GridSample", _MS_GRID_SAMPLE_SCHEMA)
     return ms_grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=int(align_corners))
+
+
+_STN_DOMAIN = onnxscript.values.Opset("ai.stn", 1)
+_STN_GRID_SAMPLE_SCHEMA = _grid_sample_schema("ai.stn")
+
+
+def grid_sample_native(image, grid, mode: str, padding_mode: str, align_corners: bool):  # noqa: ANN001, ANN201
+    """Our ai.stn::GridSample (needs the native library at run time)."""
+    stn_grid_sample = onnxscript.values.Op(_STN_DOMAIN, "GridSample", _STN_GRID_SAMPLE_SCHEMA)
+    return stn_grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=int(align_corners))
 
 
 def check_lowering(lowering: str, mode: str, padding_mode: str, opset: int) -> None:
@@ -82,6 +103,8 @@ def translation(lowering: str) -> Callable:
         return grid_sample_onnx
     if lowering == "contrib":
         return grid_sample_contrib
+    if lowering == "native":
+        return grid_sample_native
     if lowering == "gather":
         from export.gather import grid_sample_gather
 

@@ -14,7 +14,7 @@ from models.frames import TRANSFORMS
 
 PREFIX = "stn."
 CONTRACT_VERSION = 1
-LOWERINGS = ("onnx", "contrib", "gather")
+LOWERINGS = ("onnx", "contrib", "gather", "native")
 
 # Tensor names fixed by the contract (docs/DESIGN.md, "The ONNX model contract").
 INPUT_IMAGE = "image"  # [N, C, H, W] float32, normalized with mean/std

@@ -20,7 +20,7 @@ import onnx
 import torch
 import torch.nn.functional as F
 
-from export import lowerings
+from export import lowerings, native_sampler
 from export.metadata import BASE_GRID, INPUT_IMAGE, LOC_INPUT, OUTPUT_RECTIFIED, OUTPUT_THETA, ModelInfo, write_props
 from models.stn import SpatialTransformer
 
@@ -42,10 +42,15 @@ class ExportReport:
     opset: int
     max_abs_diff: float  # worst of |d theta| / (1 + |theta|) and |d rectified| (see check_parity)
     batch_sizes: tuple[int, ...]
+    sampler: str = ""  # the sampler op in the file (e.g. "GridSample", "ai.stn::Warp")
 
     def summary(self) -> str:
-        return (f"wrote {self.path}: lowering={self.lowering} opset={self.opset} "
+        text = (f"wrote {self.path}: lowering={self.lowering} opset={self.opset} sampler={self.sampler} "
                 f"parity max|diff|={self.max_abs_diff:.2e} at batch sizes {list(self.batch_sizes)}")
+        if self.lowering == "native":
+            text += ("\nnote: this model uses the ai.stn custom ops: it runs only where the stn native sampler "
+                     "library is registered (the stn service and batch jobs do it; see native.status())")
+        return text
 
 
 class _Exportable(torch.nn.Module):
@@ -96,6 +101,12 @@ def export_onnx(
     """Export ``stn`` to ``path`` with ``info`` as metadata; raise ExportError if parity fails."""
     cfg = stn.config
     lowerings.check_lowering(lowering, cfg.mode, cfg.padding_mode, opset)
+    if lowering == "native":
+        import native
+
+        if not native.available():
+            raise ExportError(f"--grid-sample native needs the native sampler library to check parity: "
+                              f"{native.status()['reason']}; or export with --grid-sample onnx")
     stn = stn.eval().cpu()
     path = Path(path)
     lh, lw = cfg.loc_size
@@ -116,6 +127,8 @@ def export_onnx(
             raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
         model = onnx.load(raw)
     _name_contract_tensors(model, stn.base_grid.numpy())
+    if lowering == "native":
+        native_sampler.fuse_warp(model, info)
     model.producer_name = "stn"
     model.doc_string = f"Spatial transformer ({cfg.transform}); see stn.* metadata_props."
     write_props(model, info)
@@ -128,7 +141,16 @@ def export_onnx(
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
-    return ExportReport(path, lowering, opset, diff, tuple(parity_batch_sizes))
+    return ExportReport(path, lowering, opset, diff, tuple(parity_batch_sizes), sampler_op(model))
+
+
+def sampler_op(model: onnx.ModelProto) -> str:
+    """The sampler op a model runs: ``GridSample``, ``com.microsoft::GridSample``, ``ai.stn::Warp``, ... or
+    ``gather`` (core ops)."""
+    for node in model.graph.node:
+        if node.op_type in ("GridSample", "Warp"):
+            return f"{node.domain}::{node.op_type}" if node.domain else node.op_type
+    return "gather"
 
 
 def check_parity(stn: SpatialTransformer, onnx_path: str | os.PathLike,
@@ -144,7 +166,12 @@ def check_parity(stn: SpatialTransformer, onnx_path: str | os.PathLike,
     """
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    so = ort.SessionOptions()
+    if native_sampler.uses_native(onnx.load(str(onnx_path))):
+        import native
+
+        native.register(so)
+    sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
     cfg = stn.config
     gen = torch.Generator().manual_seed(0)
     worst = 0.0

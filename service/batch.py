@@ -247,7 +247,7 @@ def session_config(providers: Iterable[str] | None = None):  # noqa: ANN201 (ser
 
     s = Settings()
     return SessionConfig(providers=tuple(providers or s.providers), intra_op_threads=s.intra_op_threads,
-                         inter_op_threads=s.inter_op_threads)
+                         inter_op_threads=s.inter_op_threads, native_sampler=s.native_sampler)
 
 
 def load_batch_model(path: str | os.PathLike, providers: Iterable[str] | None = None) -> ModelRuntime:

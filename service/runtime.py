@@ -24,6 +24,11 @@ the small copy afterwards (resize is linear, so this equals resizing the normali
 feeds that to the localiser, and feeds the *raw* image to the sampler: zeros padding is then
 black, and OpenCV's ``warpAffine`` with its default ``borderValue=0`` reproduces the result.
 
+Native sampler: when the ``native`` library is present (and ``SessionConfig.native_sampler`` is
+not ``off``), every session registers it and the sampler sub-model is rebuilt on the ``ai.stn``
+ops (``export.native_sampler.sampler_model``) whatever lowering the file was exported with; a
+model exported with ``--grid-sample native`` always needs it. ``describe()["sampler"]`` says which.
+
 On a GPU provider the full-resolution image is uploaded once (:meth:`ModelRuntime.upload`) and
 bound with IO binding to both the resize and the sampler sessions.
 """
@@ -45,6 +50,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+import native
+from export import native_sampler
 from export.contract import ContractError, split
 from export.metadata import (
     BASE_GRID,
@@ -151,6 +158,7 @@ class SessionConfig:
     intra_op_threads: int = 1  # 0: onnxruntime decides
     inter_op_threads: int = 1
     io_binding: bool | None = None  # None: on GPU providers only
+    native_sampler: str = "auto"  # auto: the native sampler when its library is present; on: required; off: never
 
     def session_options(self) -> ort.SessionOptions:
         so = ort.SessionOptions()
@@ -206,6 +214,7 @@ class ModelRuntime:
         self._grid_lock = threading.Lock()
         self.warmed_up = False
         self.load_seconds = 0.0
+        self.sampler: dict[str, Any] = {"implementation": "exported", "op": info.grid_sample, "library": None}
 
     # ---- pieces -------------------------------------------------------------------------
     def upload(self, image: np.ndarray) -> DeviceImage:
@@ -289,6 +298,7 @@ class ModelRuntime:
             "theta_shape": list(info.theta_shape), "classes": list(info.classes) if info.classes else None,
             "dataset": info.dataset, "metrics": info.metrics, "created_by": info.created_by,
             "providers": self.providers, "io_binding": self.io_binding, "warmed_up": self.warmed_up,
+            "sampler": dict(self.sampler),
             "sessions": {"resize": self._resize.get_providers(), "localiser": self._localiser.get_providers(),
                          "sampler": self._sampler.get_providers()},
         }
@@ -334,16 +344,47 @@ def load_model(path: str | Path, config: SessionConfig, name: str | None = None)
     except (MetadataError, ContractError) as e:
         raise ModelLoadError(f"{path.name}: {e}") from None
     providers = resolve_providers(config.providers)
+    register, use_native = _native_plan(path, proto, config)
+    sampler = subs.sampler
+    if use_native:
+        opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 18)
+        sampler = native_sampler.sampler_model(info, opset=opset, ir_version=proto.ir_version)
     sessions = {}
-    for part, sub in (("resize", subs.resize), ("localiser", subs.localiser), ("sampler", subs.sampler)):
+    library = None
+    for part, sub in (("resize", subs.resize), ("localiser", subs.localiser), ("sampler", sampler)):
+        so = config.session_options()
         try:
-            sessions[part] = ort.InferenceSession(sub.SerializeToString(), config.session_options(),
-                                                  providers=providers)
+            if register:
+                library = native.register(so, providers)
+            sessions[part] = ort.InferenceSession(sub.SerializeToString(), so, providers=providers)
         except Exception as e:  # noqa: BLE001 (onnxruntime raises its own exception types)
             raise ModelLoadError(f"{path.name}: onnxruntime cannot load its {part}: {e}") from None
     runtime = ModelRuntime(name, path, info, sessions, config)
+    if use_native or info.grid_sample == "native":
+        runtime.sampler = {"implementation": "native", "op": native_sampler.op_name(info), "library": library}
     runtime.load_seconds = time.perf_counter() - t0
     return runtime
+
+
+def _native_plan(path: Path, proto: onnx.ModelProto, config: SessionConfig) -> tuple[bool, bool]:
+    """(register the native library in every session, run the sampler on the native ops)."""
+    setting = config.native_sampler
+    if setting not in ("auto", "on", "off"):
+        raise ModelLoadError(f"native_sampler must be auto, on or off, got {setting!r}")
+    needs = native_sampler.uses_native(proto)
+    if setting == "off" and not needs:
+        return False, False
+    st = native.status()
+    if not st["available"]:
+        if needs:
+            raise ModelLoadError(f"{path.name}: exported with --grid-sample native, it needs the native sampler "
+                                 f"library: {st['reason']}")
+        if setting == "on":
+            raise ModelLoadError(f"{path.name}: STN_NATIVE_SAMPLER=on but the native sampler library is "
+                                 f"unavailable: {st['reason']}")
+        native.warn_unavailable_once("each model samples with its exported lowering")
+        return False, False
+    return True, setting != "off"
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib.util
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -57,6 +57,7 @@ class Settings(BaseSettings):
     inter_op_threads: int = Field(1, ge=0)  # onnxruntime inter-op threads (0: onnxruntime decides)
     workers: int = Field(0, ge=0)  # threads decoding, sampling and encoding images (0: CPUs this process may use, at most 8)
     malloc_keep_mb: int = Field(256, ge=0)  # freed memory glibc keeps for reuse (saves page faults per image; 0: glibc default)
+    native_sampler: Literal["auto", "on", "off"] = "auto"  # sampler on the native ai.stn ops: auto (when the library is present), on (required), off
     warmup: bool = True  # run each model once at startup, before readiness
     strict_readiness: bool = False  # not ready while any model in the folder failed to load (Triton's strict readiness)
     access_log: bool = False  # uvicorn's per-request access log

@@ -70,7 +70,7 @@ class ServiceState:
         tune_malloc(s.malloc_keep_mb * 1024 * 1024)
         self.workers = CoalescingExecutor(s.worker_threads)
         config = SessionConfig(providers=tuple(s.providers), intra_op_threads=s.intra_op_threads,
-                               inter_op_threads=s.inter_op_threads)
+                               inter_op_threads=s.inter_op_threads, native_sampler=s.native_sampler)
         try:
             self.loaded = await asyncio.to_thread(load_model_dir, s.model_dir, config,
                                                   s.max_batch_size if s.warmup else None)

@@ -24,6 +24,7 @@ BENCHMARKS = {
     "export": ("export.cli", "onnxruntime vs PyTorch eager, per lowering and batch size."),
     "serve": ("service.cli", "The HTTP service vs the bare pipeline and a naive server."),
     "batch": ("service.batch", "The batch engine vs a naive loop and the bare model."),
+    "sampler": ("native.bench", "The native sampler vs onnxruntime's GridSample, torch and OpenCV."),
 }
 
 
