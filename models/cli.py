@@ -15,6 +15,7 @@ from models.frames import TRANSFORMS  # numpy-only
 
 DEFAULT_DATA = "/usr/share/datasets/fashion-mnist"  # == models.data.DEFAULT_DATA (not imported: keep this light)
 DISTORTION_CHOICES = ("R", "RTS", "P", "E", "TC", "none")
+DOCUMENT = "document"  # == models.documents.DISTORTION (training only: not a paper-table distortion)
 TRANSFORM_CHOICES = TRANSFORMS
 HEAD_CHOICES = ("gap", "grid")  # == models.classifier.HEADS (not imported: it imports torch)
 
@@ -23,6 +24,9 @@ examples:
   stn train --distortion RTS --epochs 5 --out runs/rts          # ST-CNN on Fashion-MNIST RTS
   stn train --model cnn --distortion RTS --out runs/rts-cnn      # the matched plain-CNN baseline
   stn train --mode rectify --data my_upright_images/ --distortion RTS --out runs/rectifier
+  stn train --mode rectify --distortion document --transform projective --out runs/doc   # document rectifier
+  stn train --mode rectify --distortion document --transform projective --pages my_pages/ \
+      --backgrounds my_desks/ --out runs/my-doc                                  # on your own upright pages
 writes OUT/checkpoint.pt, OUT/metrics.json and OUT/sheet.png (test inputs | rectified | upright).
 """
 
@@ -46,9 +50,10 @@ def configure_train(parser: argparse.ArgumentParser) -> None:
            "upright images with known random distortions (default %(default)s)")
     a("--model", choices=("stn", "cnn"), default="stn",
       help="stn: with the spatial transformer; cnn: plain CNN baseline of matched size (classify only)")
-    a("--distortion", choices=DISTORTION_CHOICES, default="RTS",
+    a("--distortion", choices=(*DISTORTION_CHOICES, DOCUMENT), default="RTS",
       help="R rotation, RTS rotation+translation+scale on a 1.5x canvas, P projective, E elastic (TPS), "
-           "TC translation+clutter on a 60/28x canvas, none (default %(default)s)")
+           "TC translation+clutter on a 60/28x canvas, none; document: synthetic photos of pages "
+           "(--mode rectify --transform projective; --data is not read) (default %(default)s)")
     a("--transform", choices=TRANSFORM_CHOICES, default="affine", help="STN transform family (default %(default)s)")
     a("--head", choices=HEAD_CHOICES, default="gap",
       help="classifier head: gap (global average pooling) or grid (4x4 average pooling, keeps the layout) "
@@ -77,6 +82,16 @@ def configure_train(parser: argparse.ArgumentParser) -> None:
     a("--init-stn", default=None, metavar="CHECKPOINT",
       help="start the spatial transformer from this checkpoint's (same config), e.g. a --mode rectify run "
            "before a --mode classify run")
+    a("--pages", default=None, metavar="DIR",
+      help="document: your own upright pages (any images), placed in the photos instead of most rendered pages")
+    a("--backgrounds", default=None, metavar="DIR",
+      help="document: background images, used beside the procedural textures")
+    a("--figures", default=None, metavar="DIR", help="document: images placed as figures on rendered pages")
+    a("--max-minutes", type=float, default=None, metavar="MIN",
+      help="document: stop training after MIN minutes or --steps, whichever comes first; the learning-rate "
+           "schedule follows whichever is nearer its end")
+    a("--workers", type=int, default=0,
+      help="document: processes composing photos while training (0: in the training process) (default %(default)s)")
     a("--name", default=None, help="model name stored in the checkpoint (default: derived)")
     a("--no-progress", action="store_true", help="no progress bar")
     a("--out", required=True, metavar="DIR", help="output folder for checkpoint.pt, metrics.json, sheet.png")
@@ -94,6 +109,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     try:
         from models.data import DataError
+        from models.documents import DocumentDataError
         from models.train import ConfigError, TrainConfig, train
     except ImportError as e:
         print(f"stn train: needs the training install (pip install -e '.[train]'): {e}", file=sys.stderr)
@@ -109,16 +125,27 @@ def run_train(args: argparse.Namespace) -> int:
         limit_train=args.limit_train, limit_test=args.limit_test, seed=args.seed, threads=args.threads,
         clip_grad=args.clip_grad, boundary_weight=args.boundary_weight, out=args.out, name=args.name,
         created_by="stn " + shlex.join(sys.argv[1:]), progress=not args.no_progress, init_stn=args.init_stn,
+        pages=args.pages, backgrounds=args.backgrounds, figures=args.figures, workers=args.workers,
+        max_minutes=args.max_minutes,
     )
     try:
         result = train(config)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, DocumentDataError) as e:
         print(f"stn train: error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:
         print(f"stn train: {e}", file=sys.stderr)
         return 1
     m = result.metrics
+    if "corner_error_median" in m:
+        print(f"{m['dataset']}: {m['steps']} steps of {m['batch_size']} in {m['train_seconds']:.1f} s "
+              f"({100 * m['data_wait_fraction']:.0f}% waiting for photos), final train loss {m['final_train_loss']:.4f}")
+        print(f"corner error on {m['test_examples']} held-out photos: median {100 * m['corner_error_median']:.2f}%  "
+              f"p90 {100 * m['corner_error_p90']:.2f}%  (identity: median {100 * m['identity_corner_error_median']:.2f}%)")
+        for k, v in m["corner_error_by_rotation"].items():
+            print(f"  |rotation| {k:>6} deg: n={v['n']:4d}  median {100 * v['median']:.2f}%  p90 {100 * v['p90']:.2f}%")
+        print("wrote " + ", ".join(result.files.values()))
+        return 0
     print(f"{m['dataset']}: {m['mode']} {m['model']}, {m['steps']} steps ({m['epochs']:.2f} epochs) in "
           f"{m['train_seconds']:.1f} s ({m['seconds_per_epoch']:.1f} s/epoch), final train loss "
           f"{m['final_train_loss']:.4f}")

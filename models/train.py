@@ -72,6 +72,8 @@ from models.sampler import grid_sample
 from models.stn import SpatialTransformer, STNConfig
 from models.transforms import TRANSFORMS, make_transform
 
+DOCUMENT = "document"  # == models.documents.DISTORTION: the synthetic document photos (models.document_train)
+
 log = logging.getLogger(__name__)
 
 MODES = ("classify", "rectify")
@@ -121,6 +123,11 @@ class TrainConfig:
     created_by: str = ""  # the command line that produced the model (stored in the checkpoint)
     progress: bool = True  # show a tqdm progress bar
     init_stn: str | None = None  # start the STN from this checkpoint's transformer (e.g. rectify first, then classify)
+    pages: str | None = None  # document: folder of the user's upright pages (default: rendered pages only)
+    backgrounds: str | None = None  # document: folder of background images (default: procedural textures)
+    figures: str | None = None  # document: folder of images placed as figures on rendered pages
+    workers: int = 0  # document: processes composing photos while the main process trains (0: in-process)
+    max_minutes: float | None = None  # document: stop after this much training time (the lr schedule follows it)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -146,8 +153,17 @@ def check_config(config: TrainConfig) -> None:
         raise ConfigError(f"unknown model {config.model!r}; choose one of {', '.join(MODELS)}")
     if config.mode == "rectify" and config.model != "stn":
         raise ConfigError("--model cnn is a classifier baseline; rectify mode trains the STN alone (--model stn)")
-    if config.distortion not in dist.DISTORTIONS:
-        raise ConfigError(f"unknown distortion {config.distortion!r}; choose one of {', '.join(dist.DISTORTIONS)}")
+    if config.distortion == DOCUMENT:
+        if config.mode != "rectify" or config.transform != "projective":
+            raise ConfigError("--distortion document trains the document rectifier: use --mode rectify "
+                              "--transform projective")
+        if config.workers < 0:
+            raise ConfigError(f"workers must be >= 0, got {config.workers}")
+    elif config.distortion not in dist.DISTORTIONS:
+        raise ConfigError(f"unknown distortion {config.distortion!r}; choose one of "
+                          f"{', '.join((*dist.DISTORTIONS, DOCUMENT))}")
+    elif config.pages or config.backgrounds or config.figures:
+        raise ConfigError("--pages, --backgrounds and --figures are for --distortion document")
     if config.transform not in TRANSFORMS:
         raise ConfigError(f"unknown transform {config.transform!r}; choose one of {', '.join(TRANSFORMS)}")
     if config.head not in HEADS:
@@ -420,6 +436,10 @@ def train(config: TrainConfig, splits: ImageSplits | None = None) -> TrainResult
     or ``models.data.DataError`` (both ValueError) with a message naming what to fix.
     """
     check_config(config)
+    if config.distortion == DOCUMENT:  # synthetic photos, not a dataset: its own data stream and metrics
+        from models.document_train import train_documents
+
+        return train_documents(config)
     if config.threads:
         torch.set_num_threads(config.threads)
     if splits is None:
