@@ -224,3 +224,32 @@ def run_experiment(args: argparse.Namespace) -> int:
     print(report_markdown(summary))
     print(f"wrote {args.out}/results.json, results.md, figure.png")
     return 1 if summary["failures"] else 0
+
+
+def configure_bench_documents(parser: argparse.ArgumentParser) -> None:
+    a = parser.add_argument
+    a("--batch-size", type=_size, default=32, help="default %(default)s")
+    a("--steps", type=_size, default=10, help="timed training steps per repeat (default %(default)s)")
+    a("--repeats", type=_size, default=3, help="repeats; medians are reported (default %(default)s)")
+    a("--threads", type=_size, default=2, help="torch threads (default %(default)s)")
+
+
+def run_bench_documents(args: argparse.Namespace) -> int:
+    try:
+        from models.document_train import bench
+    except ImportError as e:
+        print(f"stn bench documents: needs the training install (pip install -e '.[train]'): {e}", file=sys.stderr)
+        return 2
+    r = bench(args.batch_size, args.steps, args.repeats, args.threads)
+    b = r["batch_size"]
+    print(f"document photos for the rectifier (batch {b}, {r['threads']} torch threads, photos "
+          f"{r['photo_long_side'][0]}-{r['photo_long_side'][1]} px long side; medians of {args.repeats})")
+    print(f"  render one page (pool refresh)      {1000 * r['page_render_s']:8.1f} ms")
+    print(f"  render one background (pool refresh){1000 * r['background_render_s']:8.1f} ms")
+    print(f"  compose one photo                   {1000 * r['photo_s']:8.1f} ms   ({b} photos: "
+          f"{1000 * b * r['photo_s']:.0f} ms)")
+    print(f"  training step on a ready batch      {1000 * r['train_step_s']:8.1f} ms")
+    print(f"  step, photos composed in-process    {1000 * r['step_workers0_s']:8.1f} ms   (composing "
+          f"{100 * r['composing_fraction_in_process']:.0f}% of it)")
+    print(f"  step, photos from 1 worker process  {1000 * r['step_workers1_s']:8.1f} ms")
+    return 0

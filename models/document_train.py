@@ -280,3 +280,58 @@ def train_documents(config) -> Any:  # noqa: ANN001 (models.train.TrainConfig; i
 __all__ = ["DEFAULT_LOC_SIZE", "DEFAULT_OUTPUT_SIZE", "stn_config", "loc_input", "PhotoStream", "HeldOut",
            "held_out_set", "predict_corners", "corner_metrics", "evaluate_documents", "write_document_sheet",
            "train_documents"]
+
+
+def bench(batch_size: int = 32, steps: int = 10, repeats: int = 3, threads: int = 2,
+          photo_long_side: tuple[int, int] = TRAIN_PHOTO_SIDES) -> dict[str, Any]:
+    """Photo composition vs the training step it feeds, side by side (``stn bench documents``).
+
+    Measures, each as a median over ``repeats``: rendering one page and one background (the
+    pools' refresh cost), composing one training photo (warp and photometric steps, including
+    the resize to the localiser's size), one training step of the default document rectifier
+    on a ready batch, and whole steps with the photos composed in the training process
+    (``workers=0``) and in one worker process (``workers=1``).
+    """
+    torch.set_num_threads(threads)
+    cfg = stn_config()
+    gen = docs.DocumentGenerator("train", seed=0, photo_long_side=photo_long_side, pool_pages=8, pool_backgrounds=8)
+
+    def median_of(fn, n: int) -> float:  # noqa: ANN001
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            for _ in range(n):
+                fn()
+            times.append((time.perf_counter() - t) / n)
+        return float(np.median(times))
+
+    out: dict[str, Any] = {"batch_size": batch_size, "threads": threads, "photo_long_side": list(photo_long_side)}
+    out["page_render_s"] = median_of(gen._new_page, 4)
+    out["background_render_s"] = median_of(gen._new_background, 4)
+    out["photo_s"] = median_of(lambda: loc_input(gen().photo, cfg.loc_size), batch_size)
+    model = SpatialTransformer(cfg).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    x, y = torch.rand(batch_size, 3, *cfg.loc_size), torch.rand(batch_size, 4, 2) * 2 - 1
+
+    def step(x: torch.Tensor = x, y: torch.Tensor = y) -> None:
+        loss = F.l1_loss(model.transform.corners(model.localisation(x)), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    step()
+    out["train_step_s"] = median_of(step, steps)
+    for workers in (0, 1):
+        loader = DataLoader(PhotoStream(cfg.loc_size, 0, photo_long_side=photo_long_side, pool_pages=8,
+                                        pool_backgrounds=8), batch_size=batch_size, num_workers=workers,
+                            prefetch_factor=4 if workers else None)
+        it = iter(loader)
+        next(it)  # start-up (worker launch, pools) is not counted
+
+        def loaded_step(it=it) -> None:  # noqa: ANN001
+            step(*next(it))
+
+        out[f"step_workers{workers}_s"] = median_of(loaded_step, steps)
+        del it, loader
+    out["composing_fraction_in_process"] = out["photo_s"] * batch_size / out["step_workers0_s"]
+    return out

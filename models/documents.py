@@ -282,6 +282,8 @@ def render_page(rng: np.random.Generator, kind: str, width: int, fonts: list[Pat
                 if y >= h - margin - line:
                     break
                 text = _words(words, rng, 30)[: int(chars_per_line * rng.uniform(0.6, 1.0))]
+                while " " in text and body.getlength(text) > width - 2 * margin:  # keep to the margins
+                    text = text.rsplit(" ", 1)[0]
                 draw.text((margin, y), text, font=body, fill=colour)
                 y += line
             y += line // 2
@@ -549,7 +551,7 @@ class DocumentGenerator:
                  backgrounds: str | Path | None = None, figures: str | Path | None = None,
                  photo_long_side: tuple[int, int] = (192, 320), page_width: int = 420, pool_pages: int = 48,
                  pool_backgrounds: int = 48, refresh: int = 16, max_angle: float = 40.0, perspective: float = 0.12,
-                 touch_border: float = 0.15, photometric_strength: float = 1.0) -> None:
+                 touch_border: float = 0.15, photometric_strength: float = 1.0, background_size: int = 384) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.split = split
@@ -564,6 +566,7 @@ class DocumentGenerator:
         self.refresh = refresh
         self.max_angle, self.perspective, self.touch_border = max_angle, perspective, touch_border
         self.strength = photometric_strength
+        self.background_size = background_size
         self._count = 0
         self._pages = [self._new_page() for _ in range(pool_pages)]
         self._backgrounds = [self._new_background() for _ in range(pool_backgrounds)]
@@ -579,7 +582,7 @@ class DocumentGenerator:
     def _new_background(self) -> np.ndarray:
         if self.background_files and self.rng.random() < 0.7:
             return _read_rgb(self.background_files[int(self.rng.integers(len(self.background_files)))])
-        return render_background(self.rng, (384, 384))
+        return render_background(self.rng, (self.background_size, self.background_size))
 
     def _background(self, size: frames.Size) -> np.ndarray:
         h, w = size
@@ -637,6 +640,31 @@ class DocumentGenerator:
         return DocumentPhoto(out, page, corners, m, angle, kind)
 
 
+SAMPLE_SEED = 7  # models/default/sample.jpg
+
+
+def sample_photo(seed: int = SAMPLE_SEED, long_side: int = 1024) -> DocumentPhoto:
+    """A larger held-out photo (``split="test"``) of an A4 page, for demos: ``models/default/sample.jpg``.
+
+    The first A4 page the held-out generator draws for ``seed`` at a rotation of 10 to 35 degrees,
+    rendered 900 pixels wide (legible text), on a 1024-pixel procedural background.
+    """
+    gen = DocumentGenerator("test", seed=seed, page_width=900, photo_long_side=(long_side, long_side), pool_pages=1,
+                            pool_backgrounds=1, refresh=1, touch_border=0.0, background_size=long_side)
+    for _ in range(200):
+        d = gen(photo_size=(round(long_side * 3 / 4), long_side))
+        if d.kind == "a4" and 10 <= abs(d.angle) <= 35:
+            return d
+    raise RuntimeError(f"no A4 page at 10-35 degrees in 200 draws of seed {seed}")
+
+
+def write_sample(path: str | Path, seed: int = SAMPLE_SEED, long_side: int = 1024, quality: int = 88) -> DocumentPhoto:
+    """Write :func:`sample_photo` as a JPEG (the bundled ``models/default/sample.jpg``: ``write_sample(that path)``)."""
+    d = sample_photo(seed, long_side)
+    Path(path).write_bytes(jpeg_bytes(d.photo, quality))
+    return d
+
+
 def jpeg_bytes(photo: np.ndarray, quality: int = 90) -> bytes:
     """An RGB uint8 photo as JPEG bytes (Pillow)."""
     buf = io.BytesIO()
@@ -648,5 +676,5 @@ __all__ = [
     "DISTORTION", "PAGE_ASPECTS", "BACKGROUND_KINDS", "DocumentDataError", "DocumentGenerator", "DocumentPhoto",
     "find_fonts", "split_fonts", "word_source", "split_files", "render_page", "render_background", "random_corners",
     "homography_from_corners", "theta_for", "corners_norm", "corners_px", "corner_error", "page_corners_px",
-    "photometric", "jpeg_bytes",
+    "photometric", "jpeg_bytes", "sample_photo", "write_sample",
 ]

@@ -23,6 +23,7 @@ BENCHMARKS = {
     "export": ("export.cli", "onnxruntime vs PyTorch eager, per lowering and batch size."),
     "serve": ("service.cli", "The HTTP service vs the bare pipeline and a naive server."),
     "batch": ("service.batch", "The batch engine vs a naive loop and the bare model."),
+    "documents": ("models.cli", "Composing synthetic document photos vs the training step they feed."),
 }
 
 
