@@ -50,7 +50,8 @@ COPY . .
 RUN set -eu; \
     ls models/default/*.onnx >/dev/null 2>&1 || { echo "no bundled model: models/default/*.onnx is missing" >&2; exit 1; }; \
     pip wheel -q --no-deps -w /wheels . ; \
-    mkdir -p /opt/models && cp models/default/*.onnx /opt/models/
+    mkdir -p /opt/models && cp models/default/*.onnx /opt/models/ \
+    && if [ -f models/default/DEFAULT ]; then cp models/default/DEFAULT /opt/models/; fi
 
 # ---------------------------------------------------------------------------- runtime
 FROM ${BASE_IMAGE} AS runtime

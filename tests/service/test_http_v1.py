@@ -311,9 +311,10 @@ def test_no_models_is_not_ready_not_a_crash(tmp_path: Path) -> None:
 
 
 def test_default_bundled_model(default_server) -> None:  # noqa: ANN001
-    models = httpx.get(default_server.url + "/v1/models").json()["models"]
+    listing = httpx.get(default_server.url + "/v1/models").json()
+    models = listing["models"]
     assert models
-    m = models[0]
+    m = next(x for x in models if x["default"])  # what a request naming no model gets
     c = m["in_channels"]
     src = smooth_image(240, 320, c, seed=9)
     r = httpx.post(default_server.url + "/v1/rectify", files={"file": ("d.png", encode(src), "image/png")})
