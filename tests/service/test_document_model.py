@@ -42,8 +42,10 @@ def test_bundled_default_is_the_document_rectifier(runtime) -> None:  # noqa: AN
 
 
 def test_flattens_generated_held_out_photos_within_the_goal(runtime) -> None:  # noqa: ANN001
-    gen = docs.DocumentGenerator("test", seed=2024, pool_pages=8, pool_backgrounds=8)  # unseen fonts, text, textures
-    photos = [gen() for _ in range(30)]
+    # unseen fonts, text and textures, drawn as the training run's evaluation draws them, another seed;
+    # 100 photos: a 90th percentile of 30 rests on 3 photos
+    gen = docs.DocumentGenerator("test", seed=2024, pool_pages=25, pool_backgrounds=25, refresh=4)
+    photos = [gen() for _ in range(100)]
     err = docs.corner_error(np.array([_corners(runtime, p.photo) for p in photos]), np.array([p.corners for p in photos]))
     assert np.median(err) <= GOAL_MEDIAN and np.percentile(err, 90) <= GOAL_P90, (np.median(err), np.percentile(err, 90))
 
