@@ -206,8 +206,10 @@ def train_documents(config) -> Any:  # noqa: ANN001 (models.train.TrainConfig; i
     options = {"pages": config.pages, "backgrounds": config.backgrounds, "figures": config.figures,
                "photo_long_side": TRAIN_PHOTO_SIDES}
     stream = PhotoStream(cfg.loc_size, config.seed, **options)
+    # spawn, not fork: a fork after torch's OpenMP threads have run can deadlock in the child
     loader = DataLoader(stream, batch_size=batch, num_workers=config.workers,
-                        persistent_workers=config.workers > 0, prefetch_factor=4 if config.workers else None)
+                        persistent_workers=config.workers > 0, prefetch_factor=4 if config.workers else None,
+                        multiprocessing_context="spawn" if config.workers else None)
     mean = torch.tensor(cfg.mean).view(1, -1, 1, 1)
     std = torch.tensor(cfg.std).view(1, -1, 1, 1)
     out = Path(config.out) if config.out else None
@@ -324,7 +326,7 @@ def bench(batch_size: int = 32, steps: int = 10, repeats: int = 3, threads: int 
     for workers in (0, 1):
         loader = DataLoader(PhotoStream(cfg.loc_size, 0, photo_long_side=photo_long_side, pool_pages=8,
                                         pool_backgrounds=8), batch_size=batch_size, num_workers=workers,
-                            prefetch_factor=4 if workers else None)
+                            prefetch_factor=4 if workers else None, multiprocessing_context="spawn" if workers else None)
         it = iter(loader)
         next(it)  # start-up (worker launch, pools) is not counted
 
