@@ -58,7 +58,8 @@ RUN set -eu; \
     python3 -c 'import glob, sys, zipfile; sys.exit(not any(n.endswith("native/libstn_sampler.so") \
 for n in zipfile.ZipFile(glob.glob("/wheels/*.whl")[0]).namelist()))' \
       || { echo "the native sampler library was not built into the wheel" >&2; exit 1; }; \
-    mkdir -p /opt/models && cp models/default/*.onnx /opt/models/
+    mkdir -p /opt/models && cp models/default/*.onnx /opt/models/ \
+    && if [ -f models/default/DEFAULT ]; then cp models/default/DEFAULT /opt/models/; fi
 
 # ---------------------------------------------------------------------------- runtime
 FROM ${BASE_IMAGE} AS runtime

@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from models.frames import TRANSFORMS
+from models.frames import PARAMETRISATIONS, TRANSFORMS
 
 PREFIX = "stn."
 CONTRACT_VERSION = 1
@@ -50,6 +50,7 @@ class ModelInfo:
     metrics: dict[str, Any] = field(default_factory=dict)
     created_by: str = ""
     contract: int = CONTRACT_VERSION
+    parametrisation: str = "matrix"  # what the localiser regresses (models.frames.PARAMETRISATIONS); theta is the same
 
     REQUIRED = ("name", "version", "transform", "in_channels", "loc_size", "output_size", "mean", "std",
                 "align_corners", "padding_mode", "interpolation", "grid_sample", "created_by")
@@ -97,6 +98,7 @@ class ModelInfo:
                 metrics=dict(values.get("metrics") or {}),
                 created_by=str(values["created_by"]),
                 contract=int(values.get("contract", CONTRACT_VERSION)),
+                parametrisation=str(values.get("parametrisation", "matrix")),
             )
         except (TypeError, ValueError) as e:
             raise MetadataError(f"stn metadata has a malformed value: {e}") from None
@@ -114,6 +116,10 @@ class ModelInfo:
             raise MetadataError("stn.std values must be > 0")
         if self.align_corners:
             raise MetadataError("stn.align_corners must be false (the convention); this code does not read true")
+        if self.parametrisation not in PARAMETRISATIONS:
+            raise MetadataError(f"unknown parametrisation {self.parametrisation!r} in stn.parametrisation")
+        if self.parametrisation == "corners" and self.transform != "projective":
+            raise MetadataError("stn.parametrisation 'corners' needs stn.transform 'projective'")
         if self.grid_sample not in LOWERINGS:
             raise MetadataError(f"unknown lowering {self.grid_sample!r} in stn.grid_sample")
 

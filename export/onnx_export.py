@@ -207,6 +207,7 @@ def info_for(stn: SpatialTransformer, meta: dict, lowering: str, name: str, vers
         align_corners=False, padding_mode=cfg.padding_mode, interpolation=cfg.mode, grid_sample=lowering,
         tps_grid=tuple(cfg.tps_grid), classes=tuple(classes) if classes else None,
         dataset=str(meta.get("dataset", "")), metrics=dict(meta.get("metrics") or {}), created_by=created_by,
+        parametrisation=cfg.parametrisation,
     )
 
 

@@ -15,6 +15,7 @@ from models.frames import TRANSFORMS  # numpy-only
 
 DEFAULT_DATA = "/usr/share/datasets/fashion-mnist"  # == models.data.DEFAULT_DATA (not imported: keep this light)
 DISTORTION_CHOICES = ("R", "RTS", "P", "E", "TC", "none")
+DOCUMENT = "document"  # == models.documents.DISTORTION (training only: not a paper-table distortion)
 TRANSFORM_CHOICES = TRANSFORMS
 HEAD_CHOICES = ("gap", "grid")  # == models.classifier.HEADS (not imported: it imports torch)
 AMP_CHOICES = ("off", "bf16", "fp16")  # == models.devices.AMP_CHOICES (not imported: it imports torch)
@@ -27,6 +28,9 @@ examples:
   stn train --device cuda --amp bf16 --workers 4 --save-every 500 --eval-every 1000 --out runs/gpu
   stn train ... --out runs/gpu --resume runs/gpu/last.pt         # continue an interrupted run
   torchrun --standalone --nproc_per_node 4 -m stn train --device cuda ... --out runs/ddp
+  stn train --mode rectify --distortion document --transform projective --out runs/doc   # document rectifier
+  stn train --mode rectify --distortion document --transform projective --pages my_pages/ \
+      --backgrounds my_desks/ --out runs/my-doc                                  # on your own upright pages
 writes OUT/checkpoint.pt, OUT/metrics.json and OUT/sheet.png (test inputs | rectified | upright).
 """
 
@@ -50,9 +54,10 @@ def configure_train(parser: argparse.ArgumentParser) -> None:
            "upright images with known random distortions (default %(default)s)")
     a("--model", choices=("stn", "cnn"), default="stn",
       help="stn: with the spatial transformer; cnn: plain CNN baseline of matched size (classify only)")
-    a("--distortion", choices=DISTORTION_CHOICES, default="RTS",
+    a("--distortion", choices=(*DISTORTION_CHOICES, DOCUMENT), default="RTS",
       help="R rotation, RTS rotation+translation+scale on a 1.5x canvas, P projective, E elastic (TPS), "
-           "TC translation+clutter on a 60/28x canvas, none (default %(default)s)")
+           "TC translation+clutter on a 60/28x canvas, none; document: synthetic photos of pages "
+           "(--mode rectify --transform projective; --data is not read) (default %(default)s)")
     a("--transform", choices=TRANSFORM_CHOICES, default="affine", help="STN transform family (default %(default)s)")
     a("--head", choices=HEAD_CHOICES, default="gap",
       help="classifier head: gap (global average pooling) or grid (4x4 average pooling, keeps the layout) "
@@ -81,6 +86,14 @@ def configure_train(parser: argparse.ArgumentParser) -> None:
     a("--init-stn", default=None, metavar="CHECKPOINT",
       help="start the spatial transformer from this checkpoint's (same config), e.g. a --mode rectify run "
            "before a --mode classify run")
+    a("--pages", default=None, metavar="DIR",
+      help="document: your own upright pages (any images), placed in the photos instead of most rendered pages")
+    a("--backgrounds", default=None, metavar="DIR",
+      help="document: background images, used beside the procedural textures")
+    a("--figures", default=None, metavar="DIR", help="document: images placed as figures on rendered pages")
+    a("--max-minutes", type=float, default=None, metavar="MIN",
+      help="document: stop training after MIN minutes or --steps, whichever comes first; the learning-rate "
+           "schedule follows whichever is nearer its end")
     a("--name", default=None, help="model name stored in the checkpoint (default: derived)")
     a("--device", default="cpu", metavar="DEVICE",
       help="auto (CUDA when available), cpu, cuda or cuda:N; under torchrun, cuda means cuda:LOCAL_RANK "
@@ -88,7 +101,8 @@ def configure_train(parser: argparse.ArgumentParser) -> None:
     a("--amp", choices=AMP_CHOICES, default="off",
       help="mixed precision: bf16 autocast, fp16 autocast with loss scaling (CUDA only), or off (default %(default)s)")
     a("--workers", type=int, default=0, metavar="N",
-      help="data-loading worker processes (batches are the same whatever N) (default %(default)s)")
+      help="data-loading worker processes (batches are the same whatever N; with --distortion document: "
+           "processes composing photos) (default %(default)s)")
     a("--eval-every", type=_size, default=None, metavar="STEPS", help="evaluate on the test set every STEPS steps")
     a("--save-every", type=_size, default=None, metavar="STEPS",
       help="write the resumable OUT/last.pt every STEPS steps (also written when interrupted with Ctrl-C)")
@@ -110,6 +124,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     try:
         from models.data import DataError
+        from models.documents import DocumentDataError
         from models.train import ConfigError, TrainConfig, train
     except ImportError as e:
         print(f"stn train: needs the training install (pip install -e '.[train]'): {e}", file=sys.stderr)
@@ -127,10 +142,11 @@ def run_train(args: argparse.Namespace) -> int:
         created_by="stn " + shlex.join(sys.argv[1:]), progress=not args.no_progress, init_stn=args.init_stn,
         device=args.device, amp=args.amp, workers=args.workers, eval_every=args.eval_every,
         save_every=args.save_every, resume=args.resume,
+        pages=args.pages, backgrounds=args.backgrounds, figures=args.figures, max_minutes=args.max_minutes,
     )
     try:
         result = train(config)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, DocumentDataError) as e:
         print(f"stn train: error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:
@@ -146,6 +162,15 @@ def run_train(args: argparse.Namespace) -> int:
     if result.rank != 0:  # torchrun: rank 0 reports
         return 0
     m = result.metrics
+    if "corner_error_median" in m:
+        print(f"{m['dataset']}: {m['steps']} steps of {m['batch_size']} in {m['train_seconds']:.1f} s "
+              f"({100 * m['data_wait_fraction']:.0f}% waiting for photos), final train loss {m['final_train_loss']:.4f}")
+        print(f"corner error on {m['test_examples']} held-out photos: median {100 * m['corner_error_median']:.2f}%  "
+              f"p90 {100 * m['corner_error_p90']:.2f}%  (identity: median {100 * m['identity_corner_error_median']:.2f}%)")
+        for k, v in m["corner_error_by_rotation"].items():
+            print(f"  |rotation| {k:>6} deg: n={v['n']:4d}  median {100 * v['median']:.2f}%  p90 {100 * v['p90']:.2f}%")
+        print("wrote " + ", ".join(result.files.values()))
+        return 0
     print(f"{m['dataset']}: {m['mode']} {m['model']}, {m['steps']} steps ({m['epochs']:.2f} epochs) in "
           f"{m['train_seconds']:.1f} s ({m['seconds_per_epoch']:.1f} s/epoch), final train loss "
           f"{m['final_train_loss']:.4f}")
@@ -226,3 +251,32 @@ def run_experiment(args: argparse.Namespace) -> int:
     print(report_markdown(summary))
     print(f"wrote {args.out}/results.json, results.md, figure.png")
     return 1 if summary["failures"] else 0
+
+
+def configure_bench_documents(parser: argparse.ArgumentParser) -> None:
+    a = parser.add_argument
+    a("--batch-size", type=_size, default=32, help="default %(default)s")
+    a("--steps", type=_size, default=10, help="timed training steps per repeat (default %(default)s)")
+    a("--repeats", type=_size, default=3, help="repeats; medians are reported (default %(default)s)")
+    a("--threads", type=_size, default=2, help="torch threads (default %(default)s)")
+
+
+def run_bench_documents(args: argparse.Namespace) -> int:
+    try:
+        from models.document_train import bench
+    except ImportError as e:
+        print(f"stn bench documents: needs the training install (pip install -e '.[train]'): {e}", file=sys.stderr)
+        return 2
+    r = bench(args.batch_size, args.steps, args.repeats, args.threads)
+    b = r["batch_size"]
+    print(f"document photos for the rectifier (batch {b}, {r['threads']} torch threads, photos "
+          f"{r['photo_long_side'][0]}-{r['photo_long_side'][1]} px long side; medians of {args.repeats})")
+    print(f"  render one page (pool refresh)      {1000 * r['page_render_s']:8.1f} ms")
+    print(f"  render one background (pool refresh){1000 * r['background_render_s']:8.1f} ms")
+    print(f"  compose one photo                   {1000 * r['photo_s']:8.1f} ms   ({b} photos: "
+          f"{1000 * b * r['photo_s']:.0f} ms)")
+    print(f"  training step on a ready batch      {1000 * r['train_step_s']:8.1f} ms")
+    print(f"  step, photos composed in-process    {1000 * r['step_workers0_s']:8.1f} ms   (composing "
+          f"{100 * r['composing_fraction_in_process']:.0f}% of it)")
+    print(f"  step, photos from 1 worker process  {1000 * r['step_workers1_s']:8.1f} ms")
+    return 0

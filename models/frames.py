@@ -132,6 +132,13 @@ def warp_points(theta: np.ndarray, points_norm: np.ndarray) -> np.ndarray:
 AFFINE_FAMILIES = ("affine", "similarity", "attention")  # theta [2, 3]
 HOMOGENEOUS_FAMILIES = (*AFFINE_FAMILIES, "projective")  # base grid (x, y, 1); TPS has its own kernel basis
 TRANSFORMS = (*HOMOGENEOUS_FAMILIES, "tps")
+# How the localiser's raw output becomes theta: "matrix" (the family's own parameters, models.transforms'
+# table) or "corners" (projective only: the output's four corners in the input, as offsets from the
+# identity's; theta is the square-to-quadrilateral homography). The exported theta is the family's either way.
+PARAMETRISATIONS = ("matrix", "corners")
+# The outer corners of every output's pixel grid in normalized coordinates (align_corners=False):
+# output pixels (-0.5, -0.5), (w-0.5, -0.5), (w-0.5, h-0.5), (-0.5, h-0.5), i.e. TL, TR, BR, BL.
+OUTPUT_CORNERS = ((-1.0, -1.0), (1.0, -1.0), (1.0, 1.0), (-1.0, 1.0))
 
 
 def base_grid(transform: str, output_size: Size, tps_grid: Size = (4, 4)) -> np.ndarray:

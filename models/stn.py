@@ -13,8 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.frames import PARAMETRISATIONS
 from models.sampler import check_sampler_options, grid_sample
 from models.transforms import TRANSFORMS, TransformFamily, make_transform
+
+LOC_NETS = ("small", "deep")  # the localisation CNNs: LocalisationNet, DeepLocalisationNet
 
 
 @dataclass
@@ -28,10 +31,12 @@ class STNConfig:
     mode: str = "bilinear"  # sampler interpolation: bilinear, nearest, bicubic
     padding_mode: str = "zeros"  # sampler padding: zeros, border, reflection
     tps_grid: tuple[int, int] = (4, 4)  # TPS control points (rows, cols); tps only
-    loc_channels: tuple[int, int] = (8, 10)  # channels of the default localisation CNN's two convs
+    loc_channels: tuple[int, ...] = (8, 10)  # small: its two convs' channels; deep: each stride-2 stage's
     loc_hidden: int = 32  # width of its hidden fully connected layer
     mean: tuple[float, ...] = (0.5,)  # per-channel normalization applied before the model
     std: tuple[float, ...] = (0.5,)
+    parametrisation: str = "matrix"  # one of models.frames.PARAMETRISATIONS ("corners": projective only)
+    loc_net: str = "small"  # one of LOC_NETS: small (2 convs, the paper's size) or deep (strided conv stages, BN)
 
     def __post_init__(self) -> None:
         for name in ("loc_size", "output_size", "tps_grid", "loc_channels", "mean", "std"):
@@ -39,6 +44,17 @@ class STNConfig:
         if self.transform not in TRANSFORMS:
             raise ValueError(f"unknown transform {self.transform!r}; choose one of {', '.join(TRANSFORMS)}")
         check_sampler_options(self.mode, self.padding_mode)
+        if self.parametrisation not in PARAMETRISATIONS:
+            raise ValueError(f"unknown parametrisation {self.parametrisation!r}; choose one of {', '.join(PARAMETRISATIONS)}")
+        if self.parametrisation == "corners" and self.transform != "projective":
+            raise ValueError(f"the corners parametrisation needs transform 'projective', got {self.transform!r}")
+        if self.loc_net not in LOC_NETS:
+            raise ValueError(f"unknown loc_net {self.loc_net!r}; choose one of {', '.join(LOC_NETS)}")
+        if self.loc_net == "small" and len(self.loc_channels) != 2:
+            raise ValueError(f"the small localisation net has two convs: loc_channels needs 2 values, got {self.loc_channels}")
+        if self.loc_net == "deep" and (not self.loc_channels or min(self.loc_size) < 2 ** len(self.loc_channels)):
+            raise ValueError(f"the deep localisation net halves loc_size {self.loc_size} once per loc_channels "
+                             f"stage {self.loc_channels}: give fewer stages or a larger loc_size")
         if self.in_channels < 1:
             raise ValueError(f"in_channels must be >= 1, got {self.in_channels}")
         for name in ("loc_size", "output_size"):
@@ -97,6 +113,46 @@ class LocalisationNet(nn.Module):
         return self.head(self.features(x))
 
 
+def _conv_bn(cin: int, cout: int, stride: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(True)]
+
+
+class DeepLocalisationNet(nn.Module):
+    """A deeper localisation CNN for precise regression (the document rectifier's corners).
+
+    One stage per ``channels`` entry: a stride-2 3x3 conv, then (from the second stage on) a
+    stride-1 3x3 conv, each with batch norm and ReLU; then the flattened map (it keeps where
+    things are), one hidden layer and the regression layer, which starts at the identity
+    (zero weights, identity bias) like :class:`LocalisationNet`'s.
+    """
+
+    def __init__(self, in_channels: int, loc_size: tuple[int, int], n_params: int, identity: torch.Tensor,
+                 channels: tuple[int, ...] = (16, 32, 64, 96, 128), hidden: int = 128) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        prev = in_channels
+        for i, c in enumerate(channels):
+            layers += _conv_bn(prev, c, 2)
+            if i:
+                layers += _conv_bn(c, c, 1)
+            prev = c
+        self.features = nn.Sequential(*layers)
+        with torch.no_grad():
+            flat = self.features.eval()(torch.zeros(1, in_channels, *loc_size)).numel()
+        self.features.train()
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(flat, hidden), nn.ReLU(True), nn.Linear(hidden, n_params))
+        nn.init.zeros_(self.head[-1].weight)
+        with torch.no_grad():
+            self.head[-1].bias.copy_(identity)
+
+    @property
+    def regressor(self) -> nn.Linear:
+        return self.head[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
 class SpatialTransformer(nn.Module):
     """STN: ``forward(image) -> (rectified, theta)``.
 
@@ -107,8 +163,9 @@ class SpatialTransformer(nn.Module):
     def __init__(self, config: STNConfig, localisation: nn.Module | None = None) -> None:
         super().__init__()
         self.config = config
-        self.transform: TransformFamily = make_transform(config.transform, config.tps_grid)
-        self.localisation = localisation or LocalisationNet(
+        self.transform: TransformFamily = make_transform(config.transform, config.tps_grid, config.parametrisation)
+        net = DeepLocalisationNet if config.loc_net == "deep" else LocalisationNet
+        self.localisation = localisation or net(
             config.in_channels, config.loc_size, self.transform.n_params, self.transform.identity_params(),
             config.loc_channels, config.loc_hidden,
         )
@@ -145,4 +202,4 @@ def identity_theta(transform: str, batch: int, tps_grid: tuple[int, int] = (4, 4
     return family.theta_from_params(family.identity_params().unsqueeze(0).repeat(batch, 1))
 
 
-__all__ = ["STNConfig", "LocalisationNet", "SpatialTransformer", "identity_theta"]
+__all__ = ["LOC_NETS", "STNConfig", "LocalisationNet", "DeepLocalisationNet", "SpatialTransformer", "identity_theta"]

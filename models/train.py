@@ -83,6 +83,8 @@ from models.sampler import grid_sample
 from models.stn import SpatialTransformer, STNConfig
 from models.transforms import TRANSFORMS, make_transform
 
+DOCUMENT = "document"  # == models.documents.DISTORTION: the synthetic document photos (models.document_train)
+
 log = logging.getLogger(__name__)
 
 MODES = ("classify", "rectify")
@@ -138,6 +140,10 @@ class TrainConfig:
     eval_every: int | None = None  # evaluate on the test set every N steps (logged, in metrics["evals"])
     save_every: int | None = None  # write the resumable OUT/last.pt every N steps
     resume: str | None = None  # continue the run saved in this checkpoint (its OUT/last.pt), same options
+    pages: str | None = None  # document: folder of the user's upright pages (default: rendered pages only)
+    backgrounds: str | None = None  # document: folder of background images (default: procedural textures)
+    figures: str | None = None  # document: folder of images placed as figures on rendered pages
+    max_minutes: float | None = None  # document: stop after this much training time (the lr schedule follows it)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -164,8 +170,17 @@ def check_config(config: TrainConfig) -> None:
         raise ConfigError(f"unknown model {config.model!r}; choose one of {', '.join(MODELS)}")
     if config.mode == "rectify" and config.model != "stn":
         raise ConfigError("--model cnn is a classifier baseline; rectify mode trains the STN alone (--model stn)")
-    if config.distortion not in dist.DISTORTIONS:
-        raise ConfigError(f"unknown distortion {config.distortion!r}; choose one of {', '.join(dist.DISTORTIONS)}")
+    if config.distortion == DOCUMENT:
+        if config.mode != "rectify" or config.transform != "projective":
+            raise ConfigError("--distortion document trains the document rectifier: use --mode rectify "
+                              "--transform projective")
+        if config.workers < 0:
+            raise ConfigError(f"workers must be >= 0, got {config.workers}")
+    elif config.distortion not in dist.DISTORTIONS:
+        raise ConfigError(f"unknown distortion {config.distortion!r}; choose one of "
+                          f"{', '.join((*dist.DISTORTIONS, DOCUMENT))}")
+    elif config.pages or config.backgrounds or config.figures:
+        raise ConfigError("--pages, --backgrounds and --figures are for --distortion document")
     if config.transform not in TRANSFORMS:
         raise ConfigError(f"unknown transform {config.transform!r}; choose one of {', '.join(TRANSFORMS)}")
     if config.head not in HEADS:
@@ -523,6 +538,10 @@ def train(config: TrainConfig, splits: ImageSplits | None = None,
     rank 0 evaluates and writes, the others return an empty ``metrics`` and ``rank`` > 0.
     """
     check_config(config)
+    if config.distortion == DOCUMENT:  # synthetic photos, not a dataset: its own data stream and metrics
+        from models.document_train import train_documents
+
+        return train_documents(config)
     if config.threads:
         torch.set_num_threads(config.threads)
     ranks = devices.Ranks()

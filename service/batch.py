@@ -218,10 +218,11 @@ def resolve_inputs(spec: str | os.PathLike, output: str | os.PathLike, fmt: str 
 def resolve_model_path(model: str | None = None) -> Path:
     """``--model``: an .onnx file, a folder (its default model), or a model name in STN_MODEL_DIR.
 
-    Without it: the server's default (``service.settings``): STN_DEFAULT_MODEL in STN_MODEL_DIR, else
-    the first model by name there; STN_MODEL_DIR defaults to the bundled ``models/default/``.
+    Without it: the server's default (``service.runtime.choose_default``): STN_DEFAULT_MODEL in
+    STN_MODEL_DIR, else the model its ``DEFAULT`` file names, else the first by name there;
+    STN_MODEL_DIR defaults to the bundled ``models/default/``.
     """
-    from service.runtime import model_files
+    from service.runtime import choose_default, model_files
     from service.settings import Settings
 
     settings = Settings()
@@ -232,6 +233,7 @@ def resolve_model_path(model: str | None = None) -> Path:
     files = model_files(folder)
     if not files:
         raise BatchError(f"no .onnx model in {folder}: pass --model FILE.onnx (or a folder, or set STN_MODEL_DIR)")
+    name = name or choose_default([f.stem for f in files], folder)
     if name:
         named = [f for f in files if f.stem == name]
         if not named:

@@ -41,7 +41,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -401,6 +401,43 @@ def model_files(model_dir: str | Path) -> list[Path]:
     if p.is_file():
         return [p]
     return sorted(q for q in p.glob("*.onnx") if q.is_file()) if p.is_dir() else []
+
+
+_WARNED_MARKERS: set[tuple[str, str]] = set()  # (folder, name): a stale marker is reported once, not per request
+DEFAULT_MARKER = "DEFAULT"  # in a model folder: names (first line) the model served when a request names none
+
+
+def marked_default(model_dir: str | Path) -> str | None:
+    """The served name written in ``<model_dir>/DEFAULT`` (its first non-blank line), or None without one."""
+    marker = Path(model_dir) / DEFAULT_MARKER
+    if not Path(model_dir).is_dir() or not marker.is_file():
+        return None
+    try:
+        lines = [ln.strip() for ln in marker.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        log.warning("ignoring %s: %s", marker, e)
+        return None
+    return lines[0] if lines else None
+
+
+def choose_default(names: Iterable[str], model_dir: str | Path, configured: str = "") -> str | None:
+    """The default model among ``names`` (served names): ``configured`` (STN_DEFAULT_MODEL) when set, else the
+    one ``<model_dir>/DEFAULT`` names when it is there, else the first by name.
+
+    A marker naming no model of the folder is reported (warning) and skipped, so a folder whose
+    default model failed to load still has a default.
+    """
+    if configured:
+        return configured
+    names = sorted(names)
+    marked = marked_default(model_dir)
+    if marked is not None and marked in names:
+        return marked
+    if marked is not None and (str(model_dir), marked) not in _WARNED_MARKERS:
+        _WARNED_MARKERS.add((str(model_dir), marked))
+        log.warning("%s names %r, which is not a loaded model of %s; the default is the first by name",
+                    Path(model_dir) / DEFAULT_MARKER, marked, model_dir)
+    return next(iter(names), None)
 
 
 def load_model_dir(model_dir: str | Path, config: SessionConfig, warmup_batch: int | None = 1) -> LoadedModels:

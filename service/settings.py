@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="STN_", case_sensitive=False, extra="ignore")
 
     model_dir: Path = Field(default_factory=default_model_dir)  # folder of .onnx models; each file is one model
-    default_model: str = ""  # model used when a request names none (default: the first by name)
+    default_model: str = ""  # model used when a request names none (default: the one model_dir/DEFAULT names, else the first by name)
     providers: Annotated[list[str], NoDecode] = ["CUDAExecutionProvider", "CPUExecutionProvider"]  # in order of preference
     host: str = "127.0.0.1"  # bind address of `stn serve`
     port: int = Field(8000, ge=0, le=65535)  # bind port of `stn serve`

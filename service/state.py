@@ -16,7 +16,7 @@ from service.admission import Admission
 from service.dynamic_batcher import DynamicBatcher
 from service.errors import Problem
 from service.metrics import Metrics
-from service.runtime import LoadedModels, ModelRuntime, SessionConfig, load_model_dir
+from service.runtime import LoadedModels, ModelRuntime, SessionConfig, choose_default, load_model_dir
 from service.settings import Settings
 from service.workers import CoalescingExecutor, tune_malloc
 
@@ -60,9 +60,8 @@ class ServiceState:
 
     @property
     def default_model(self) -> str | None:
-        if self.settings.default_model:
-            return self.settings.default_model
-        return next(iter(sorted(self.models)), None)
+        """STN_DEFAULT_MODEL, else the model the folder's DEFAULT file names, else the first by name."""
+        return choose_default(self.models, self.settings.model_dir, self.settings.default_model)
 
     async def start(self) -> None:
         """Load every model in a thread (the loop keeps answering /healthz), then start their batchers."""

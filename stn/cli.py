@@ -25,6 +25,7 @@ BENCHMARKS = {
     "serve": ("service.cli", "The HTTP service vs the bare pipeline and a naive server."),
     "batch": ("service.batch", "The batch engine vs a naive loop and the bare model."),
     "sampler": ("native.bench", "The native sampler vs onnxruntime's GridSample, torch and OpenCV."),
+    "documents": ("models.cli", "Composing synthetic document photos vs the training step they feed."),
 }
 
 

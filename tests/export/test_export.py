@@ -37,12 +37,18 @@ def _session(path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-@pytest.mark.parametrize("family", TRANSFORMS)
-def test_each_family_exports_and_matches_with_dynamic_batch(family: str, tmp_path: Path) -> None:
-    stn = _stn(family, output_size=(24, 20))
+# every family with its own parameters, and the projective family's corner parametrisation
+FAMILY_CASES = [*((f, "matrix") for f in TRANSFORMS), ("projective", "corners")]
+
+
+@pytest.mark.parametrize(("family", "parametrisation"), FAMILY_CASES)
+def test_each_family_exports_and_matches_with_dynamic_batch(family: str, parametrisation: str, tmp_path: Path) -> None:
+    stn = _stn(family, output_size=(24, 20), parametrisation=parametrisation)
     path = tmp_path / f"{family}.onnx"
     report = export_onnx(stn, path, info_for(stn, {}, "onnx", family, "1", "test"))
     assert report.max_abs_diff < 1e-4
+    info = ModelInfo.from_props(read_props(onnx.load(path)))
+    assert (info.transform, info.parametrisation) == (family, parametrisation)  # the service reads theta as usual
     sess = _session(path)
     assert [i.name for i in sess.get_inputs()] == ["image"]
     assert [o.name for o in sess.get_outputs()] == ["rectified", "theta"]

@@ -410,3 +410,24 @@ def test_output_inside_input_is_not_read_back(tree, model_dir, tmp_path) -> None
     assert [r["source"] for r in read_jsonl(out / "results.jsonl")] == ["c0.webp", "c1.bmp", "c2.tiff"]
     with pytest.raises(BatchError, match="inside it"):
         run_job(config(src, src, model_dir))
+
+
+def test_default_marker_names_the_default(model_dir, tmp_path, monkeypatch, caplog) -> None:  # noqa: ANN001
+    """A folder's DEFAULT file names its default model (server and batch alike); a stale one falls back."""
+    import shutil
+
+    from service.runtime import choose_default
+
+    folder = tmp_path / "models"
+    shutil.copytree(model_dir, folder)
+    monkeypatch.delenv("STN_DEFAULT_MODEL", raising=False)
+    monkeypatch.setenv("STN_MODEL_DIR", str(folder))
+    (folder / "DEFAULT").write_text("\nprojective\n")
+    assert batch.resolve_model_path(None).name == "projective.onnx"
+    assert batch.resolve_model_path(str(folder)).name == "projective.onnx"
+    assert choose_default(["affine", "projective", "tps"], folder) == "projective"
+    assert choose_default(["affine", "projective", "tps"], folder, configured="tps") == "tps"  # STN_DEFAULT_MODEL wins
+    (folder / "DEFAULT").write_text("gone\n")
+    assert choose_default(["tps", "affine"], folder) == "affine"
+    assert "names 'gone'" in caplog.text
+    assert batch.resolve_model_path(None).name == "affine.onnx"

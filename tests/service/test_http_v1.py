@@ -311,9 +311,10 @@ def test_no_models_is_not_ready_not_a_crash(tmp_path: Path) -> None:
 
 
 def test_default_bundled_model(default_server) -> None:  # noqa: ANN001
-    models = httpx.get(default_server.url + "/v1/models").json()["models"]
+    listing = httpx.get(default_server.url + "/v1/models").json()
+    models = listing["models"]
     assert models
-    m = models[0]
+    m = next(x for x in models if x["default"])  # what a request naming no model gets
     c = m["in_channels"]
     src = smooth_image(240, 320, c, seed=9)
     r = httpx.post(default_server.url + "/v1/rectify", files={"file": ("d.png", encode(src), "image/png")})
@@ -365,3 +366,15 @@ def test_counters_return_to_zero(server) -> None:  # noqa: ANN001
     while time.monotonic() < deadline and (server.state.inflight["affine"] or server.state.preparing["affine"]):
         time.sleep(0.01)
     assert server.state.inflight["affine"] == 0 and server.state.preparing["affine"] == 0
+
+
+def test_default_marker_serves_the_named_model(model_dir, tmp_path) -> None:  # noqa: ANN001
+    import shutil
+
+    folder = tmp_path / "models"
+    shutil.copytree(model_dir, folder)
+    (folder / "DEFAULT").write_text("tps\n")
+    with live_server(model_dir=folder, warmup=False) as s:
+        assert httpx.get(s.url + "/v1/models").json()["default"] == "tps"
+        r = httpx.post(s.url + "/v1/rectify", content=encode(smooth_image(30, 30, 3)), headers={"content-type": "image/png"})
+        assert r.status_code == 200 and r.json()["model"] == "tps"
