@@ -277,7 +277,7 @@ def test_cli_errors_exit_2_without_traceback(tmp_path: Path, args: list[str], me
     ("args", "message"),
     [
         (["--distortion", "XYZ"], "invalid choice: 'XYZ'"),
-        (["--loc-size", "8", "8"], "loc_size must be at least 16"),
+        (["--data", "{upright}", "--mode", "rectify", "--loc-size", "8", "8"], "loc_size must be at least 16"),
         (["--steps", "0"], "must be >= 1"),
         (["--mode", "rectify", "--model", "cnn"], "rectify mode trains the STN alone"),
         (["--data", "{upright}"], "--mode rectify"),
