@@ -78,7 +78,8 @@ def install(app: FastAPI) -> None:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            doc = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+            doc = get_openapi(title=app.title, version=app.version, summary=app.summary,
+                              description=app.description, routes=app.routes)
             for path, ops in doc.get("paths", {}).items():
                 for method, op in ops.items():
                     op["responses"] = _responses(path, method, op.get("responses", {}))

@@ -270,7 +270,7 @@ def test_pixel_limit_quotes_the_setting_without_pillow_warnings() -> None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             with pytest.raises(images.ImageTooLargeError, match=r"limit is 4000 pixels \(STN_MAX_IMAGE_PIXELS\)"):
-                images.decode(png(w, w), 1, limits)
+                images.decode(png(w, w), limits)
         assert not [c for c in caught if "DecompressionBomb" in c.category.__name__], caught
 
 
