@@ -1,6 +1,6 @@
-"""Serving exported stn models: onnxruntime sessions, image I/O, the dynamic batcher, the HTTP app.
+"""Running exported stn models: the HTTP-free core and its two front ends.
 
-Nothing here imports torch. Light entry points: ``service.cli`` (``stn serve``),
-``service.app.create_app``; the reusable, HTTP-free pieces are ``service.images``,
-``service.runtime`` and ``service.pipeline``.
+The core (this package's modules: ``settings``, ``runtime``, ``images``, ``pipeline``, and
+``doctor``) never imports a front end. Front ends: ``service.api`` (the FastAPI app, ``stn
+serve``) and the batch engines (``stn batch``). Nothing here imports torch.
 """

@@ -20,7 +20,6 @@ import httpx
 import numpy as np
 import onnx
 import pytest
-from conftest import live_server
 from PIL import Image
 from test_images_io import png16
 
@@ -28,6 +27,7 @@ from export.metadata import ModelInfo, read_props
 from service import images, pipeline
 from service.batch import BatchConfig, run_job
 from service.runtime import SessionConfig, load_model
+from tests.service.support import live_server
 
 ROOT = Path(__file__).resolve().parents[2]
 CPU = ("CPUExecutionProvider",)

@@ -161,8 +161,8 @@ def test_load_failures_are_reasons_not_crashes(tmp_path: Path, model_dir: Path, 
 
 def test_service_imports_no_torch() -> None:
     code = ("import sys; sys.modules['torch'] = None\n"
-            "import service.app, service.pipeline, service.runtime, service.cli, service.routes.v1, service.routes.v2\n"
-            "from service.app import create_app; create_app()\n"
+            "import service.api.app, service.pipeline, service.runtime, service.api.cli, service.api.routes.v1, service.api.routes.v2\n"
+            "from service.api.app import create_app; create_app()\n"
             "assert sys.modules['torch'] is None\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          cwd=Path(__file__).resolve().parents[2])

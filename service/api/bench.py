@@ -158,9 +158,9 @@ def resolve_model(model_dir: str | None, workdir: Path) -> tuple[Path, str, Path
 def bare_main(model_dir: str, model: str, image_dir: str, fmt: str) -> None:
     """For each stdin line ``concurrency duration warmup``, print one JSON result line (no HTTP)."""
     from service import images, pipeline
+    from service.api.workers import tune_malloc
     from service.runtime import SessionConfig, load_model
     from service.settings import Settings
-    from service.workers import tune_malloc
 
     s = Settings()
     tune_malloc(s.malloc_keep_mb * 1024 * 1024)  # as the service does: the comparison is about HTTP, not malloc
@@ -438,7 +438,7 @@ def run(args: argparse.Namespace) -> int:
                         f"uvicorn.run(ns['app'], host='127.0.0.1', port={port}, log_level='warning', access_log=False)")
                 servers["naive"] = (_start([*taskset, py, "-c", code], env, port, "/docs"), port)
             if "bare" in targets:
-                code = (f"from service.bench_serve import bare_main; bare_main({str(model_dir)!r}, {model!r}, "
+                code = (f"from service.api.bench import bare_main; bare_main({str(model_dir)!r}, {model!r}, "
                         f"{str(work / 'images')!r}, {args.format!r})")
                 bare = _Bare([*taskset, py, "-c", code], env)
             for _ in range(args.rounds):

@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port
 
-from service.bench_serve import _load, _overload, _start, _stop, make_jpegs
+from service.api.bench import _load, _overload, _start, _stop, make_jpegs
+from tests.service.support import ROOT, free_port
 
 
 def rss_bytes(pid: int) -> int:

@@ -13,9 +13,10 @@ import time
 from pathlib import Path
 
 import httpx
-from conftest import ROOT, free_port
 from PIL import Image
 from test_http_v1 import metric
+
+from tests.service.support import ROOT, free_port
 
 
 def png(w: int, h: int) -> bytes:

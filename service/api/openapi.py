@@ -1,7 +1,7 @@
 """The OpenAPI document, made to match what the service answers.
 
 FastAPI documents a 422 for every operation with parameters; this service answers 400
-problem+json instead (``service.errors``), plus 401/404/408/413/415/503 where they happen,
+problem+json instead (``service.api.errors``), plus 401/404/408/413/415/503 where they happen,
 images from ``/v1/rectify?format=png|jpeg`` and Prometheus text from ``/metrics``. This
 module rewrites each operation's ``responses`` accordingly (schemathesis checks them in
 ``tests/service/test_schema_fuzz.py``).
@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from service.errors import PROBLEM_JSON
+from service.api.errors import PROBLEM_JSON
 
 PROBLEM_SCHEMA = {
     "type": "object",

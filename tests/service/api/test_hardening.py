@@ -17,9 +17,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import live_server
 from PIL import Image
 from test_http_v1 import assert_problem, metric
+
+from tests.service.support import live_server
 
 
 def png(w: int, h: int, mode: str = "L") -> bytes:

@@ -19,11 +19,11 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from export.metadata import INPUT_IMAGE, OUTPUT_RECTIFIED, OUTPUT_THETA
-from service.admission import image_cost
-from service.dynamic_batcher import QueueFullError, QueueTimeoutError
-from service.errors import Problem
+from service.api.admission import image_cost
+from service.api.batcher import QueueFullError, QueueTimeoutError
+from service.api.errors import Problem
+from service.api.state import AuthDep, ServiceState, StateDep
 from service.runtime import ModelRuntime
-from service.state import AuthDep, ServiceState, StateDep
 
 router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
 models_router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"], dependencies=[AuthDep])

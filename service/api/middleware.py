@@ -18,8 +18,8 @@ import logging
 import re
 import uuid
 
-from service.admission import Admission
-from service.errors import PROBLEM_JSON
+from service.api.admission import Admission
+from service.api.errors import PROBLEM_JSON
 
 REQUEST_ID = contextvars.ContextVar("stn_request_id", default="-")
 _VALID_ID = re.compile(r"^[\x21-\x7e]{1,128}$")

@@ -7,7 +7,7 @@
   connection past ``STN_MAX_HEADER_BYTES`` or ``STN_MAX_HEADERS``. (With ``http="h11"``,
   h11's own ``h11_max_incomplete_event_size`` is set to the same byte cap.)
 - **Drain.** :class:`DrainingServer`: on SIGTERM readiness turns 503 at once, new work gets
-  503 with ``Retry-After`` (``service.middleware.ShedMiddleware``), admitted work finishes for
+  503 with ``Retry-After`` (``service.api.middleware.ShedMiddleware``), admitted work finishes for
   up to ``STN_SHUTDOWN_GRACE_S`` (default: the request timeout + 5 s), then uvicorn shuts down
   and the process exits 0. A second signal (or SIGINT) exits at once, as uvicorn does.
 """
@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
-from service.errors import PROBLEM_JSON
+from service.api.errors import PROBLEM_JSON
 
 if TYPE_CHECKING:
+    from service.api.state import ServiceState
     from service.settings import Settings
-    from service.state import ServiceState
 
 log = logging.getLogger(__name__)
 

@@ -100,7 +100,7 @@ def test_raw_json_infer(server) -> None:  # noqa: ANN001
 
 
 def test_infer_body_limit(model_dir) -> None:  # noqa: ANN001
-    from conftest import live_server
+    from tests.service.support import live_server
 
     with live_server(model_dir=model_dir, max_upload_bytes=1000, max_files=1) as srv:
         big = np.zeros((1, 1, 200, 200), np.float32)

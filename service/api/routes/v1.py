@@ -15,12 +15,12 @@ from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
 from service import images, pipeline
-from service.admission import Ticket, image_cost
-from service.dynamic_batcher import QueueFullError, QueueTimeoutError
-from service.errors import Problem
-from service.multipart import parse_form
+from service.api.admission import Ticket, image_cost
+from service.api.batcher import QueueFullError, QueueTimeoutError
+from service.api.errors import Problem
+from service.api.multipart import parse_form
+from service.api.state import AuthDep, ServiceState, StateDep
 from service.runtime import ModelRuntime
-from service.state import AuthDep, ServiceState, StateDep
 
 router = APIRouter(prefix="/v1", tags=["v1"], dependencies=[AuthDep])
 
@@ -56,7 +56,7 @@ def body_cap(request: Request, state: ServiceState) -> int:
 
 def upload_cost(model: ModelRuntime, data: bytes, filename: str, limits: images.Limits,
                 output_size: tuple[int, int]) -> int:
-    """:func:`service.admission.image_cost` of one upload, from its header (Problem 400/413 when bad)."""
+    """:func:`service.api.admission.image_cost` of one upload, from its header (Problem 400/413 when bad)."""
     try:
         w, h = images.open_checked(data, limits, filename).size
     except images.ImageError as e:

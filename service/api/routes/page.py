@@ -1,4 +1,4 @@
-"""The demo page: ``GET /`` and its assets (``service/static/``: HTML, CSS, plain JavaScript), and the sample photo.
+"""The demo page: ``GET /`` and its assets (``service/api/static/``: HTML, CSS, plain JavaScript), and the sample photo.
 
 The page and the photo are open (they hold no secrets); the page calls ``/v1`` with the API key
 the user types in (kept in the tab's ``sessionStorage``, sent as ``X-API-Key``).
@@ -12,7 +12,7 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
-from service.errors import Problem
+from service.api.errors import Problem
 from service.settings import default_model_dir
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"  # package data (pyproject.toml)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
-from service.errors import problem_response
-from service.state import StateDep
+from service.api.errors import problem_response
+from service.api.state import StateDep
 
 router = APIRouter(tags=["ops"])
 

@@ -1,6 +1,6 @@
 """The FastAPI app: ``create_app(settings)``; models load in the lifespan (readiness waits for them).
 
-Nothing heavy happens at import; ``uvicorn service.app:app`` works too (settings from the
+Nothing heavy happens at import; ``uvicorn service.api.app:app`` works too (settings from the
 environment). See the README for the API and the settings.
 """
 
@@ -13,12 +13,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from service import errors, openapi
-from service.metrics import MetricsMiddleware
-from service.middleware import RequestIdMiddleware, ShedMiddleware
-from service.routes import ops, page, v1, v2
+from service.api import errors, openapi
+from service.api.metrics import MetricsMiddleware
+from service.api.middleware import RequestIdMiddleware, ShedMiddleware
+from service.api.routes import ops, page, v1, v2
+from service.api.state import ServiceState
 from service.settings import Settings, get_settings
-from service.state import ServiceState
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def __getattr__(name: str) -> FastAPI:  # `uvicorn service.app:app`: built on first access, not at import
+def __getattr__(name: str) -> FastAPI:  # `uvicorn service.api.app:app`: built on first access, not at import
     if name == "app":
         return create_app()
     raise AttributeError(name)

@@ -1,6 +1,6 @@
 """Schema-driven fuzzing (schemathesis, default checks) of every operation, against the real server.
 
-The document is the app's own (``service.openapi``); requests go over loopback to the
+The document is the app's own (``service.api.openapi``); requests go over loopback to the
 session's live server. Bounded: a fixed number of derandomized examples per operation.
 
 One check is skipped for ``POST /v1/rectify`` only: ``positive_data_acceptance`` expects any
@@ -16,7 +16,7 @@ schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, settings  # noqa: E402
 from schemathesis.specs.openapi.checks import positive_data_acceptance  # noqa: E402
 
-from service.app import create_app  # noqa: E402
+from service.api.app import create_app  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
 schema = schemathesis.openapi.from_dict(create_app(Settings()).openapi())

@@ -1,4 +1,4 @@
-"""service.dynamic_batcher: batches form, the queue is bounded, timeouts, a failing value fails only itself."""
+"""service.api.batcher: batches form, the queue is bounded, timeouts, a failing value fails only itself."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from service.dynamic_batcher import DynamicBatcher, QueueFullError, QueueTimeoutError
+from service.api.batcher import DynamicBatcher, QueueFullError, QueueTimeoutError
 
 
 def run(coro):  # noqa: ANN001, ANN201
@@ -129,7 +129,7 @@ def test_max_queue_delay_bounds_the_wait_of_a_lone_value() -> None:
 def test_coalescing_executor_chunks_calls_of_one_iteration() -> None:
     import threading as th
 
-    from service.workers import CoalescingExecutor
+    from service.api.workers import CoalescingExecutor
 
     seen: list[str] = []
 

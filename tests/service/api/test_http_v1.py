@@ -16,9 +16,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import live_server
 from PIL import Image
 from test_runtime_pipeline import smooth_image, warp_reference
+
+from tests.service.support import live_server
 
 PROBLEM = "application/problem+json"
 

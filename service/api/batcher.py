@@ -1,7 +1,5 @@
 """Triton-style dynamic batching on asyncio: a bounded queue, a max batch size, a max queue delay.
 
-(Named ``dynamic_batcher.py`` because ``service/batch*.py`` belongs to the batch-job engines.)
-
 Callers ``await submit_many(values, timeout)``; a loop task gathers queued values into a
 batch (up to ``max_batch_size``, waiting at most ``max_queue_delay_s`` after the oldest one
 arrived) and runs ``run_batch(values) -> results`` in a worker thread, so the event loop

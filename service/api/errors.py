@@ -52,7 +52,7 @@ def install(app: FastAPI) -> None:
         extra: dict[str, object] = {}
         rid = request.scope.get("state", {}).get("request_id")
         if rid:
-            extra["request_id"] = rid  # service.middleware.RequestIdMiddleware
+            extra["request_id"] = rid  # service.api.middleware.RequestIdMiddleware
         if request.url.path.startswith("/v2"):
             extra["error"] = detail  # what Triton clients read
         return extra

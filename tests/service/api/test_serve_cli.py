@@ -10,13 +10,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_port
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.service.support import free_port
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_settings_from_env_and_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from service.cli import serve_settings
+    from service.api.cli import serve_settings
     from stn.cli import build_parser
 
     monkeypatch.setenv("STN_MAX_BATCH_SIZE", "7")

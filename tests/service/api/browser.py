@@ -83,7 +83,7 @@ def sheet_inputs(out_dir: Path, tiles: tuple[tuple[int, int], ...] = ((0, 3), (2
     """Distorted Fashion-MNIST inputs (the first tile of a triple) cut from the bundled model's sheet.png."""
     from PIL import Image
 
-    sheet = Image.open(Path(__file__).resolve().parents[2] / "models" / "default" / "sheet.png")
+    sheet = Image.open(Path(__file__).resolve().parents[3] / "models" / "default" / "sheet.png")
     paths = []
     for r, c in tiles:  # 126-pixel tiles, 6 px apart within a triple, 8 px between triples and rows
         x0, y0 = 8 + (c // 3) * 398 + (c % 3) * 132, 8 + r * 134
@@ -112,9 +112,8 @@ def screenshot(context, url: str, files: list[Path], out: Path) -> None:  # noqa
 
 
 def main(argv: list[str]) -> int:
-    from conftest import live_server
-
-    from service.routes.page import sample_path
+    from service.api.routes.page import sample_path
+    from tests.service.support import live_server
 
     if len(argv) != 1:
         print(__doc__)

@@ -12,13 +12,13 @@ import numpy as np
 from fastapi import Depends, Request
 
 from service import images
-from service.admission import Admission
-from service.dynamic_batcher import DynamicBatcher
-from service.errors import Problem
-from service.metrics import Metrics
+from service.api.admission import Admission
+from service.api.batcher import DynamicBatcher
+from service.api.errors import Problem
+from service.api.metrics import Metrics
+from service.api.workers import CoalescingExecutor, tune_malloc
 from service.runtime import LoadedModels, ModelRuntime, SessionConfig, choose_default, load_model_dir
 from service.settings import Settings
-from service.workers import CoalescingExecutor, tune_malloc
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class ServiceState:
         self.limits = images.Limits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels)
         self.loaded = LoadedModels()
         self.batchers: dict[str, DynamicBatcher] = {}
-        self.admission = Admission(settings, self.metrics)  # budgets: images, memory, uploads (service.admission)
+        self.admission = Admission(settings, self.metrics)  # budgets: images, memory, uploads (service.api.admission)
         self.workers: CoalescingExecutor | None = None  # decode, resize, sample, encode
         self.loading = True
         self.started = time.time()

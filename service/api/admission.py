@@ -30,12 +30,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
-from service.errors import ClientGone, Problem
+from service.api.errors import ClientGone, Problem
 
 if TYPE_CHECKING:
     from starlette.requests import Request
 
-    from service.metrics import Metrics
+    from service.api.metrics import Metrics
     from service.settings import Settings
 
 log = logging.getLogger(__name__)

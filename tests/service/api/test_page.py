@@ -19,14 +19,14 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from browser import browser_context, chromium_missing, open_page, screenshot, sheet_inputs, upload
-from conftest import DEFAULT_MODELS, live_server
 from PIL import Image
 from test_http_v1 import encode, slow_localiser
 from test_runtime_pipeline import smooth_image
 
 from models import frames
-from service.routes import page as page_route
+from service.api.routes import page as page_route
+from tests.service.api.browser import browser_context, chromium_missing, open_page, screenshot, sheet_inputs, upload
+from tests.service.support import DEFAULT_MODELS, live_server
 
 STATIC_BUDGET = 100 * 1024  # the page and its assets, in all
 
