@@ -40,7 +40,7 @@ def made(tmp_path: Path) -> tuple[Path, dict]:
     src = tmp_path / "src"
     src.mkdir()
     ws = [_wheel(src, "onnxruntime-gpu", "stn_fake_ort"), _wheel(src, "stn-fake-dep", "stn_fake_dep"),
-          _wheel(src, "tqdm", "stn_fake_tqdm")]  # tqdm is installed here: not installed again
+          _wheel(src, "pytest", "stn_fake_pytest")]  # pytest runs this test: installed, so not installed again
     manifest = wheels.bundle(ws, tmp_path / "pieces", piece_size=1500, python="3.11")
     return tmp_path / "pieces", manifest
 
