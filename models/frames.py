@@ -220,6 +220,12 @@ def theta_shape(transform: str, tps_grid: Size = (4, 4)) -> tuple[int, int]:
     raise ValueError(f"unknown transform {transform!r}; known: {', '.join(TRANSFORMS)}")
 
 
+def base_grid_depth(transform: str, tps_grid: Size = (4, 4)) -> int:
+    """D of a family's base grid [h, w, D]: 3 ((x, y, 1)) for affine-like and projective, K for TPS."""
+    k = theta_shape(transform, tps_grid)[0]
+    return k if transform == "tps" else 3
+
+
 def base_grid(transform: str, output_size: Size, tps_grid: Size = (4, 4)) -> np.ndarray:
     """The grid generator's base for a transform family and output size ([h, w, D] float32)."""
     if transform in HOMOGENEOUS_FAMILIES:

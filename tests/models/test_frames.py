@@ -72,6 +72,7 @@ def test_sizes_are_checked_by_name() -> None:
 def test_theta_shape_and_base_grid_depth(family: str, shape: tuple[int, int]) -> None:
     assert frames.theta_shape(family, (3, 4)) == shape
     depth = 12 if family == "tps" else 3
+    assert frames.base_grid_depth(family, (3, 4)) == depth
     assert frames.base_grid(family, (5, 6), (3, 4)).shape == (5, 6, depth)
 
 
