@@ -64,6 +64,8 @@ def theta_to_matrix(theta: np.ndarray, tps_grid: Size | None = None) -> np.ndarr
     Accepts anything ``np.asarray`` takes (a CPU torch tensor without grad included).
     """
     t = np.asarray(theta, dtype=np.float64)
+    if t.shape == (2, 3):  # the common case, kept cheap (the service makes two pixel matrices per image)
+        return np.vstack([t, [0.0, 0.0, 1.0]])
     if t.ndim >= 2 and t.shape[-2:] == (2, 3):
         bottom = np.broadcast_to(np.array([0.0, 0.0, 1.0]), (*t.shape[:-2], 1, 3))
         return np.concatenate([t, bottom], axis=-2)
@@ -101,6 +103,9 @@ def _pixel_matrix_theta(theta: np.ndarray) -> np.ndarray:
 
 def _unit_scale(m: np.ndarray) -> np.ndarray:
     """Homogeneous matrices [..., 3, 3] scaled so that [2, 2] == 1 (left as is where it is ~0)."""
+    if m.ndim == 2:
+        z = m[2, 2]
+        return m / z if abs(z) > 1e-12 else m
     z = m[..., 2:3, 2:3]
     return m / np.where(np.abs(z) > 1e-12, z, 1.0)
 
