@@ -25,6 +25,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from export.metadata import BASE_GRID, INPUT_IMAGE, LOC_INPUT, OUTPUT_RECTIFIED, OUTPUT_THETA, ModelInfo
+from models.frames import base_grid_depth
 
 
 class ContractError(ValueError):
@@ -95,7 +96,7 @@ def split(model: onnx.ModelProto, info: ModelInfo) -> SubModels:
     image = _float_input(INPUT_IMAGE, ["N", "C", "H", "W"])  # any C: see the module docstring
     loc_input = _float_input(LOC_INPUT, ["N", c, lh, lw])
     theta = _float_input(OUTPUT_THETA, ["N", *info.theta_shape])
-    base_dim = info.theta_shape[0] if info.transform == "tps" else 3
+    base_dim = base_grid_depth(info.transform, info.tps_grid)
     base_grid = _float_input(BASE_GRID, ["h", "w", base_dim])
     return SubModels(
         resize=extract(model, [image], [_float_input(LOC_INPUT, ["N", "C", lh, lw])], "stn_resize"),

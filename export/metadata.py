@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from models.frames import PARAMETRISATIONS, TRANSFORMS
+from models.frames import PARAMETRISATIONS, TRANSFORMS, theta_shape
 
 PREFIX = "stn."
 CONTRACT_VERSION = 1
@@ -125,12 +125,8 @@ class ModelInfo:
 
     @property
     def theta_shape(self) -> tuple[int, int]:
-        """Per-image theta shape: (2,3) affine-like, (3,3) projective, (K,2) TPS."""
-        if self.transform == "projective":
-            return (3, 3)
-        if self.transform == "tps":
-            return (self.tps_grid[0] * self.tps_grid[1], 2)
-        return (2, 3)
+        """Per-image theta shape: (2,3) affine-like, (3,3) projective, (K,2) TPS (``models.frames.theta_shape``)."""
+        return theta_shape(self.transform, self.tps_grid)
 
 
 def _pair(v: Any, name: str) -> tuple[int, int]:

@@ -16,7 +16,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from export.metadata import BASE_GRID, INPUT_IMAGE, OUTPUT_RECTIFIED, OUTPUT_THETA, ModelInfo
-from models.frames import HOMOGENEOUS_FAMILIES
+from models.frames import HOMOGENEOUS_FAMILIES, base_grid_depth
 
 DOMAIN = "ai.stn"  # native.DOMAIN (not imported: export must not need the library to describe it)
 OPSET = 1
@@ -51,7 +51,7 @@ def sampler_nodes(info: ModelInfo, image: str, theta: str, base_grid: str, outpu
 def sampler_model(info: ModelInfo, opset: int = 18, ir_version: int = 8) -> onnx.ModelProto:
     """The sampler sub-model ``image [N,C,H,W], theta, base_grid [h,w,D] -> rectified [N,C,h,w]`` (any C)."""
     f = TensorProto.FLOAT
-    base_dim = info.theta_shape[0] if info.transform == "tps" else 3
+    base_dim = base_grid_depth(info.transform, info.tps_grid)
     graph = helper.make_graph(
         sampler_nodes(info, INPUT_IMAGE, OUTPUT_THETA, BASE_GRID, OUTPUT_RECTIFIED), "stn_sampler_native",
         [helper.make_tensor_value_info(INPUT_IMAGE, f, ["N", "C", "H", "W"]),

@@ -8,8 +8,8 @@ Convention (``models.frames``: normalized coordinates, x before y, ``align_corne
 
 - ``theta`` maps **distorted-image normalized coordinates to upright-image normalized
   coordinates**, in the project's theta convention (output -> input), so
-  ``distorted = grid_sample(upright, family.grid(theta, base_grid(canvas)))``; that is
-  exactly how the distorted batch is made (``models.transforms`` + ``models.sampler``).
+  ``distorted = spatial_transform(upright, theta, family, canvas)``; that is exactly how
+  the distorted batch is made (``models.transforms``: grid generator + sampler).
   Affine theta is [N, 2, 3] (R, RTS, TC, none), projective [N, 3, 3] (P), TPS source
   control points [N, K, 2] (E, on a 4 x 4 grid).
 - **Canvases larger than the source** (RTS: 1.5 x the source, 42 x 42 for 28 x 28; TC:
@@ -53,8 +53,7 @@ from dataclasses import dataclass, field
 import torch
 
 from models import frames
-from models.sampler import grid_sample
-from models.transforms import make_transform, similarity_theta
+from models.transforms import similarity_theta, spatial_transform
 
 DISTORTIONS = ("R", "RTS", "P", "E", "TC", "none")
 # family of each distortion's theta
@@ -85,10 +84,8 @@ def canvas_size(name: str, source_size: frames.Size) -> tuple[int, int]:
 
 def warp(upright: torch.Tensor, theta: torch.Tensor, family: str, canvas: frames.Size,
          tps_grid: frames.Size = ELASTIC_GRID) -> torch.Tensor:
-    """``grid_sample(upright, grid(theta))`` into ``canvas``: the project's grid generator and sampler."""
-    fam = make_transform(family, tps_grid)
-    grid = fam.grid(theta.to(upright.dtype), fam.base_grid(canvas).to(upright.device))
-    return grid_sample(upright, grid, "bilinear", "zeros", align_corners=False)
+    """``spatial_transform(upright, theta)`` into ``canvas`` (bilinear, zeros): the project's grid generator and sampler."""
+    return spatial_transform(upright, theta.to(upright.dtype), family, canvas, "bilinear", "zeros", tps_grid)
 
 
 def _check(upright: torch.Tensor) -> tuple[int, int, int]:

@@ -433,10 +433,10 @@ def theta_for(photo_px_from_page_px: np.ndarray, photo_size: frames.Size, page_s
     """theta [3, 3] (output normalized -> photo normalized) that flattens the page, for any output size.
 
     Normalized coordinates do not depend on resolution, so the page's own size stands in for
-    the output's: ``theta = norm_from_px(photo) @ photo_px_from_page_px @ px_from_norm(page)``.
+    the output's: ``photo_px_from_page_px`` is ``input_px_from_output_px`` for that output size
+    (``frames.theta_from_pixel_matrix``).
     """
-    m = frames.norm_from_px(photo_size) @ photo_px_from_page_px @ frames.px_from_norm(page_size)
-    return m / m[2, 2]
+    return frames.theta_from_pixel_matrix(photo_px_from_page_px, photo_size, page_size)
 
 
 def corners_norm(corners_px: np.ndarray, photo_size: frames.Size) -> np.ndarray:

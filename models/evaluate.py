@@ -18,7 +18,8 @@ Pose of a 3x3 matrix: affine ``[[a11, a12, tx], [a21, a22, ty], [0, 0, 1]]`` giv
 ``angle = atan2(a21 - a12, a11 + a22)`` (the rotation of the closest similarity),
 ``scale = sqrt(|det|)``, translation (tx, ty). A homography is linearised at the centre
 (normalized with H[2,2] = 1, its Jacobian at the origin is ``A - t v^T``); a TPS (theta
-``[N, K, 2]``) is replaced by the least-squares affine fit of its control points.
+``[N, K, 2]``) is replaced by the least-squares affine fit of its control points. Matrices
+come from ``models.frames.theta_to_matrix``, the project's one theta -> 3x3 conversion.
 """
 
 from __future__ import annotations
@@ -33,48 +34,20 @@ from models import frames
 SPREAD_KEYS = ("angle_deg", "log_scale", "tx", "ty")
 
 
-def _tps_grid_for(k: int, tps_grid: frames.Size | None) -> tuple[int, int]:
-    if tps_grid is not None:
-        gh, gw = int(tps_grid[0]), int(tps_grid[1])
-        if gh * gw != k:
-            raise ValueError(f"tps_grid {gh}x{gw} has {gh * gw} control points but theta has {k}")
-        return gh, gw
-    side = math.isqrt(k)
-    if side * side != k:
-        raise ValueError(f"TPS theta with {k} control points: pass tps_grid (it is not square)")
-    return side, side
-
-
-def theta_to_matrix(theta: torch.Tensor | np.ndarray, tps_grid: frames.Size | None = None) -> torch.Tensor:
-    """[N, 3, 3] float64 matrices from affine [N,2,3], projective [N,3,3] or TPS [N,K,2] theta.
-
-    Projective matrices are scaled so that H[2,2] = 1; a TPS becomes the least-squares affine
-    map taking its target control points (``frames.tps_control_points``) to its source points.
-    """
-    theta = torch.as_tensor(theta).detach().to("cpu", torch.float64)
-    if theta.dim() == 2:
-        theta = theta.unsqueeze(0)
-    if theta.dim() != 3:
-        raise ValueError(f"theta must be [N,2,3], [N,3,3] or [N,K,2], got shape {list(theta.shape)}")
-    n = theta.shape[0]
-    if theta.shape[1:] == (2, 3):
-        bottom = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64).expand(n, 1, 3)
-        return torch.cat([theta, bottom], dim=1)
-    if theta.shape[1:] == (3, 3):
-        z = theta[:, 2:3, 2:3]
-        return theta / torch.where(z.abs() < 1e-12, torch.ones_like(z), z)
-    if theta.shape[2] == 2 and theta.shape[1] >= 3:
-        ctrl = torch.from_numpy(frames.tps_control_points(_tps_grid_for(theta.shape[1], tps_grid)))  # [K, 2]
-        design = torch.cat([ctrl, torch.ones(len(ctrl), 1, dtype=torch.float64)], dim=1)  # [K, 3]
-        fit = torch.linalg.pinv(design) @ theta  # [N, 3, 2]: (x, y, 1) -> source
-        bottom = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64).expand(n, 1, 3)
-        return torch.cat([fit.transpose(1, 2), bottom], dim=1)
-    raise ValueError(f"theta must be [N,2,3], [N,3,3] or [N,K,2], got shape {list(theta.shape)}")
+def _matrices(theta: torch.Tensor | np.ndarray, tps_grid: frames.Size | None = None) -> torch.Tensor:
+    """[N, 3, 3] float64 (CPU) of ``frames.theta_to_matrix``, for a batch or a single theta."""
+    t = theta.detach().cpu().double().numpy() if isinstance(theta, torch.Tensor) else np.asarray(theta, np.float64)
+    m = torch.from_numpy(frames.theta_to_matrix(t, tps_grid))
+    if m.dim() == 2:
+        return m.unsqueeze(0)
+    if m.dim() != 3:
+        raise ValueError(f"theta must be one theta or a batch [N, ...] of them, got shape {list(t.shape)}")
+    return m
 
 
 def pose_from_matrix(matrix: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-example ``angle`` (radians), ``log_scale``, ``tx``, ``ty`` of [N, 3, 3] matrices (module doc)."""
-    m = theta_to_matrix(matrix)
+    m = _matrices(matrix)
     a, t, v = m[:, :2, :2], m[:, :2, 2], m[:, 2, :2]
     lin = a - t.unsqueeze(2) * v.unsqueeze(1)  # Jacobian at the origin (== a for affine)
     angle = torch.atan2(lin[:, 1, 0] - lin[:, 0, 1], lin[:, 0, 0] + lin[:, 1, 1])
@@ -83,16 +56,16 @@ def pose_from_matrix(matrix: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def pose_from_theta(theta: torch.Tensor, tps_grid: frames.Size | None = None) -> dict[str, torch.Tensor]:
-    """:func:`pose_from_matrix` of :func:`theta_to_matrix`."""
-    return pose_from_matrix(theta_to_matrix(theta, tps_grid))
+    """:func:`pose_from_matrix` of ``frames.theta_to_matrix(theta)`` (a TPS by its least-squares affine fit)."""
+    return pose_from_matrix(_matrices(theta, tps_grid))
 
 
 def residual_matrices(theta_distortion: torch.Tensor, theta_pred: torch.Tensor,
                       distortion_tps_grid: frames.Size | None = None,
                       pred_tps_grid: frames.Size | None = None) -> torch.Tensor:
     """``theta_D @ theta_pred`` as [N, 3, 3]: rectified -> distorted -> upright."""
-    d = theta_to_matrix(theta_distortion, distortion_tps_grid)
-    p = theta_to_matrix(theta_pred, pred_tps_grid)
+    d = _matrices(theta_distortion, distortion_tps_grid)
+    p = _matrices(theta_pred, pred_tps_grid)
     if d.shape[0] != p.shape[0]:
         raise ValueError(f"{d.shape[0]} distortion thetas but {p.shape[0]} predicted thetas")
     return d @ p
@@ -126,7 +99,7 @@ def pose_consistency(theta_distortion: torch.Tensor, theta_pred: torch.Tensor | 
 
     ``theta_pred=None`` (a model without a transformer) gives ``residual: None``.
     """
-    dist = theta_to_matrix(theta_distortion, distortion_tps_grid)
+    dist = _matrices(theta_distortion, distortion_tps_grid)
     out: dict[str, dict[str, float] | None] = {"residual": None, "distortion": pose_spread(dist)}
     if theta_pred is not None:
         out["residual"] = pose_spread(residual_matrices(dist, theta_pred, None, pred_tps_grid))
@@ -145,6 +118,6 @@ def classification_error(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 __all__ = [
-    "SPREAD_KEYS", "theta_to_matrix", "pose_from_matrix", "pose_from_theta", "residual_matrices", "circular_std",
+    "SPREAD_KEYS", "pose_from_matrix", "pose_from_theta", "residual_matrices", "circular_std",
     "pose_spread", "pose_consistency", "classification_error",
 ]

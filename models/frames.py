@@ -12,7 +12,8 @@ Convention (the one place it is written down in code; see docs/DESIGN.md):
 - Matrices are named ``<to>_from_<from>``: ``input_px_from_output_px`` maps an output
   pixel (x, y, 1) to input pixel coordinates; with it OpenCV's
   ``warpAffine/warpPerspective(src, M, (w, h), flags=INTER_LINEAR | WARP_INVERSE_MAP)``
-  reproduces the rectified image.
+  reproduces the rectified image. :func:`theta_to_matrix` is the one conversion of theta to
+  ``input_norm_from_output_norm`` [3, 3] (numpy; ``models.evaluate`` and the pixel matrices use it).
 - A *base grid* is what the grid generator multiplies theta by: ``[h, w, D]`` float32 for
   an output of h x w pixels; ``grid = base_grid @ theta^T`` (affine, D = 3 holding
   (x, y, 1)), ``base_grid @ H^T`` then divide by z (projective), ``base_grid @ points``
@@ -21,12 +22,15 @@ Convention (the one place it is written down in code; see docs/DESIGN.md):
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 Size = tuple[int, int]  # (height, width), always in that order
 
 
-def _check_size(size: Size, name: str) -> tuple[int, int]:
+def check_size(size: Size, name: str = "size") -> tuple[int, int]:
+    """``size`` as (height, width) ints; ValueError naming ``name`` and the value unless both are >= 1."""
     if len(size) != 2 or int(size[0]) < 1 or int(size[1]) < 1:
         raise ValueError(f"{name} must be (height, width) with both >= 1, got {size!r}")
     return int(size[0]), int(size[1])
@@ -34,41 +38,109 @@ def _check_size(size: Size, name: str) -> tuple[int, int]:
 
 def norm_from_px(size: Size) -> np.ndarray:
     """3x3 matrix taking pixel coordinates (x, y, 1) of an image of ``size`` to normalized."""
-    h, w = _check_size(size, "size")
+    h, w = check_size(size, "size")
     return np.array([[2.0 / w, 0.0, 1.0 / w - 1.0], [0.0, 2.0 / h, 1.0 / h - 1.0], [0.0, 0.0, 1.0]])
 
 
 def px_from_norm(size: Size) -> np.ndarray:
     """Inverse of :func:`norm_from_px`."""
-    h, w = _check_size(size, "size")
+    h, w = check_size(size, "size")
     return np.array([[w / 2.0, 0.0, (w - 1.0) / 2.0], [0.0, h / 2.0, (h - 1.0) / 2.0], [0.0, 0.0, 1.0]])
 
 
-def theta_as_3x3(theta: np.ndarray) -> np.ndarray:
-    """``input_norm_from_output_norm`` as a 3x3 matrix from an affine [2,3] or projective [3,3] theta."""
-    theta = np.asarray(theta, dtype=np.float64)
-    if theta.shape == (2, 3):
-        return np.vstack([theta, [0.0, 0.0, 1.0]])
-    if theta.shape == (3, 3):
-        return theta
-    raise ValueError(f"theta must be [2,3] (affine) or [3,3] (projective), got shape {list(theta.shape)}")
+def theta_to_matrix(theta: np.ndarray, tps_grid: Size | None = None) -> np.ndarray:
+    """``input_norm_from_output_norm`` as float64 3x3 matrices, the one theta -> matrix conversion.
+
+    Takes theta of any family with any leading (batch) axes and returns ``[..., 3, 3]``:
+
+    - affine ``[..., 2, 3]``: the row (0, 0, 1) appended (exact);
+    - projective ``[..., 3, 3]``: scaled so that ``[2, 2] == 1`` (left as is where it is ~0;
+      the homography is the same either way);
+    - TPS ``[..., K, 2]`` (source control points): the least-squares *affine* map taking the
+      target control points (:func:`tps_control_points` of ``tps_grid``; a square grid when
+      None) to them. An approximation (exact when the TPS is affine), for poses and metrics;
+      :func:`input_px_from_output_px` refuses TPS theta.
+
+    Accepts anything ``np.asarray`` takes (a CPU torch tensor without grad included).
+    """
+    t = np.asarray(theta, dtype=np.float64)
+    if t.shape == (2, 3):  # the common case, kept cheap (the service makes two pixel matrices per image)
+        return np.vstack([t, [0.0, 0.0, 1.0]])
+    if t.ndim >= 2 and t.shape[-2:] == (2, 3):
+        bottom = np.broadcast_to(np.array([0.0, 0.0, 1.0]), (*t.shape[:-2], 1, 3))
+        return np.concatenate([t, bottom], axis=-2)
+    if t.ndim >= 2 and t.shape[-2:] == (3, 3):
+        return _unit_scale(t)
+    if t.ndim >= 2 and t.shape[-1] == 2 and t.shape[-2] >= 4:
+        ctrl = tps_control_points(_tps_grid_for(t.shape[-2], tps_grid))  # [K, 2]
+        design = np.concatenate([ctrl, np.ones((len(ctrl), 1))], axis=1)  # [K, 3]: (x, y, 1)
+        fit = np.swapaxes(np.linalg.pinv(design) @ t, -1, -2)  # [..., 2, 3]: target -> source
+        return theta_to_matrix(fit)
+    raise ValueError(f"theta must be [..., 2, 3] (affine), [..., 3, 3] (projective) or [..., K, 2] "
+                     f"(TPS control points, K >= 4), got shape {list(t.shape)}")
+
+
+def _tps_grid_for(k: int, tps_grid: Size | None) -> tuple[int, int]:
+    """The TPS control grid (rows, cols) of a theta with ``k`` points: ``tps_grid``, checked, or the square one."""
+    if tps_grid is not None:
+        gh, gw = int(tps_grid[0]), int(tps_grid[1])
+        if gh * gw != k:
+            raise ValueError(f"tps_grid {gh}x{gw} has {gh * gw} control points but theta has {k}")
+        return gh, gw
+    side = math.isqrt(k)
+    if side * side != k:
+        raise ValueError(f"TPS theta with {k} control points: pass tps_grid (it is not square)")
+    return side, side
+
+
+def _pixel_matrix_theta(theta: np.ndarray) -> np.ndarray:
+    t = np.asarray(theta, dtype=np.float64)
+    if t.ndim < 2 or t.shape[-1] != 3:
+        raise ValueError(f"pixel matrices need an affine [..., 2, 3] or projective [..., 3, 3] theta, got shape "
+                         f"{list(t.shape)} (a TPS has no matrix: map its control points instead)")
+    return theta_to_matrix(t)
+
+
+def _unit_scale(m: np.ndarray) -> np.ndarray:
+    """Homogeneous matrices [..., 3, 3] scaled so that [2, 2] == 1 (left as is where it is ~0)."""
+    if m.ndim == 2:
+        z = m[2, 2]
+        return m / z if abs(z) > 1e-12 else m
+    z = m[..., 2:3, 2:3]
+    return m / np.where(np.abs(z) > 1e-12, z, 1.0)
 
 
 def input_px_from_output_px(theta: np.ndarray, input_size: Size, output_size: Size) -> np.ndarray:
-    """3x3 matrix mapping output pixel (x, y, 1) to input pixel coordinates (homogeneous)."""
-    m = px_from_norm(input_size) @ theta_as_3x3(theta) @ norm_from_px(output_size)
-    return m / m[2, 2] if abs(m[2, 2]) > 1e-12 else m
+    """3x3 matrix mapping output pixel (x, y, 1) to input pixel coordinates (homogeneous).
+
+    ``px_from_norm(input) @ theta_to_matrix(theta) @ norm_from_px(output)``, scaled so that
+    ``[2, 2] == 1``; leading (batch) axes of theta are kept.
+    """
+    m = px_from_norm(input_size) @ _pixel_matrix_theta(theta) @ norm_from_px(output_size)
+    return _unit_scale(m)
+
+
+def theta_from_pixel_matrix(input_px_from_output_px: np.ndarray, input_size: Size, output_size: Size) -> np.ndarray:
+    """theta as a 3x3 matrix (``[2, 2] == 1``) from ``input_px_from_output_px``: the inverse of that function.
+
+    ``norm_from_px(input) @ input_px_from_output_px @ px_from_norm(output)``, for the sizes the
+    pixel matrix was made for. An affine pixel matrix gives a last row (0, 0, 1): then
+    ``theta[..., :2, :]`` is the affine theta.
+    """
+    m = np.asarray(input_px_from_output_px, dtype=np.float64)
+    if m.ndim < 2 or m.shape[-2:] != (3, 3):
+        raise ValueError(f"input_px_from_output_px must be [..., 3, 3], got shape {list(m.shape)}")
+    return _unit_scale(norm_from_px(input_size) @ m @ px_from_norm(output_size))
 
 
 def output_px_from_input_px(theta: np.ndarray, input_size: Size, output_size: Size) -> np.ndarray:
     """Inverse of :func:`input_px_from_output_px`: maps input points into the rectified frame."""
-    m = np.linalg.inv(input_px_from_output_px(theta, input_size, output_size))
-    return m / m[2, 2] if abs(m[2, 2]) > 1e-12 else m
+    return _unit_scale(np.linalg.inv(input_px_from_output_px(theta, input_size, output_size)))
 
 
 def pixel_centres(size: Size) -> tuple[np.ndarray, np.ndarray]:
     """Normalized x and y of the pixel centres of an image of ``size``: two [h, w] arrays."""
-    h, w = _check_size(size, "size")
+    h, w = check_size(size, "size")
     xs = (2.0 * np.arange(w) + 1.0) / w - 1.0
     ys = (2.0 * np.arange(h) + 1.0) / h - 1.0
     gy, gx = np.meshgrid(ys, xs, indexing="ij")
@@ -83,7 +155,7 @@ def affine_base_grid(output_size: Size) -> np.ndarray:
 
 def tps_control_points(grid_size: Size) -> np.ndarray:
     """Target control points [K, 2] (x, y) of a TPS: a regular grid spanning [-1, 1]^2, row-major."""
-    gh, gw = _check_size(grid_size, "tps grid")
+    gh, gw = check_size(grid_size, "tps grid")
     if gh < 2 or gw < 2:
         raise ValueError(f"tps grid must be at least 2x2, got {gh}x{gw}")
     ys, xs = np.meshgrid(np.linspace(-1, 1, gh), np.linspace(-1, 1, gw), indexing="ij")
@@ -123,7 +195,7 @@ def tps_base_grid(output_size: Size, grid_size: Size) -> np.ndarray:
 
 def warp_points(theta: np.ndarray, points_norm: np.ndarray) -> np.ndarray:
     """Apply an affine/projective theta to normalized points [P, 2] (output -> input)."""
-    m = theta_as_3x3(theta)
+    m = _pixel_matrix_theta(theta)
     p = np.concatenate([np.asarray(points_norm, np.float64), np.ones((len(points_norm), 1))], axis=1) @ m.T
     return p[:, :2] / p[:, 2:3]
 
@@ -139,6 +211,24 @@ PARAMETRISATIONS = ("matrix", "corners")
 # The outer corners of every output's pixel grid in normalized coordinates (align_corners=False):
 # output pixels (-0.5, -0.5), (w-0.5, -0.5), (w-0.5, h-0.5), (-0.5, h-0.5), i.e. TL, TR, BR, BL.
 OUTPUT_CORNERS = ((-1.0, -1.0), (1.0, -1.0), (1.0, 1.0), (-1.0, 1.0))
+
+
+def theta_shape(transform: str, tps_grid: Size = (4, 4)) -> tuple[int, int]:
+    """One example's theta shape for a transform family: (2, 3) affine-like, (3, 3) projective, (K, 2) TPS."""
+    if transform in AFFINE_FAMILIES:
+        return (2, 3)
+    if transform == "projective":
+        return (3, 3)
+    if transform == "tps":
+        gh, gw = check_size(tps_grid, "tps grid")
+        return (gh * gw, 2)
+    raise ValueError(f"unknown transform {transform!r}; known: {', '.join(TRANSFORMS)}")
+
+
+def base_grid_depth(transform: str, tps_grid: Size = (4, 4)) -> int:
+    """D of a family's base grid [h, w, D]: 3 ((x, y, 1)) for affine-like and projective, K for TPS."""
+    k = theta_shape(transform, tps_grid)[0]
+    return k if transform == "tps" else 3
 
 
 def base_grid(transform: str, output_size: Size, tps_grid: Size = (4, 4)) -> np.ndarray:

@@ -2,7 +2,10 @@
 
 The localisation net sees a copy of the input resized to ``loc_size``; the sampler reads the
 full-resolution input and writes ``output_size`` (paper section 3). Input is NCHW float32,
-already normalized with the model's mean/std (``STNConfig.mean``/``std``).
+already normalized with the model's mean/std (``STNConfig.mean``/``std``). The module holds
+parameters (the localisation net, the base grid buffer) and calls the math, which is plain
+functions: ``models.transforms.spatial_transform`` (grid generator and sampler) and the
+family's ``theta_from_params``.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.frames import PARAMETRISATIONS
-from models.sampler import check_sampler_options, grid_sample
-from models.transforms import TRANSFORMS, TransformFamily, make_transform
+from models.sampler import check_sampler_options
+from models.transforms import TRANSFORMS, TransformFamily, make_transform, spatial_transform
 
 LOC_NETS = ("small", "deep")  # the localisation CNNs: LocalisationNet, DeepLocalisationNet
 
@@ -186,10 +189,15 @@ class SpatialTransformer(nn.Module):
 
     def sample(self, image: torch.Tensor, theta: torch.Tensor,
                output_size: tuple[int, int] | None = None) -> torch.Tensor:
-        """Rectify ``image`` at full resolution with ``theta`` into ``output_size`` (default: the config's)."""
-        base = self.base_grid if output_size is None else self.transform.base_grid(output_size).to(image.device)
-        grid = self.transform.grid(theta, base)
-        return grid_sample(image, grid, self.config.mode, self.config.padding_mode, align_corners=False)
+        """Rectify ``image`` at full resolution with ``theta`` into ``output_size`` (default: the config's).
+
+        ``transforms.spatial_transform`` with this model's family, sampler options and, at its own
+        output size, its ``base_grid`` buffer (which the exporter names ``base_grid``).
+        """
+        cfg = self.config
+        size = cfg.output_size if output_size is None else output_size
+        base = self.base_grid if output_size is None else None
+        return spatial_transform(image, theta, cfg.transform, size, cfg.mode, cfg.padding_mode, cfg.tps_grid, base)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         theta = self.localise(image)

@@ -270,7 +270,7 @@ class _Objective:
             self.coarse = self.stn.transform.base_grid(_COARSE)
             self.output_size = self.stn.config.output_size
             self.target_points = _apply_matrix(
-                evaluate.theta_to_matrix(dist.frame_theta(source_size, self.output_size, 1)).float(),
+                torch.from_numpy(frames.theta_to_matrix(dist.frame_theta(source_size, self.output_size, 1))).float(),
                 torch.from_numpy(frames.affine_base_grid(_COARSE)[..., :2]).unsqueeze(0),
             )  # [1, 8, 8, 2]: where each coarse output point belongs in the upright image
 

@@ -24,6 +24,12 @@ directly with a page's known corners (all eight numbers in the same units, unlik
 homography's entries); theta is the closed-form square-to-quadrilateral homography
 (:func:`square_to_quad`, Heckbert 1989): a few products and one division, no linear solve,
 so it exports as plain ops and ``theta`` stays the projective [3, 3] of the contract.
+
+Function first (kornia's ``warp_affine``): the grid generator and the whole spatial transform
+are plain functions with shape checks, :func:`sampling_grid` (per family:
+:func:`affine_sampling_grid`, :func:`projective_sampling_grid`, :func:`tps_sampling_grid`) and
+:func:`spatial_transform` (grid generator, then ``models.sampler.grid_sample``); a family's
+``grid`` and ``models.stn.SpatialTransformer`` call them.
 """
 
 from __future__ import annotations
@@ -32,6 +38,124 @@ import numpy as np
 import torch
 
 from models import frames
+from models.sampler import grid_sample
+
+# ----------------------------------------------------------------------------- the grid generator
+# Plain functions with shape checks; the families and SpatialTransformer call them. Each is one
+# MatMul (how it exports to ONNX), written once.
+
+
+def _check_base_grid(base_grid: torch.Tensor, depth: int, what: str) -> None:
+    if base_grid.dim() != 3 or base_grid.shape[-1] != depth:
+        raise ValueError(f"{what} needs a base grid [h, w, {depth}] (models.frames.base_grid), "
+                         f"got shape {list(base_grid.shape)}")
+
+
+def _check_theta_shape(theta: torch.Tensor, shape: tuple[int, int], what: str) -> None:
+    if theta.dim() != 3 or tuple(theta.shape[1:]) != tuple(shape):
+        raise ValueError(f"{what} theta must be [N, {shape[0]}, {shape[1]}], got shape {list(theta.shape)}")
+
+
+def affine_sampling_grid(theta: torch.Tensor, base_grid: torch.Tensor) -> torch.Tensor:
+    """Sampling grid [N, h, w, 2] of affine theta [N, 2, 3] on a base grid [h, w, 3]: ``base @ theta^T``.
+
+    Convention (docs/DESIGN.md, ``models.frames``): theta maps output to input, normalized,
+    ``align_corners=False``; the base grid holds (x, y, 1) at the output's pixel centres
+    (``frames.affine_base_grid``); the grid holds, per output pixel, the normalized (x, y) of
+    the input point to sample, as ``F.grid_sample`` reads it (``F.affine_grid``'s result).
+    """
+    _check_theta_shape(theta, (2, 3), "affine")
+    _check_base_grid(base_grid, 3, "an affine theta")
+    return torch.matmul(base_grid, theta.transpose(1, 2).unsqueeze(1))
+
+
+def projective_sampling_grid(theta: torch.Tensor, base_grid: torch.Tensor) -> torch.Tensor:
+    """Sampling grid [N, h, w, 2] of a homography theta [N, 3, 3] on a base grid [h, w, 3].
+
+    Convention: as :func:`affine_sampling_grid`, then divided by the third coordinate; where
+    its magnitude is below 1e-6 it is replaced by 1e-6 with its sign kept (points at infinity
+    sample padding). ``theta`` need not have ``[2, 2] == 1``.
+    """
+    _check_theta_shape(theta, (3, 3), "projective")
+    _check_base_grid(base_grid, 3, "a projective theta")
+    xyz = torch.matmul(base_grid, theta.transpose(1, 2).unsqueeze(1))
+    z = xyz[..., 2:3]
+    # Keep the sign, avoid dividing by ~0 (points at infinity sample padding).
+    z = torch.where(z.abs() < 1e-6, torch.full_like(z, 1e-6), z)
+    return xyz[..., :2] / z
+
+
+def tps_sampling_grid(points: torch.Tensor, base_grid: torch.Tensor) -> torch.Tensor:
+    """Sampling grid [N, h, w, 2] of a TPS from its source control points [N, K, 2]: ``base @ points``.
+
+    Convention: the target control points are ``frames.tps_control_points`` (a regular grid
+    over [-1, 1]^2 of the output, row-major); ``points`` are where they land in the input
+    (normalized). The base grid [h, w, K] is ``frames.tps_base_grid`` (the thin-plate kernel
+    with the system matrix's inverse folded in), so the TPS interpolates its control points.
+    """
+    if points.dim() != 3 or points.shape[-1] != 2:
+        raise ValueError(f"tps theta must be source control points [N, K, 2], got shape {list(points.shape)}")
+    _check_base_grid(base_grid, points.shape[1], f"a tps theta of {points.shape[1]} control points")
+    return torch.matmul(base_grid, points.unsqueeze(1))
+
+
+_GRID_OF_FAMILY = {"affine": affine_sampling_grid, "similarity": affine_sampling_grid,
+                   "attention": affine_sampling_grid, "projective": projective_sampling_grid,
+                   "tps": tps_sampling_grid}
+
+
+def _family_grid(family: str):  # noqa: ANN202
+    if family not in _GRID_OF_FAMILY:
+        raise ValueError(f"unknown transform {family!r}; choose one of {', '.join(frames.TRANSFORMS)}")
+    return _GRID_OF_FAMILY[family]
+
+
+def sampling_grid(theta: torch.Tensor, family: str, output_size: frames.Size, tps_grid: frames.Size = (4, 4),
+                  base_grid: torch.Tensor | None = None) -> torch.Tensor:
+    """The grid generator: sampling grid [N, h, w, 2] of ``theta`` for an ``output_size`` (h, w) output.
+
+    Convention (docs/DESIGN.md "Conventions", ``models.frames``): theta maps **output to
+    input** in normalized coordinates ([-1, 1], x before y, ``align_corners=False``); its
+    shape is ``[N, *frames.theta_shape(family, tps_grid)]``: affine-like [N, 2, 3],
+    projective [N, 3, 3], TPS source control points [N, K, 2] of a ``tps_grid`` (rows, cols)
+    control grid. The grid holds, per output pixel centre, the normalized input (x, y) to
+    sample, as ``F.grid_sample`` reads it.
+
+    ``base_grid``: ``frames.base_grid(family, output_size, tps_grid)`` as a tensor, when the
+    caller keeps one (``SpatialTransformer``'s buffer, which the exporter names); computed on
+    theta's device and dtype otherwise. ValueError naming the shape for a wrong theta or base.
+    """
+    grid_of = _family_grid(family)
+    _check_theta_shape(theta, frames.theta_shape(family, tps_grid), family)
+    h, w = frames.check_size(output_size, "output_size")
+    if base_grid is None:
+        base_grid = torch.from_numpy(frames.base_grid(family, (h, w), tps_grid)).to(theta.device, theta.dtype)
+    elif base_grid.dim() != 3 or tuple(base_grid.shape[:2]) != (h, w):
+        raise ValueError(f"base_grid must be [{h}, {w}, D] for output_size {(h, w)}, got shape {list(base_grid.shape)}")
+    return grid_of(theta, base_grid)
+
+
+def spatial_transform(image: torch.Tensor, theta: torch.Tensor, family: str, output_size: frames.Size,
+                      mode: str = "bilinear", padding_mode: str = "zeros", tps_grid: frames.Size = (4, 4),
+                      base_grid: torch.Tensor | None = None) -> torch.Tensor:
+    """Warp ``image`` [N, C, H, W] by ``theta`` into [N, C, h, w]: :func:`sampling_grid`, then the sampler.
+
+    Convention (docs/DESIGN.md "Conventions", ``models.frames``): theta maps **output to
+    input**, normalized, ``align_corners=False``, one per image (shapes as in
+    :func:`sampling_grid`); the image is read at its own resolution (H, W need not relate to
+    ``output_size`` (h, w): normalized theta does not depend on resolution); ``mode``
+    (bilinear, nearest, bicubic) and ``padding_mode`` (zeros, border, reflection) as
+    ``F.grid_sample``'s, through the ``stn::grid_sample`` op (``models.sampler``), which the
+    exporter lowers. The result equals OpenCV's ``warpAffine``/``warpPerspective`` with
+    ``frames.input_px_from_output_px`` and ``WARP_INVERSE_MAP`` (bilinear, zeros padding).
+    """
+    if image.dim() != 4:
+        raise ValueError(f"image must be [N, C, H, W], got shape {list(image.shape)}")
+    if theta.dim() != 3 or theta.shape[0] != image.shape[0]:
+        raise ValueError(f"theta must be one per image, [{image.shape[0]}, ...] for {image.shape[0]} images, "
+                         f"got shape {list(theta.shape)}")
+    grid = sampling_grid(theta, family, output_size, tps_grid, base_grid)
+    return grid_sample(image, grid, mode, padding_mode, align_corners=False)
 
 
 class TransformFamily:
@@ -51,8 +175,8 @@ class TransformFamily:
         return torch.from_numpy(frames.base_grid(self.name, output_size))
 
     def grid(self, theta: torch.Tensor, base_grid: torch.Tensor) -> torch.Tensor:
-        """Sampling grid [N, h, w, 2] from theta and a base grid [h, w, D]: one MatMul."""
-        return torch.matmul(base_grid, theta.transpose(1, 2).unsqueeze(1))
+        """Sampling grid [N, h, w, 2] from theta and a base grid [h, w, D]: the family's grid function."""
+        return _family_grid(self.name)(theta, base_grid)
 
     def _check_params(self, params: torch.Tensor) -> None:
         if params.dim() != 2 or params.shape[1] != self.n_params:
@@ -114,13 +238,6 @@ class Projective(TransformFamily):
         self._check_params(params)
         one = torch.ones_like(params[:, :1])
         return torch.cat([params, one], dim=1).reshape(-1, 3, 3)
-
-    def grid(self, theta: torch.Tensor, base_grid: torch.Tensor) -> torch.Tensor:
-        xyz = torch.matmul(base_grid, theta.transpose(1, 2).unsqueeze(1))
-        z = xyz[..., 2:3]
-        # Keep the sign, avoid dividing by ~0 (points at infinity sample padding).
-        z = torch.where(z.abs() < 1e-6, torch.full_like(z, 1e-6), z)
-        return xyz[..., :2] / z
 
 
 def square_to_quad(corners: torch.Tensor) -> torch.Tensor:
@@ -186,9 +303,6 @@ class ThinPlateSpline(TransformFamily):
 
     def base_grid(self, output_size: frames.Size) -> torch.Tensor:
         return torch.from_numpy(frames.tps_base_grid(output_size, self.grid_size))
-
-    def grid(self, theta: torch.Tensor, base_grid: torch.Tensor) -> torch.Tensor:
-        return torch.matmul(base_grid, theta.unsqueeze(1))
 
 
 TRANSFORMS = frames.TRANSFORMS

@@ -22,8 +22,13 @@ def _similarity(n: int, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Te
     return similarity_theta(angle, scale, tx, ty), {"angle": angle, "scale": scale, "tx": tx, "ty": ty}
 
 
+def _matrix(theta: torch.Tensor) -> torch.Tensor:
+    """[N, 3, 3] float64 tensor of frames.theta_to_matrix (the one conversion)."""
+    return torch.from_numpy(frames.theta_to_matrix(theta))
+
+
 def _inverse_2x3(theta: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.inv(E.theta_to_matrix(theta))[:, :2]
+    return torch.linalg.inv(_matrix(theta))[:, :2]
 
 
 def test_pose_of_similarity() -> None:
@@ -43,16 +48,16 @@ def test_pose_of_general_affine_uses_closest_similarity() -> None:
     assert E.pose_from_theta(shear)["angle"].item() == pytest.approx(math.atan2(-0.3, 2.0))
 
 
-def test_theta_to_matrix_shapes_and_normalisation() -> None:
+def test_pose_takes_single_and_batched_theta_of_every_shape() -> None:
     theta, _ = _similarity(3)
-    m = E.theta_to_matrix(theta)
-    assert m.shape == (3, 3, 3) and m.dtype == torch.float64
-    torch.testing.assert_close(m[:, 2], torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64).expand(3, 3))
-    h = torch.tensor([[[1.1, 0.2, 0.1], [0.0, 0.9, 0.0], [0.1, 0.0, 1.0]]])
-    torch.testing.assert_close(E.theta_to_matrix(5.0 * h), E.theta_to_matrix(h))
-    assert E.theta_to_matrix(np.eye(3)).shape == (1, 3, 3)  # numpy, unbatched
-    with pytest.raises(ValueError, match="theta must be"):
-        E.theta_to_matrix(torch.zeros(2, 4, 4))
+    batched = E.pose_from_theta(theta)
+    single = E.pose_from_theta(theta[1])  # unbatched [2, 3]
+    assert all(v.shape == (1,) and float(v[0]) == pytest.approx(float(batched[k][1])) for k, v in single.items())
+    assert E.pose_from_theta(np.eye(3))["log_scale"].shape == (1,)  # numpy, projective
+    with pytest.raises(ValueError, match=r"got shape \[2, 4, 4\]"):
+        E.pose_from_theta(torch.zeros(2, 4, 4))
+    with pytest.raises(ValueError, match="one theta or a batch"):
+        E.pose_from_theta(torch.zeros(2, 2, 2, 3))
 
 
 def test_projective_pose_is_linearised_at_centre() -> None:
@@ -62,16 +67,14 @@ def test_projective_pose_is_linearised_at_centre() -> None:
     assert pose["tx"].item() == pytest.approx(0.2) and pose["log_scale"].item() == pytest.approx(0.5 * math.log(0.94))
 
 
-def test_tps_is_fitted_by_its_affine_part() -> None:
+def test_tps_pose_is_its_affine_part() -> None:
     ctrl = torch.from_numpy(frames.tps_control_points((4, 4)))
-    theta, _ = _similarity(2)
-    m = E.theta_to_matrix(theta)
+    theta, p = _similarity(2)
+    m = _matrix(theta)
     source = ctrl @ m[:, :2, :2].transpose(1, 2) + m[:, :2, 2].unsqueeze(1)  # an affine TPS
-    torch.testing.assert_close(E.theta_to_matrix(source), m)
-    torch.testing.assert_close(E.theta_to_matrix(ctrl.unsqueeze(0)), torch.eye(3, dtype=torch.float64)[None])
-    with pytest.raises(ValueError, match="tps_grid"):
-        E.theta_to_matrix(torch.zeros(1, 6, 2))
-    assert E.theta_to_matrix(torch.zeros(1, 6, 2), (2, 3)).shape == (1, 3, 3)
+    pose = E.pose_from_theta(source)
+    torch.testing.assert_close(pose["angle"], p["angle"])
+    torch.testing.assert_close(pose["tx"], p["tx"])
 
 
 def test_circular_std() -> None:
@@ -88,18 +91,18 @@ def test_circular_std() -> None:
 
 def test_pose_spread_keys_and_units() -> None:
     theta, p = _similarity(500)
-    spread = E.pose_spread(E.theta_to_matrix(theta))
+    spread = E.pose_spread(_matrix(theta))
     assert tuple(spread) == E.SPREAD_KEYS
     assert spread["angle_deg"] == pytest.approx(math.degrees(E.circular_std(p["angle"])))
     assert spread["log_scale"] == pytest.approx(float(torch.log(p["scale"]).std(correction=0)))
     assert spread["tx"] == pytest.approx(float(p["tx"].std(correction=0)))
-    assert E.pose_spread(E.theta_to_matrix(theta[:1])) == {"angle_deg": 0.0, "log_scale": 0.0, "tx": 0.0, "ty": 0.0}
+    assert E.pose_spread(_matrix(theta[:1])) == {"angle_deg": 0.0, "log_scale": 0.0, "tx": 0.0, "ty": 0.0}
 
 
 @pytest.mark.parametrize("name", ["R", "RTS", "TC", "P"])
 def test_exact_inverse_prediction_has_zero_residual_spread(name: str) -> None:
     d = D.distort(name, torch.rand(64, 1, 28, 28), torch.Generator().manual_seed(1))
-    inverse = torch.linalg.inv(E.theta_to_matrix(d.theta))
+    inverse = torch.linalg.inv(_matrix(d.theta))
     pred = inverse if d.family == "projective" else inverse[:, :2]
     result = E.pose_consistency(d.theta, pred)
     assert all(v < 1e-6 for v in result["residual"].values())
@@ -109,9 +112,9 @@ def test_exact_inverse_prediction_has_zero_residual_spread(name: str) -> None:
 def test_inverse_up_to_a_constant_pose_is_still_consistent() -> None:
     # An ST-CNN may rectify to its own canonical pose (here: rotated 20 degrees and zoomed): consistent all the same.
     d = D.distort("RTS", torch.rand(64, 1, 28, 28), torch.Generator().manual_seed(2))
-    canonical = E.theta_to_matrix(similarity_theta(torch.tensor([0.35]), torch.tensor([0.6]), torch.tensor([0.1]),
+    canonical = _matrix(similarity_theta(torch.tensor([0.35]), torch.tensor([0.6]), torch.tensor([0.1]),
                                                    torch.tensor([0.0])))
-    pred = (torch.linalg.inv(E.theta_to_matrix(d.theta)) @ canonical)[:, :2]
+    pred = (torch.linalg.inv(_matrix(d.theta)) @ canonical)[:, :2]
     residual = E.pose_consistency(d.theta, pred)["residual"]
     assert all(v < 1e-6 for v in residual.values())
 
@@ -128,7 +131,7 @@ def test_identity_prediction_residual_equals_distortion_spread(name: str) -> Non
 def test_tps_prediction_and_missing_prediction() -> None:
     d = D.distort("RTS", torch.rand(8, 1, 28, 28), torch.Generator().manual_seed(4))
     ctrl = torch.from_numpy(frames.tps_control_points((4, 4)))
-    inverse = torch.linalg.inv(E.theta_to_matrix(d.theta))
+    inverse = torch.linalg.inv(_matrix(d.theta))
     tps_pred = ctrl @ inverse[:, :2, :2].transpose(1, 2) + inverse[:, :2, 2].unsqueeze(1)  # the inverse as a TPS
     residual = E.pose_consistency(d.theta, tps_pred, pred_tps_grid=(4, 4))["residual"]
     assert all(v < 1e-6 for v in residual.values())

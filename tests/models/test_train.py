@@ -71,7 +71,7 @@ def test_grid_loss_target_is_the_inverse(name: str) -> None:
     d = distortions.distort(name, up, torch.Generator().manual_seed(0))
     canvas = tuple(d.images.shape[-2:])
     out_size = canvas
-    placement = evaluate.theta_to_matrix(distortions.frame_theta((28, 28), out_size, 4))
+    placement = torch.from_numpy(frames.theta_to_matrix(distortions.frame_theta((28, 28), out_size, 4)))
     base = torch.from_numpy(frames.affine_base_grid((8, 8))[..., :2]).double().unsqueeze(0).expand(4, 8, 8, 2)
     target = T._apply_matrix(placement, base)
     if d.family == "tps":
@@ -81,7 +81,7 @@ def test_grid_loss_target_is_the_inverse(name: str) -> None:
         pixel_points = torch.from_numpy(frames.affine_base_grid(canvas)[..., :2]).expand(4, *canvas, 2)
         torch.testing.assert_close(T.map_through_distortion(d, pixel_points), field, atol=1e-5, rtol=0)
         return
-    ideal = torch.linalg.inv(evaluate.theta_to_matrix(d.theta)) @ placement  # output -> distorted
+    ideal = torch.linalg.inv(torch.from_numpy(frames.theta_to_matrix(d.theta))) @ placement  # output -> distorted
     points = T._apply_matrix(ideal, base).float()
     torch.testing.assert_close(T.map_through_distortion(d, points).double(), target, atol=1e-4, rtol=0)
 
