@@ -165,6 +165,8 @@ def run_train(args: argparse.Namespace) -> int:
     if "corner_error_median" in m:
         print(f"{m['dataset']}: {m['steps']} steps of {m['batch_size']} in {m['train_seconds']:.1f} s "
               f"({100 * m['data_wait_fraction']:.0f}% waiting for photos), final train loss {m['final_train_loss']:.4f}")
+        print(f"device {m['device']}, amp {m['amp']}, {m['world_size']} rank(s), {m['workers']} data worker(s): "
+              f"{m['steps_per_second']:.2f} steps/s")
         print(f"corner error on {m['test_examples']} held-out photos: median {100 * m['corner_error_median']:.2f}%  "
               f"p90 {100 * m['corner_error_p90']:.2f}%  (identity: median {100 * m['identity_corner_error_median']:.2f}%)")
         for k, v in m["corner_error_by_rotation"].items():

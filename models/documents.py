@@ -580,10 +580,9 @@ class DocumentGenerator:
         self.strength = photometric_strength
         self.background_size = background_size
         self._count = 0
-        if keyed:  # rendered by seek(), each slot from its own key
+        if keyed:  # rendered by the first seek() (the first photo's, or a resumed run's), each slot from its own key
             self._pages, self._backgrounds = [None] * pool_pages, [None] * pool_backgrounds
             self._generations = {2: [-1] * pool_pages, 3: [-1] * pool_backgrounds}
-            self.seek(0)
         else:
             self._pages = [self._new_page() for _ in range(pool_pages)]
             self._backgrounds = [self._new_background() for _ in range(pool_backgrounds)]
