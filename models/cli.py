@@ -102,7 +102,8 @@ def configure_train(parser: argparse.ArgumentParser) -> None:
       help="mixed precision: bf16 autocast, fp16 autocast with loss scaling (CUDA only), or off (default %(default)s)")
     a("--workers", type=int, default=0, metavar="N",
       help="data-loading worker processes (batches are the same whatever N; with --distortion document: "
-           "processes composing photos) (default %(default)s)")
+           "processes composing photos, one lane of photos each, the lanes fixed when the run starts) "
+           "(default %(default)s)")
     a("--eval-every", type=_size, default=None, metavar="STEPS", help="evaluate on the test set every STEPS steps")
     a("--save-every", type=_size, default=None, metavar="STEPS",
       help="write the resumable OUT/last.pt every STEPS steps (also written when interrupted with Ctrl-C)")

@@ -23,7 +23,9 @@ Checks (the numbers of issue 15):
 5. ``serve``: ``stn serve`` on the provider answers, ``/v1/models`` shows the provider, device
    memory before and after a burst of large images; then a short ``stn bench serve``.
 6. ``batch``: ``stn batch`` with the provider; ``train``: ``stn train --device`` for a few
-   hundred steps, with its speed.
+   hundred steps, with its speed; ``train_document``: the same for the document rectifier's
+   trainer (``--distortion document``: photos composed in worker processes), with the fraction
+   of the time it waited for photos.
 """
 
 from __future__ import annotations
@@ -615,6 +617,30 @@ def check_train(ctx: GpuContext) -> dict[str, Any]:
             "test_error": m.get("test_error")}
 
 
+def check_train_document(ctx: GpuContext) -> dict[str, Any]:
+    """``stn train --distortion document --device`` (the bundled model's trainer) for a few hundred steps."""
+    if not has_torch():
+        raise Skip("torch is not installed (a serving-only install cannot train)")
+    steps = 8 if ctx.quick else 300
+    workers = 0 if ctx.quick else max(1, min(8, (os.cpu_count() or 2) - 2))
+    out = ctx.workdir / "train-document-out"
+    args = ["train", "--mode", "rectify", "--distortion", "document", "--transform", "projective", "--steps", str(steps),
+            "--batch-size", "8" if ctx.quick else "32", "--limit-test", "8" if ctx.quick else "64",
+            "--device", ctx.torch_device, "--workers", str(workers), "--no-progress", "--out", str(out)]
+    if ctx.quick:
+        args += ["--loc-size", "32", "32", "--output-size", "42", "30"]
+    if ctx.torch_device == "cuda":
+        args += ["--amp", "bf16"]
+    proc = subprocess.run(_stn(*args), capture_output=True, text=True, timeout=600, env=_env(ctx))
+    if proc.returncode != 0:
+        raise CheckFailed(f"stn {' '.join(args)} exited {proc.returncode}: {proc.stderr[-600:]}")
+    m = json.loads((out / "metrics.json").read_text())
+    return {"command": "stn " + " ".join(args), "device": m["device"], "amp": m["amp"], "steps": m["steps"],
+            "workers": m["workers"], "steps_per_second": round(m["steps_per_second"], 2),
+            "train_seconds": round(m["train_seconds"], 2), "data_wait_fraction": round(m["data_wait_fraction"], 3),
+            "corner_error_median": m["corner_error_median"]}
+
+
 # ------------------------------------------------------------------------------- the run
 
 CHECKS: dict[str, Callable[[GpuContext], dict[str, Any]]] = {
@@ -625,6 +651,7 @@ CHECKS: dict[str, Callable[[GpuContext], dict[str, Any]]] = {
     "serve": check_serve,
     "batch": check_batch,
     "train": check_train,
+    "train_document": check_train_document,
 }
 
 
