@@ -282,7 +282,7 @@ def train_documents(config, on_step: Callable[[int, float], None] | None = None)
     # spawn, not fork: a fork after torch's OpenMP threads have run can deadlock in the child
     loader = DataLoader(photos, batch_size=None, sampler=range(loop.step, total), num_workers=config.workers,
                         worker_init_fn=devices.worker_init, prefetch_factor=4 if config.workers else None,
-                        multiprocessing_context="spawn" if config.workers else None)
+                        multiprocessing_context="spawn" if config.workers else None, pin_memory=device.type == "cuda")
     mean = torch.tensor(cfg.mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(cfg.std, device=device).view(1, -1, 1, 1)
     log.info("training the document rectifier (%d parameters): %d steps of %d photos from step %d on %s "

@@ -32,7 +32,9 @@ scaler, GPU only), ``workers`` (data-loading processes) and data-parallel ranks 
 derived seeds), so the number of workers does not change a CPU run, and a run resumed from
 ``OUT/last.pt`` (``--save-every``; ``resume``) ends with the same weights as an uninterrupted
 one. Under ``torchrun`` each rank trains on every ``world``-th example of the global batch
-(``batch_size`` stays the global batch), and rank 0 alone evaluates and writes files.
+(``batch_size`` stays the global batch), and rank 0 alone evaluates and writes files. The loop
+and this machinery (:func:`fit`, :class:`Loop`, :func:`setup_devices`, :func:`load_resume`) are
+shared with the document rectifier's trainer (``models.document_train``).
 
 Inputs are scaled by the model's own mean/std (stored in the checkpoint): mean 0 and the
 training images' per-channel std, so that the sampler's zero padding is the images' (dark)
@@ -773,7 +775,8 @@ def train(config: TrainConfig, splits: ImageSplits | None = None,
     loader = torch.utils.data.DataLoader(
         TrainBatches(splits.train, config, batch, steps_per_epoch, ranks.rank, ranks.world), batch_size=None,
         sampler=range(loop.step, total), num_workers=config.workers, worker_init_fn=devices.worker_init,
-        prefetch_factor=4 if config.workers else None, generator=torch.Generator().manual_seed(config.seed))
+        prefetch_factor=4 if config.workers else None, generator=torch.Generator().manual_seed(config.seed),
+        pin_memory=device.type == "cuda")
     warned = False
 
     def batch_loss(batch: tuple[torch.Tensor, torch.Tensor | None, dist.Distorted]) -> torch.Tensor:
