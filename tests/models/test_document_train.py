@@ -163,7 +163,8 @@ def test_torchrun_two_ranks_on_gloo_with_workers(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     args = ["--mode", "rectify", "--distortion", "document", "--transform", "projective", "--steps", "4",
             "--batch-size", "4", "--loc-size", "32", "32", "--output-size", "42", "30", "--limit-test", "4",
-            "--threads", "1", "--workers", "1", "--save-every", "2", "--eval-every", "2", "--out", str(out)]
+            "--threads", "1", "--workers", "1", "--save-every", "2", "--eval-every", "2", "--out", str(out),
+            "--max-minutes", "30"]  # a time limit: the ranks agree on the clock every step (an all-reduce)
     proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "stn", "train", *args],
                           capture_output=True, text=True, timeout=400, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
