@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_train import _same_weights, _weights  # tests/models/test_train.py (the classic trainer's resume tests)
 
 from models import document_train as dt
 from models import documents as docs
@@ -35,16 +36,6 @@ def _config(out: Path, **kw) -> TrainConfig:  # noqa: ANN003
                 out=str(out), created_by="test")
     base.update(kw)
     return TrainConfig(**base)
-
-
-def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs (max abs diff {(a[k].float() - b[k].float()).abs().max():.3g})"
 
 
 # ------------------------------------------------------------------------------- the data
