@@ -78,6 +78,7 @@ def test_step_photos_do_not_depend_on_the_process_that_makes_them() -> None:
 # --------------------------------------------------------------------------------- training
 
 
+@pytest.mark.slow  # three short runs and a worker process: about 15 s on 2 shared cores
 def test_interrupted_and_resumed_document_run_ends_with_the_same_weights(tiny_photos: None, tmp_path: Path) -> None:
     cfg = _config(tmp_path / "whole", steps=6, limit_test=4, eval_every=3)
     whole = train(cfg)
