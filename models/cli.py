@@ -102,7 +102,8 @@ def configure_train(parser: argparse.ArgumentParser) -> None:
       help="mixed precision: bf16 autocast, fp16 autocast with loss scaling (CUDA only), or off (default %(default)s)")
     a("--workers", type=int, default=0, metavar="N",
       help="data-loading worker processes (batches are the same whatever N; with --distortion document: "
-           "processes composing photos) (default %(default)s)")
+           "processes composing photos, one lane of photos each, the lanes fixed when the run starts) "
+           "(default %(default)s)")
     a("--eval-every", type=_size, default=None, metavar="STEPS", help="evaluate on the test set every STEPS steps")
     a("--save-every", type=_size, default=None, metavar="STEPS",
       help="write the resumable OUT/last.pt every STEPS steps (also written when interrupted with Ctrl-C)")
@@ -165,6 +166,8 @@ def run_train(args: argparse.Namespace) -> int:
     if "corner_error_median" in m:
         print(f"{m['dataset']}: {m['steps']} steps of {m['batch_size']} in {m['train_seconds']:.1f} s "
               f"({100 * m['data_wait_fraction']:.0f}% waiting for photos), final train loss {m['final_train_loss']:.4f}")
+        print(f"device {m['device']}, amp {m['amp']}, {m['world_size']} rank(s), {m['workers']} data worker(s): "
+              f"{m['steps_per_second']:.2f} steps/s")
         print(f"corner error on {m['test_examples']} held-out photos: median {100 * m['corner_error_median']:.2f}%  "
               f"p90 {100 * m['corner_error_p90']:.2f}%  (identity: median {100 * m['identity_corner_error_median']:.2f}%)")
         for k, v in m["corner_error_by_rotation"].items():

@@ -158,6 +158,14 @@ class Ranks:
 
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    def maximum(self, value: float) -> float:
+        """The largest of a number over the ranks (itself for one process): one clock for all of them."""
+        if not self.distributed:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64, device="cuda" if self.backend == "nccl" else "cpu")
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return float(t.item())
+
     def mean(self, value: torch.Tensor) -> torch.Tensor:
         """The mean of a scalar over the ranks (itself for one process)."""
         if not self.distributed:
@@ -196,10 +204,10 @@ class Progress:
 
             self.bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True)
 
-    def update(self, loss: float | None = None) -> None:
+    def update(self, loss: float | None = None, extra: str = "") -> None:
         self.step += 1
         if loss is not None:
-            self.postfix = f"loss={loss:.4f}"
+            self.postfix = f"loss={loss:.4f}" + (f" {extra}" if extra else "")
         if self.bar is not None:
             if self.postfix:
                 self.bar.set_postfix_str(self.postfix, refresh=False)

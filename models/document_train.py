@@ -11,6 +11,17 @@ L1 distance between those and the page's true corners (normalized photo coordina
 self-supervised from the known homography. The sampler reads the full-resolution photo;
 training never needs to sample (the loss is on the corners), so it costs only the localiser.
 
+Devices, ranks, resumption: the machinery of ``models.train`` (``setup_devices``, ``load_resume``,
+``Loop``, ``fit``): ``device``, ``amp``, ``eval_every``, ``save_every`` (default every
+:data:`SAVE_EVERY` steps when ``out`` is set), ``resume`` and ``torchrun`` work as in the classic
+trainer. Batch ``s`` of rank ``r`` is a pure function of the seed, ``r`` and ``s``
+(:class:`StepPhotos`), so a run resumed from ``OUT/last.pt`` ends with the same weights as an
+uninterrupted one (unless ``max_minutes`` is set: a time limit makes the schedule depend on the
+clock). Under ``torchrun`` every rank composes its own photos (its generators are seeded by its
+rank), ``batch_size`` stays the global batch (rank ``r`` of ``W`` makes
+``len(range(r, batch_size, W))`` photos a step), and rank 0 alone builds the held-out set,
+evaluates and writes files.
+
 Evaluation (:func:`evaluate_documents`): the corner error (``documents.corner_error``: mean
 distance of the four predicted corners to the truth over the page's diagonal in the photo)
 on held-out photos (``split="test"``: fonts, text, textures and folder files unseen in
@@ -23,6 +34,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,9 +42,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from tqdm.auto import tqdm
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from models import devices
 from models import documents as docs
 from models.checkpoint import save_checkpoint
 from models.classifier import count_parameters
@@ -49,7 +62,10 @@ MEAN = (0.5, 0.5, 0.5)  # fixed normalization: photos are in [0, 1], about mid-g
 STD = (0.25, 0.25, 0.25)
 ROTATION_BINS = (0.0, 10.0, 20.0, 30.0, 45.0)  # |in-plane rotation| bins, degrees
 TRAIN_PHOTO_SIDES = (160, 400)  # long side of training photos, pixels (the localiser sees loc_size)
-SAVE_EVERY = 500  # steps between periodic checkpoints (checkpoint.pt in the output folder)
+TRAIN_POOL = 48  # pages and backgrounds in each training generator's pools (models.documents' default)
+SAVE_EVERY = 500  # default steps between periodic saves of the resumable OUT/last.pt (when out is set)
+DEFAULT_STEPS = 2000
+EVAL_KEYS = ("corner_error_median", "corner_error_p90", "corner_error_mean")  # --eval-every's
 
 
 def stn_config(loc_size: tuple[int, int] | None = None, output_size: tuple[int, int] | None = None) -> STNConfig:
@@ -65,25 +81,51 @@ def loc_input(photo: np.ndarray, loc_size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=loc_size, mode="bilinear", align_corners=False)[0]
 
 
-class PhotoStream(IterableDataset):
-    """Endless (loc_input, true corners normalized [4, 2]) pairs; each worker has its own generator."""
+class StepPhotos(Dataset):
+    """Training batch ``step`` of one rank: (localiser inputs [B, 3, lh, lw] in [0, 1], true corners [B, 4, 2]).
 
-    def __init__(self, loc_size: tuple[int, int], seed: int, **generator_options: Any) -> None:
-        self.loc_size, self.seed, self.options = loc_size, seed, generator_options
+    Whichever process makes it (a data-loading worker, a resumed run), batch ``s`` is the same: the
+    photos come from ``lanes`` keyed generators (``DocumentGenerator(keyed=True)``), lane ``l`` of
+    rank ``r`` seeded by ``(seed, 2, r, l)``; step ``s`` is batch ``s // lanes`` of lane ``s % lanes``.
+    A generator keeps its pools between the steps it makes; the trainer uses one lane per worker
+    (``lanes = max(1, workers)``; the DataLoader hands step ``s`` to worker ``(s - first) % workers``),
+    so each worker renders only its own lane's pool refreshes.
+    """
 
-    def __iter__(self):  # noqa: ANN204
-        info = get_worker_info()
-        worker = info.id if info is not None else 0
-        torch.set_num_threads(1)
-        if info is not None:  # OpenCV's own thread pool would compete with the training process
-            import cv2
+    def __init__(self, loc_size: tuple[int, int], seed: int, batch: int, rank: int = 0, lanes: int = 1,
+                 **generator_options: Any) -> None:
+        self.loc_size, self.seed, self.batch, self.rank, self.lanes = loc_size, seed, batch, rank, lanes
+        self.options = generator_options
+        self._generators: dict[int, docs.DocumentGenerator] = {}
 
-            cv2.setNumThreads(1)
-        gen = docs.DocumentGenerator("train", seed=self.seed * 1000 + worker, **self.options)
-        while True:
-            d = gen()
-            corners = docs.corners_norm(d.corners, d.photo_size).astype(np.float32)
-            yield loc_input(d.photo, self.loc_size), torch.from_numpy(corners)
+    def generator(self, lane: int) -> docs.DocumentGenerator:
+        if lane not in self._generators:
+            if get_worker_info() is not None:  # OpenCV's own thread pool would compete with the training process
+                import cv2
+
+                cv2.setNumThreads(1)
+            self._generators[lane] = docs.DocumentGenerator(
+                "train", seed=devices.derived_seed(self.seed, 2, self.rank, lane), keyed=True, **self.options)
+        return self._generators[lane]
+
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        position, lane = divmod(int(step), self.lanes)
+        gen = self.generator(lane)
+        gen.seek(position * self.batch)
+        photos = [gen() for _ in range(self.batch)]
+        corners = np.stack([docs.corners_norm(d.corners, d.photo_size) for d in photos]).astype(np.float32)
+        return torch.stack([loc_input(d.photo, self.loc_size) for d in photos]), torch.from_numpy(corners)
+
+
+class CornerRegressor(nn.Module):
+    """What training runs (and ``torchrun`` wraps in DDP): the localiser and the corners it predicts, no sampling."""
+
+    def __init__(self, stn: SpatialTransformer) -> None:
+        super().__init__()
+        self.localisation, self.transform = stn.localisation, stn.transform
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.transform.corners(self.localisation(x))
 
 
 @dataclass
@@ -116,13 +158,14 @@ def held_out_set(n: int, seed: int, pages: str | None = None, backgrounds: str |
 def predict_corners(stn: SpatialTransformer, photos: list[np.ndarray], batch: int = 64) -> np.ndarray:
     """Predicted page corners [N, 4, 2] in photo pixels (PyTorch model)."""
     stn.eval()
-    mean = torch.tensor(stn.config.mean).view(1, -1, 1, 1)
-    std = torch.tensor(stn.config.std).view(1, -1, 1, 1)
+    device = next(stn.parameters()).device
+    mean = torch.tensor(stn.config.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(stn.config.std, device=device).view(1, -1, 1, 1)
     out = []
     for start in range(0, len(photos), batch):
         chunk = photos[start : start + batch]
-        x = torch.stack([loc_input(p, stn.config.loc_size) for p in chunk])
-        corners = stn.transform.corners(stn.localisation((x - mean) / std)).numpy()
+        x = torch.stack([loc_input(p, stn.config.loc_size) for p in chunk]).to(device)
+        corners = stn.transform.corners(stn.localisation((x - mean) / std)).float().cpu().numpy()
         out += [docs.corners_px(c, p.shape[:2]) for c, p in zip(corners, chunk, strict=True)]
     return np.array(out)
 
@@ -154,13 +197,14 @@ def write_document_sheet(path: str | Path, stn: SpatialTransformer, photos: list
     from PIL import Image
 
     stn.eval()
+    device = next(stn.parameters()).device
     cells = []
     for photo in photos:
-        x = torch.from_numpy(photo).permute(2, 0, 1).unsqueeze(0).float() / 255.0
+        x = torch.from_numpy(photo).permute(2, 0, 1).unsqueeze(0).float().to(device) / 255.0
         with torch.no_grad():
-            theta = stn.localise((x - torch.tensor(stn.config.mean).view(1, -1, 1, 1))
-                                 / torch.tensor(stn.config.std).view(1, -1, 1, 1))
-            flat = stn.sample(x, theta)[0]
+            theta = stn.localise((x - torch.tensor(stn.config.mean, device=device).view(1, -1, 1, 1))
+                                 / torch.tensor(stn.config.std, device=device).view(1, -1, 1, 1))
+            flat = stn.sample(x, theta)[0].cpu()
         a = Image.fromarray(photo)
         b = Image.fromarray((flat.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
         a = a.resize((max(1, round(a.width * height / a.height)), height), Image.BILINEAR)
@@ -178,108 +222,123 @@ def write_document_sheet(path: str | Path, stn: SpatialTransformer, photos: list
     sheet.save(path, format="PNG", optimize=True)
 
 
-def train_documents(config) -> Any:  # noqa: ANN001 (models.train.TrainConfig; imported there)
-    """Train the document rectifier on synthetic photos; evaluate on held-out ones; write the usual files."""
-    from models.train import MODEL_VERSION, TrainResult
+def train_documents(config, on_step: Callable[[int, float], None] | None = None) -> Any:  # noqa: ANN001
+    """Train the document rectifier on synthetic photos; evaluate on held-out ones; write the usual files.
 
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    ``config`` is a ``models.train.TrainConfig`` (checked there); ``on_step(step, loss)`` as in
+    ``models.train.train``. Under ``torchrun`` every rank calls it; rank 0 evaluates and writes.
+    """
+    from models.train import MODEL_VERSION, ConfigError, Loop, TrainResult, fit, load_resume, setup_devices
+
+    ranks, device, precision = setup_devices(config)
+    if config.batch_size < ranks.world:
+        raise ConfigError(f"{ranks.world} ranks need a batch size of at least {ranks.world}, got {config.batch_size}")
+    resume = load_resume(config)
     cfg = stn_config(config.loc_size, config.output_size)
     n_test = config.limit_test or DEFAULT_TEST_EXAMPLES
-    t_data = time.perf_counter()
-    held_out = held_out_set(n_test, config.eval_seed, config.pages, config.backgrounds, config.figures)
-    log.info("held-out set: %d photos in %.1f s", n_test, time.perf_counter() - t_data)
+    held_out = None
+    if ranks.main:  # rank 0 alone evaluates
+        t_data = time.perf_counter()
+        held_out = held_out_set(n_test, config.eval_seed, config.pages, config.backgrounds, config.figures)
+        log.info("held-out set: %d photos in %.1f s", n_test, time.perf_counter() - t_data)
     torch.manual_seed(config.seed)
     model = SpatialTransformer(cfg)
-    total = config.steps or 2000
+    created_by = config.created_by
+    if resume is not None:  # the same run, continued: its weights and the command that started it
+        model.load_state_dict(resume.state_dict)
+        created_by = str(resume.meta.get("created_by", created_by))
+    ranks.start(device)
+    model.to(device)
+    forward = ranks.wrap(CornerRegressor(model), device)
+    total = config.steps or DEFAULT_STEPS
     batch = config.batch_size
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     warmup = min(200, total // 10)
     limit_s = 60.0 * config.max_minutes if config.max_minutes else math.inf
-    t0 = time.perf_counter()
+    clock = {"seconds": 0.0}  # training time so far, the same on every rank (their maximum)
 
-    def progress(step: int) -> float:  # fraction of the run done: by steps or by time, whichever is further
-        return min(1.0, max(step / total, (time.perf_counter() - t0) / limit_s))
+    def done(step: int) -> float:  # fraction of the run done: by steps or by time, whichever is further
+        return min(1.0, max(step / total, clock["seconds"] / limit_s))
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup)) * (
-        0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress(s)))))
-    options = {"pages": config.pages, "backgrounds": config.backgrounds, "figures": config.figures,
-               "photo_long_side": TRAIN_PHOTO_SIDES}
-    stream = PhotoStream(cfg.loc_size, config.seed, **options)
-    # spawn, not fork: a fork after torch's OpenMP threads have run can deadlock in the child
-    loader = DataLoader(stream, batch_size=batch, num_workers=config.workers,
-                        persistent_workers=config.workers > 0, prefetch_factor=4 if config.workers else None,
-                        multiprocessing_context="spawn" if config.workers else None)
-    mean = torch.tensor(cfg.mean).view(1, -1, 1, 1)
-    std = torch.tensor(cfg.std).view(1, -1, 1, 1)
-    out = Path(config.out) if config.out else None
+        0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * done(s)))))
     name = config.name or "document-rectifier"
     meta_base = {"name": name, "version": MODEL_VERSION, "dataset": "synthetic documents (models.documents)",
-                 "classes": [], "created_by": config.created_by, "in_channels": 3, "mean": list(cfg.mean),
+                 "classes": [], "created_by": created_by, "in_channels": 3, "mean": list(cfg.mean),
                  "std": list(cfg.std), "train_config": config.to_dict()}
-    history: list[float] = []
+    loop = Loop(config, model, optimizer, schedule, precision, ranks, device, total,
+                lambda: {**meta_base, "metrics": None})
+    if loop.save_every is None and config.out:
+        loop.save_every = SAVE_EVERY
+    # the photo stream's lanes are the run's own: a resumed run keeps them, whatever its --workers
+    lanes = max(1, int(resume.train_state["train_config"]["workers"] if resume is not None else config.workers))
+    if resume is not None:
+        loop.restore(resume)
+        clock["seconds"] = loop.seconds_before
+    options = {"pages": config.pages, "backgrounds": config.backgrounds, "figures": config.figures,
+               "photo_long_side": TRAIN_PHOTO_SIDES, "pool_pages": TRAIN_POOL, "pool_backgrounds": TRAIN_POOL}
+    photos = StepPhotos(cfg.loc_size, config.seed, len(range(ranks.rank, batch, ranks.world)), ranks.rank, lanes,
+                        **options)
+    # spawn, not fork: a fork after torch's OpenMP threads have run can deadlock in the child
+    loader = DataLoader(photos, batch_size=None, sampler=range(loop.step, total), num_workers=config.workers,
+                        worker_init_fn=devices.worker_init, prefetch_factor=4 if config.workers else None,
+                        multiprocessing_context="spawn" if config.workers else None, pin_memory=device.type == "cuda")
+    mean = torch.tensor(cfg.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(cfg.std, device=device).view(1, -1, 1, 1)
+    log.info("training the document rectifier (%d parameters): %d steps of %d photos from step %d on %s "
+             "(amp %s, %d rank(s), %d lane(s))", count_parameters(model), total, batch, loop.step, device,
+             config.amp, ranks.world, lanes)
+
+    def batch_loss(pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, target = (t.to(device, non_blocking=True) for t in pair)
+        return F.l1_loss(forward((x - mean) / std).float(), target)
+
+    def evaluate_now() -> dict[str, float]:
+        found = evaluate_documents(model, held_out)
+        return {k: found[k] for k in EVAL_KEYS}
+
+    def stop() -> bool:
+        if limit_s == math.inf:
+            return False
+        clock["seconds"] = ranks.maximum(loop.seconds())  # every rank stops at the same step
+        return clock["seconds"] >= limit_s
+
     model.train()
-    wait = 0.0
-    bar = tqdm(total=total, desc="train rectify document", unit="step", disable=not config.progress,
-               dynamic_ncols=True)
-    step = 0
-    t_wait = time.perf_counter()
-    for x, target in loader:
-        wait += time.perf_counter() - t_wait
-        pred = model.transform.corners(model.localisation((x - mean) / std))
-        loss = F.l1_loss(pred, target)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {float(loss)} at step {step}; lower --lr")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
-        optimizer.step()
-        schedule.step()
-        history.append(loss.item())
-        step += 1
-        if step % 10 == 0 or step == total:
-            bar.set_postfix(loss=f"{np.mean(history[-10:]):.4f}")
-        if step % 100 == 0:
-            log.info("step %d/%d loss %.4f lr %.2e (%.2f s/step, %.0f%% waiting for data)", step, total,
-                     np.mean(history[-100:]), schedule.get_last_lr()[0], (time.perf_counter() - t0) / step,
-                     100 * wait / (time.perf_counter() - t0))
-        if out and step % SAVE_EVERY == 0 and step < total:
-            out.mkdir(parents=True, exist_ok=True)
-            save_checkpoint(out / "checkpoint.pt", model, {**meta_base, "metrics": {"steps": step, "partial": True}})
-            model.train()
-        bar.update(1)
-        if step >= total or time.perf_counter() - t0 >= limit_s:
-            break
-        t_wait = time.perf_counter()
-    bar.close()
-    train_seconds = time.perf_counter() - t0
+    progress = devices.Progress(total, "train rectify document", config.progress and ranks.main, start=loop.step)
+    fit(loop, loader, batch_loss, evaluate_now, progress, on_step, stop)
     del loader
+    if not ranks.main:
+        return loop.other_rank_result()
     model.eval()
+    run = loop.metrics()
     t1 = time.perf_counter()
     test = evaluate_documents(model, held_out)
+    history = loop.history
     metrics: dict[str, Any] = {
         "dataset": meta_base["dataset"], "mode": "rectify", "model": "stn", "transform": "projective",
         "parametrisation": "corners", "distortion": docs.DISTORTION, "parameters": count_parameters(model),
-        "train_examples": step * batch, "batch_size": batch, "steps": step, "train_seconds": train_seconds,
-        "data_wait_fraction": wait / max(train_seconds, 1e-9),
+        "train_examples": loop.step * batch, "batch_size": batch, "steps": loop.step, **run,
         "final_train_loss": float(np.mean(history[-min(50, len(history)):])),
         "held_out": "split=test: Liberation fonts, licence-text words, unseen texture seeds, 1 in 10 folder files",
         **test, "eval_seconds": time.perf_counter() - t1,
     }
+    if loop.evals:
+        metrics["evals"] = loop.evals
     meta = {**meta_base, "metrics": metrics}
     files: dict[str, str] = {}
-    if out:
+    if config.out:
+        out = Path(config.out)
         out.mkdir(parents=True, exist_ok=True)
         files = {"checkpoint": str(out / "checkpoint.pt"), "metrics": str(out / "metrics.json"),
                  "sheet": str(out / "sheet.png")}
         save_checkpoint(files["checkpoint"], model, meta)
         Path(files["metrics"]).write_text(json.dumps(metrics, indent=2) + "\n")
         write_document_sheet(files["sheet"], model, held_out.photos[:8])
+    loop.done()
     return TrainResult(model, metrics, history, meta, files)
 
 
-__all__ = ["DEFAULT_LOC_SIZE", "DEFAULT_OUTPUT_SIZE", "stn_config", "loc_input", "PhotoStream", "HeldOut",
+__all__ = ["DEFAULT_LOC_SIZE", "DEFAULT_OUTPUT_SIZE", "stn_config", "loc_input", "StepPhotos", "CornerRegressor", "HeldOut",
            "held_out_set", "predict_corners", "corner_metrics", "evaluate_documents", "write_document_sheet",
            "train_documents"]
 
@@ -324,9 +383,10 @@ def bench(batch_size: int = 32, steps: int = 10, repeats: int = 3, threads: int 
     step()
     out["train_step_s"] = median_of(step, steps)
     for workers in (0, 1):
-        loader = DataLoader(PhotoStream(cfg.loc_size, 0, photo_long_side=photo_long_side, pool_pages=8,
-                                        pool_backgrounds=8), batch_size=batch_size, num_workers=workers,
-                            prefetch_factor=4 if workers else None, multiprocessing_context="spawn" if workers else None)
+        loader = DataLoader(StepPhotos(cfg.loc_size, 0, batch_size, photo_long_side=photo_long_side, pool_pages=8,
+                                       pool_backgrounds=8), batch_size=None, sampler=range(10**6), num_workers=workers,
+                            worker_init_fn=devices.worker_init, prefetch_factor=4 if workers else None,
+                            multiprocessing_context="spawn" if workers else None)
         it = iter(loader)
         next(it)  # start-up (worker launch, pools) is not counted
 

@@ -545,17 +545,29 @@ class DocumentGenerator:
     ``refresh`` photos; composing (a warp, the photometric steps) costs about a millisecond
     at training sizes. ``split`` chooses the fonts, text, texture seeds and folder files
     (see the module docstring); ``seed`` makes the stream reproducible.
+
+    ``keyed=True`` makes photo ``n`` a pure function of ``(seed, n)``, so that a training run can
+    make any photo again without composing the ones before it (``models.document_train``:
+    resumed runs, one generator per data-loading lane): photo ``n`` draws from its own generator
+    seeded by ``(seed, 1, n)``; the pools are refreshed in turn, slot by slot (one page and one
+    background every ``refresh`` photos), and the ``g``-th rendering of slot ``k`` draws from
+    ``(seed, 2, k, g)`` (pages) or ``(seed, 3, k, g)`` (backgrounds). :meth:`seek` brings the pools
+    to their state at any photo, re-rendering only the slots that differ. The distribution of
+    photos is the same as without ``keyed``; the draws are not.
     """
 
     def __init__(self, split: str = "train", seed: int = 0, pages: str | Path | None = None,
                  backgrounds: str | Path | None = None, figures: str | Path | None = None,
                  photo_long_side: tuple[int, int] = (192, 320), page_width: int = 420, pool_pages: int = 48,
                  pool_backgrounds: int = 48, refresh: int = 16, max_angle: float = 40.0, perspective: float = 0.12,
-                 touch_border: float = 0.15, photometric_strength: float = 1.0, background_size: int = 384) -> None:
+                 touch_border: float = 0.15, photometric_strength: float = 1.0, background_size: int = 384,
+                 keyed: bool = False) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.split = split
-        self.rng = np.random.default_rng(seed + (_TEST_SEED_OFFSET if split == "test" else 0))
+        self._entropy = seed + (_TEST_SEED_OFFSET if split == "test" else 0)
+        self.rng = np.random.default_rng(self._entropy)
+        self.keyed = keyed
         self.fonts = split_fonts(find_fonts(), split)
         self.words = word_source(split, self.rng)
         self.page_files = split_files(pages, split, "pages")
@@ -568,8 +580,30 @@ class DocumentGenerator:
         self.strength = photometric_strength
         self.background_size = background_size
         self._count = 0
-        self._pages = [self._new_page() for _ in range(pool_pages)]
-        self._backgrounds = [self._new_background() for _ in range(pool_backgrounds)]
+        if keyed:  # rendered by the first seek() (the first photo's, or a resumed run's), each slot from its own key
+            self._pages, self._backgrounds = [None] * pool_pages, [None] * pool_backgrounds
+            self._generations = {2: [-1] * pool_pages, 3: [-1] * pool_backgrounds}
+        else:
+            self._pages = [self._new_page() for _ in range(pool_pages)]
+            self._backgrounds = [self._new_background() for _ in range(pool_backgrounds)]
+
+    def _keyed_rng(self, *keys: int) -> np.random.Generator:
+        return np.random.default_rng(np.random.SeedSequence([self._entropy, *keys]))
+
+    def seek(self, index: int) -> None:
+        """Keyed generators: photo ``index`` (from 0) comes next; the pools are brought to their state there."""
+        if not self.keyed:
+            raise ValueError("seek needs a keyed generator (DocumentGenerator(..., keyed=True))")
+        refreshes = index // self.refresh if self.refresh else 0  # slots re-rendered before photo `index`
+        for key, slots, render in ((2, self._pages, self._new_page), (3, self._backgrounds, self._new_background)):
+            n, done = len(slots), self._generations[key]
+            for k in range(n):
+                generation = (refreshes - k + n - 1) // n  # how many of those refreshes hit slot k
+                if done[k] != generation:
+                    self.rng = self._keyed_rng(key, k, generation)
+                    slots[k] = render()
+                    done[k] = generation
+        self._count = index
 
     def _new_page(self) -> tuple[np.ndarray, str]:
         if self.page_files and (self.rng.random() < 0.8 or not self.fonts):
@@ -606,8 +640,11 @@ class DocumentGenerator:
 
     def __call__(self, photo_size: frames.Size | None = None, effects: bool = True) -> DocumentPhoto:
         """One photo (``effects=False``: no shadows, lighting, blur, noise or JPEG; the geometry is the same)."""
+        if self.keyed:
+            self.seek(self._count)
+            self.rng = self._keyed_rng(1, self._count)
         self._count += 1
-        if self.refresh and self._count % self.refresh == 0:
+        if not self.keyed and self.refresh and self._count % self.refresh == 0:
             self._pages[int(self.rng.integers(len(self._pages)))] = self._new_page()
             self._backgrounds[int(self.rng.integers(len(self._backgrounds)))] = self._new_background()
         h, w = photo_size or self.photo_size()

@@ -32,7 +32,9 @@ scaler, GPU only), ``workers`` (data-loading processes) and data-parallel ranks 
 derived seeds), so the number of workers does not change a CPU run, and a run resumed from
 ``OUT/last.pt`` (``--save-every``; ``resume``) ends with the same weights as an uninterrupted
 one. Under ``torchrun`` each rank trains on every ``world``-th example of the global batch
-(``batch_size`` stays the global batch), and rank 0 alone evaluates and writes files.
+(``batch_size`` stays the global batch), and rank 0 alone evaluates and writes files. The loop
+and this machinery (:func:`fit`, :class:`Loop`, :func:`setup_devices`, :func:`load_resume`) are
+shared with the document rectifier's trainer (``models.document_train``).
 
 Inputs are scaled by the model's own mean/std (stored in the checkpoint): mean 0 and the
 training images' per-channel std, so that the sampler's zero padding is the images' (dark)
@@ -64,7 +66,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -76,7 +78,7 @@ from torch import nn
 
 from models import devices, evaluate, frames
 from models import distortions as dist
-from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from models.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from models.classifier import HEADS, STCNN, ClassifierConfig, count_parameters, matched_baseline
 from models.data import DEFAULT_DATA, ImageSet, ImageSplits, load_dataset
 from models.sampler import grid_sample
@@ -506,6 +508,178 @@ def _check_resume(saved: dict[str, Any], config: TrainConfig, path: str) -> None
                           "resume with the options it was started with")
 
 
+# ------------------------------------------------- the loop and its machinery (also models.document_train)
+
+
+def setup_devices(config: TrainConfig) -> tuple[devices.Ranks, torch.device, devices.Precision]:
+    """This process's ranks, device and precision for ``config`` (ConfigError for one that cannot work here)."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    ranks = devices.Ranks()
+    try:
+        device = devices.resolve_device(config.device, ranks.local_rank)
+        precision = devices.Precision(config.amp, device)
+    except devices.DeviceError as e:
+        raise ConfigError(str(e)) from None
+    return ranks, device, precision
+
+
+def load_resume(config: TrainConfig) -> Checkpoint | None:
+    """The checkpoint ``config.resume`` names (None without one), checked: resumable, started with these options."""
+    if not config.resume:
+        return None
+    try:
+        resume = load_checkpoint(config.resume)
+    except CheckpointError as e:
+        raise ConfigError(f"--resume: {e}") from None
+    if resume.train_state is None:
+        raise ConfigError(f"--resume {config.resume}: a finished checkpoint has no training state; resume from "
+                          "the OUT/last.pt that --save-every writes")
+    _check_resume(resume.train_state["train_config"], config, config.resume)
+    return resume
+
+
+class Loop:
+    """One training run's state around :func:`fit`: optimizer, schedule, loss scaler, step, history, evaluations.
+
+    ``save`` writes it to the resumable ``OUT/last.pt`` (rank 0; with torch's RNG state), ``restore``
+    reads it back from a ``--resume`` checkpoint; ``meta()`` is the checkpoint meta for ``last.pt``.
+    """
+
+    def __init__(self, config: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 schedule: torch.optim.lr_scheduler.LRScheduler, precision: devices.Precision, ranks: devices.Ranks,
+                 device: torch.device, total: int, meta: Callable[[], dict[str, Any]]) -> None:
+        self.config, self.model, self.optimizer, self.schedule = config, model, optimizer, schedule
+        self.precision, self.ranks, self.device, self.total, self.meta = precision, ranks, device, total, meta
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.eval_every, self.save_every = config.eval_every, config.save_every
+        self.last = Path(config.out) / "last.pt" if config.out else None
+        self.step = self.start_step = 0
+        self.history: list[float] = []
+        self.evals: list[dict[str, Any]] = []
+        self.seconds_before = 0.0  # training time of the invocations before a --resume
+        self.data_wait = 0.0  # this invocation's seconds spent waiting for batches
+        self.t0 = time.perf_counter()
+
+    def restore(self, resume: Checkpoint) -> None:
+        """Continue the run saved in ``resume`` (its weights are already loaded into the model)."""
+        state = resume.train_state
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.precision.load_state_dict(state["scaler"])
+        devices.set_rng_state(state["rng"], self.device)
+        self.step = self.start_step = int(state["step"])
+        self.history, self.evals = list(state["history"]), list(state["evals"])
+        self.seconds_before = float(state["train_seconds"])
+
+    def seconds(self) -> float:
+        """Training time so far, the invocations before a resume included."""
+        return self.seconds_before + time.perf_counter() - self.t0
+
+    def save(self) -> None:
+        """Write the resumable ``OUT/last.pt`` (rank 0 only; nothing without ``out``)."""
+        if self.last is None or not self.ranks.main:
+            return
+        self.last.parent.mkdir(parents=True, exist_ok=True)
+        state = {"step": self.step, "total": self.total, "optimizer": self.optimizer.state_dict(),
+                 "schedule": self.schedule.state_dict(), "scaler": self.precision.state_dict(),
+                 "rng": devices.rng_state(self.device), "history": list(self.history), "evals": list(self.evals),
+                 "train_seconds": self.seconds(), "world_size": self.ranks.world, "train_config": self.config.to_dict()}
+        save_checkpoint(self.last, self.model, self.meta(), state)
+
+    def optimize(self, loss: torch.Tensor) -> None:
+        """One optimizer step on ``loss``: loss scaling, gradient clipping, the schedule, the history."""
+        loss = loss.float()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {float(loss)} at step {self.step}; lower --lr")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.precision.backward(loss)
+        if self.config.clip_grad > 0:
+            self.precision.unscale(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.clip_grad)
+        self.precision.step(self.optimizer)
+        self.schedule.step()
+        self.history.append(self.ranks.mean(loss).item())
+        self.step += 1
+
+    def metrics(self) -> dict[str, Any]:
+        """How the run ran: time, speed (this invocation's), device, precision, ranks, workers, data wait."""
+        seconds = self.seconds()
+        this_run = max(seconds - self.seconds_before, 1e-9)
+        return {"train_seconds": seconds, "steps_per_second": (self.step - self.start_step) / this_run,
+                "data_wait_fraction": self.data_wait / this_run, "device": str(self.device), "amp": self.config.amp,
+                "world_size": self.ranks.world, "workers": self.config.workers}
+
+    def other_rank_result(self) -> TrainResult:
+        """Ranks other than 0 end here: wait for rank 0 to evaluate and write, leave the group."""
+        self.ranks.barrier()
+        self.ranks.stop()
+        self.model.eval()
+        return TrainResult(self.model, {}, self.history, {}, {}, rank=self.ranks.rank)
+
+    def done(self) -> None:
+        """Rank 0, after writing the results: ``last.pt`` goes (checkpoint.pt is the run's result); leave the group."""
+        if self.last is not None and self.last.exists():
+            self.last.unlink()
+        self.ranks.barrier()
+        self.ranks.stop()
+
+
+def fit(loop: Loop, batches: Iterable[Any], batch_loss: Callable[[Any], torch.Tensor],
+        evaluate: Callable[[], dict[str, float]], progress: devices.Progress,
+        on_step: Callable[[int, float], None] | None = None, stop: Callable[[], bool] | None = None) -> None:
+    """The training loop of ``stn train``: one optimizer step per batch until ``loop.total`` (or ``stop()``).
+
+    ``batch_loss(batch)`` runs under the precision's autocast. Every ``eval_every`` steps rank 0
+    evaluates (``evaluate()`` -> metrics, logged and kept in ``loop.evals``) while the others wait;
+    every ``save_every`` steps ``OUT/last.pt`` is written. An interruption (Ctrl-C) between steps
+    writes ``last.pt`` too; any exception leaves the process group before it propagates.
+    """
+    ranks = loop.ranks
+    loop.t0 = time.perf_counter()
+    waited = time.perf_counter()
+    between_steps = True  # the state is consistent (an interruption now can be saved and resumed)
+    try:
+        for batch in batches:
+            loop.data_wait += time.perf_counter() - waited
+            between_steps = False
+            with loop.precision.autocast():
+                loss = batch_loss(batch)
+            loop.optimize(loss)
+            between_steps = True
+            step = loop.step
+            if step % 10 == 0 or step == loop.total:
+                wait = loop.data_wait / max(loop.seconds() - loop.seconds_before, 1e-9)
+                progress.update(float(np.mean(loop.history[-10:])), f"data-wait={100 * wait:.0f}%")
+            else:
+                progress.update()
+            if loop.eval_every and step % loop.eval_every == 0 and step < loop.total:
+                if ranks.main:
+                    loop.evals.append({"step": step, **evaluate()})
+                    progress.line("eval " + " ".join(f"{k} {v:.4g}" for k, v in loop.evals[-1].items() if k != "step"))
+                    loop.model.train()
+                ranks.barrier()
+            if loop.save_every and step % loop.save_every == 0 and step < loop.total:
+                loop.save()
+            if on_step is not None:
+                on_step(step, loop.history[-1])
+            if step >= loop.total or (stop is not None and stop()):
+                break
+            waited = time.perf_counter()
+    except KeyboardInterrupt:
+        if between_steps and loop.step < loop.total:
+            loop.save()
+            if loop.last is not None and ranks.main:
+                log.warning("interrupted at step %d: resume with --resume %s", loop.step, loop.last)
+        ranks.stop()
+        raise
+    except BaseException:
+        ranks.stop()
+        raise
+    finally:
+        progress.close()
+
+
 def _meta(config: TrainConfig, splits: ImageSplits, stn_config: STNConfig, stn: nn.Module | None, dataset: str,
           created_by: str, metrics: dict[str, Any] | None) -> dict[str, Any]:
     kind = "cnn" if stn is None else "stn"
@@ -541,15 +715,8 @@ def train(config: TrainConfig, splits: ImageSplits | None = None,
     if config.distortion == DOCUMENT:  # synthetic photos, not a dataset: its own data stream and metrics
         from models.document_train import train_documents
 
-        return train_documents(config)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    ranks = devices.Ranks()
-    try:
-        device = devices.resolve_device(config.device, ranks.local_rank)
-        precision = devices.Precision(config.amp, device)
-    except devices.DeviceError as e:
-        raise ConfigError(str(e)) from None
+        return train_documents(config, on_step)
+    ranks, device, precision = setup_devices(config)
     if splits is None:
         splits = load_dataset(config.data, config.image_size, config.limit_train, config.limit_test)
     else:
@@ -565,16 +732,7 @@ def train(config: TrainConfig, splits: ImageSplits | None = None,
         raise ConfigError(f"need at least 2 training examples, got {len(splits.train)}")
     if len(splits.train) < ranks.world or config.batch_size < ranks.world:
         raise ConfigError(f"{ranks.world} ranks need a batch size and a training set of at least {ranks.world}")
-    resume = None
-    if config.resume:
-        try:
-            resume = load_checkpoint(config.resume)
-        except CheckpointError as e:
-            raise ConfigError(f"--resume: {e}") from None
-        if resume.train_state is None:
-            raise ConfigError(f"--resume {config.resume}: a finished checkpoint has no training state; resume from "
-                              "the OUT/last.pt that --save-every writes")
-        _check_resume(resume.train_state["train_config"], config, config.resume)
+    resume = load_resume(config)
 
     stn_config = stn_config_for(config, splits)
     torch.manual_seed(config.seed)
@@ -605,100 +763,46 @@ def train(config: TrainConfig, splits: ImageSplits | None = None,
         total = config.steps if config.epochs is None else min(config.steps, config.epochs * steps_per_epoch)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(s, total) / total)))
-    params = [p for group in optimizer.param_groups for p in group["params"]]
 
     dataset = f"{splits.name} {config.distortion}"
-    history: list[float] = []
-    evals: list[dict[str, Any]] = []
-    step, seconds_before = 0, 0.0
+    loop = Loop(config, model, optimizer, schedule, precision, ranks, device, total,
+                lambda: _meta(config, splits, stn_config, stn, dataset, created_by, None))
     if resume is not None:
-        state = resume.train_state
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        precision.load_state_dict(state["scaler"])
-        devices.set_rng_state(state["rng"], device)
-        step, history, evals = int(state["step"]), list(state["history"]), list(state["evals"])
-        seconds_before = float(state["train_seconds"])
+        loop.restore(resume)
     log.info("training %s (%d parameters) on %s: %d examples, %d steps of %d, from step %d on %s (amp %s, %d rank(s))",
-             type(model).__name__, count_parameters(model), dataset, n_train, total, batch, step, device, config.amp,
-             ranks.world)
+             type(model).__name__, count_parameters(model), dataset, n_train, total, batch, loop.step, device,
+             config.amp, ranks.world)
     loader = torch.utils.data.DataLoader(
         TrainBatches(splits.train, config, batch, steps_per_epoch, ranks.rank, ranks.world), batch_size=None,
-        sampler=range(step, total), num_workers=config.workers, worker_init_fn=devices.worker_init,
-        prefetch_factor=4 if config.workers else None, generator=torch.Generator().manual_seed(config.seed))
-    last = Path(config.out) / "last.pt" if config.out else None
-
-    def save_state(at: int, seconds: float) -> None:
-        if last is None or not ranks.main:
-            return
-        last.parent.mkdir(parents=True, exist_ok=True)
-        state = {"step": at, "total": total, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                 "scaler": precision.state_dict(), "rng": devices.rng_state(device), "history": list(history),
-                 "evals": list(evals), "train_seconds": seconds, "world_size": ranks.world,
-                 "train_config": config.to_dict()}
-        save_checkpoint(last, model, _meta(config, splits, stn_config, stn, dataset, created_by, None), state)
-
+        sampler=range(loop.step, total), num_workers=config.workers, worker_init_fn=devices.worker_init,
+        prefetch_factor=4 if config.workers else None, generator=torch.Generator().manual_seed(config.seed),
+        pin_memory=device.type == "cuda")
     warned = False
+
+    def batch_loss(batch: tuple[torch.Tensor, torch.Tensor | None, dist.Distorted]) -> torch.Tensor:
+        nonlocal warned
+        up, lab, d = batch
+        up, d = up.to(device, non_blocking=True), _distorted_to(d, device)
+        lab = None if lab is None else lab.to(device, non_blocking=True)
+        loss, parts = train_objective(up, lab, d)
+        if "outside" in parts and not warned and float(parts["outside"].mean()) > 0.95:
+            log.warning("step %d: the transformer samples mostly outside the input (collapse); the boundary "
+                        "penalty pulls it back, lower --loc-lr-mult or --lr if this persists", loop.step + 1)
+            warned = True
+        return loss
+
+    def evaluate_now() -> dict[str, float]:
+        found, _ = evaluate_model(model, objective, splits.test, config)
+        return {k: found[k] for k in _EVAL_KEYS if k in found}
+
     model.train()
-    t0 = time.perf_counter()
-    progress = devices.Progress(total, f"train {config.mode} {dataset}", config.progress and ranks.main, start=step)
-    between_steps = True  # the state is consistent (an interruption now can be saved and resumed)
-    try:
-        for up, lab, d in loader:
-            between_steps = False
-            up, d = up.to(device, non_blocking=True), _distorted_to(d, device)
-            lab = None if lab is None else lab.to(device, non_blocking=True)
-            with precision.autocast():
-                loss, parts = train_objective(up, lab, d)
-            loss = loss.float()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"training loss became {float(loss)} at step {step}; lower --lr")
-            optimizer.zero_grad(set_to_none=True)
-            precision.backward(loss)
-            if config.clip_grad > 0:
-                precision.unscale(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, config.clip_grad)
-            precision.step(optimizer)
-            schedule.step()
-            history.append(ranks.mean(loss).item())
-            step += 1
-            between_steps = True
-            if "outside" in parts and not warned and float(parts["outside"].mean()) > 0.95:
-                log.warning("step %d: the transformer samples mostly outside the input (collapse); the boundary "
-                            "penalty pulls it back, lower --loc-lr-mult or --lr if this persists", step)
-                warned = True
-            progress.update(float(np.mean(history[-10:])) if step % 10 == 0 or step == total else None)
-            if config.eval_every and step % config.eval_every == 0 and step < total:
-                if ranks.main:
-                    found, _ = evaluate_model(model, objective, splits.test, config)
-                    evals.append({"step": step, **{k: found[k] for k in _EVAL_KEYS if k in found}})
-                    progress.line("eval " + " ".join(f"{k} {v:.4g}" for k, v in evals[-1].items() if k != "step"))
-                    model.train()
-                ranks.barrier()
-            if config.save_every and step % config.save_every == 0 and step < total:
-                save_state(step, seconds_before + time.perf_counter() - t0)
-            if on_step is not None:
-                on_step(step, history[-1])
-    except KeyboardInterrupt:
-        if between_steps and step < total:
-            save_state(step, seconds_before + time.perf_counter() - t0)
-            if last is not None and ranks.main:
-                log.warning("interrupted at step %d: resume with --resume %s", step, last)
-        ranks.stop()
-        raise
-    except BaseException:
-        ranks.stop()
-        raise
-    finally:
-        progress.close()
-    train_seconds = seconds_before + time.perf_counter() - t0
-    this_run_steps = total - (int(resume.train_state["step"]) if resume is not None else 0)
+    progress = devices.Progress(total, f"train {config.mode} {dataset}", config.progress and ranks.main,
+                                start=loop.step)
+    fit(loop, loader, batch_loss, evaluate_now, progress, on_step)
+    history = loop.history
 
     if not ranks.main:
-        ranks.barrier()  # rank 0 evaluates and writes
-        ranks.stop()
-        model.eval()
-        return TrainResult(model, {}, history, {}, {}, rank=ranks.rank)
+        return loop.other_rank_result()
     t1 = time.perf_counter()
     test_metrics, sheet = evaluate_model(model, objective, splits.test, config)
     model.eval()
@@ -706,15 +810,13 @@ def train(config: TrainConfig, splits: ImageSplits | None = None,
         "dataset": dataset, "mode": config.mode, "model": config.model if config.mode == "classify" else "stn",
         "transform": config.transform if stn is not None else None, "distortion": config.distortion,
         "parameters": count_parameters(model), "train_examples": n_train, "batch_size": batch, "steps": total,
-        "epochs": total / steps_per_epoch, "train_seconds": train_seconds,
-        "seconds_per_epoch": train_seconds / total * steps_per_epoch,
-        "steps_per_second": this_run_steps / max(train_seconds - seconds_before, 1e-9),  # this invocation's
+        "epochs": total / steps_per_epoch, **loop.metrics(),
         "final_train_loss": float(np.mean(history[-min(50, len(history)):])),
-        "device": str(device), "amp": config.amp, "world_size": ranks.world, "workers": config.workers,
         **test_metrics, "eval_seconds": time.perf_counter() - t1,
     }
-    if evals:
-        metrics["evals"] = evals
+    metrics["seconds_per_epoch"] = metrics["train_seconds"] / total * steps_per_epoch
+    if loop.evals:
+        metrics["evals"] = loop.evals
     if metrics.get("collapsed_fraction"):
         log.warning("%.1f%% of test examples are sampled mostly outside the input", 100 * metrics["collapsed_fraction"])
     meta = _meta(config, splits, stn_config, stn, dataset, created_by, metrics)
@@ -727,15 +829,12 @@ def train(config: TrainConfig, splits: ImageSplits | None = None,
         save_checkpoint(files["checkpoint"], model, meta)
         Path(files["metrics"]).write_text(json.dumps(metrics, indent=2) + "\n")
         write_sheet(files["sheet"], sheet)
-        if last is not None and last.exists():
-            last.unlink()  # the run is finished: checkpoint.pt is its result
-    ranks.barrier()
-    ranks.stop()
+    loop.done()
     return TrainResult(model, metrics, history, meta, files)
 
 
 __all__ = [
     "MODES", "MODELS", "DEFAULT_EPOCHS", "ConfigError", "TrainConfig", "TrainResult", "check_config", "stn_config_for", "build_model",
     "boundary_penalty", "outside_fraction", "map_through_distortion", "evaluate_model", "write_sheet", "train",
-    "TrainBatches",
+    "TrainBatches", "setup_devices", "load_resume", "Loop", "fit",
 ]

@@ -23,7 +23,9 @@ Checks (the numbers of issue 15):
 5. ``serve``: ``stn serve`` on the provider answers, ``/v1/models`` shows the provider, device
    memory before and after a burst of large images; then a short ``stn bench serve``.
 6. ``batch``: ``stn batch`` with the provider; ``train``: ``stn train --device`` for a few
-   hundred steps, with its speed.
+   hundred steps, with its speed; ``train_document``: the same for the document rectifier's
+   trainer (``--distortion document``: photos composed in worker processes), with the fraction
+   of the time it waited for photos.
 """
 
 from __future__ import annotations
@@ -600,19 +602,37 @@ def check_train(ctx: GpuContext) -> dict[str, Any]:
             images[i, 4 + 2 * label : 7 + 2 * label, 4:24] = 200
         write_idx(data / f"{split}-images-idx3-ubyte", images)
         write_idx(data / f"{split}-labels-idx1-ubyte", labels)
-    steps = 8 if ctx.quick else 300
-    out = ctx.workdir / "train-out"
-    args = ["train", "--data", str(data), "--steps", str(steps), "--batch-size", "32" if ctx.quick else "128",
-            "--device", ctx.torch_device, "--workers", "0" if ctx.quick else "2", "--no-progress", "--out", str(out)]
-    if ctx.torch_device == "cuda":
-        args += ["--amp", "bf16"]
+    details, m = _train(ctx, ["--data", str(data), "--steps", "8" if ctx.quick else "300", "--batch-size",
+                              "32" if ctx.quick else "128", "--workers", "0" if ctx.quick else "2"], "train-out")
+    return {**details, "test_error": m.get("test_error")}
+
+
+def check_train_document(ctx: GpuContext) -> dict[str, Any]:
+    """``stn train --distortion document --device`` (the bundled model's trainer) for a few hundred steps."""
+    if not has_torch():
+        raise Skip("torch is not installed (a serving-only install cannot train)")
+    workers = 0 if ctx.quick else max(1, min(8, (os.cpu_count() or 2) - 2))
+    args = ["--mode", "rectify", "--distortion", "document", "--transform", "projective",
+            "--steps", "8" if ctx.quick else "300", "--batch-size", "8" if ctx.quick else "32",
+            "--limit-test", "8" if ctx.quick else "64", "--workers", str(workers)]
+    if ctx.quick:
+        args += ["--loc-size", "32", "32", "--output-size", "42", "30"]
+    details, m = _train(ctx, args, "train-document-out")
+    return {**details, "corner_error_median": m["corner_error_median"]}
+
+
+def _train(ctx: GpuContext, options: list[str], out: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``stn train OPTIONS`` on the context's device (bf16 autocast on CUDA): the check's details, the run's metrics."""
+    args = ["train", *options, "--device", ctx.torch_device, *(["--amp", "bf16"] if ctx.torch_device == "cuda" else []),
+            "--no-progress", "--out", str(ctx.workdir / out)]
     proc = subprocess.run(_stn(*args), capture_output=True, text=True, timeout=600, env=_env(ctx))
     if proc.returncode != 0:
         raise CheckFailed(f"stn {' '.join(args)} exited {proc.returncode}: {proc.stderr[-600:]}")
-    m = json.loads((out / "metrics.json").read_text())
+    m = json.loads((ctx.workdir / out / "metrics.json").read_text())
     return {"command": "stn " + " ".join(args), "device": m["device"], "amp": m["amp"], "steps": m["steps"],
-            "steps_per_second": round(m["steps_per_second"], 2), "train_seconds": round(m["train_seconds"], 2),
-            "test_error": m.get("test_error")}
+            "workers": m["workers"], "steps_per_second": round(m["steps_per_second"], 2),
+            "train_seconds": round(m["train_seconds"], 2),
+            "data_wait_fraction": round(m["data_wait_fraction"], 3)}, m
 
 
 # ------------------------------------------------------------------------------- the run
@@ -625,6 +645,7 @@ CHECKS: dict[str, Callable[[GpuContext], dict[str, Any]]] = {
     "serve": check_serve,
     "batch": check_batch,
     "train": check_train,
+    "train_document": check_train_document,
 }
 
 

@@ -163,4 +163,7 @@ def test_full_gpu_check_run_rehearsed_on_the_cpu(tmp_path: Path) -> None:
     assert serve["memory"]["before"] > 0 and "throughput_service_vs_bare" in serve["bench_serve"]
     train = next(c for c in record["checks"] if c["name"] == "train")["details"]
     assert train["device"] == "cpu" and train["steps"] == 8 and train["steps_per_second"] > 0
+    document = next(c for c in record["checks"] if c["name"] == "train_document")["details"]
+    assert document["device"] == "cpu" and document["steps"] == 8 and document["steps_per_second"] > 0
+    assert "--distortion document" in document["command"] and 0 <= document["data_wait_fraction"] <= 1
     assert {g["goal"] for g in record["goals"]} >= {"service at saturation vs bare onnxruntime"}
