@@ -109,6 +109,14 @@ class Store:
     def isfile(self, rel: str) -> bool:
         return os.path.isfile(self.path(rel)) if self.local else self.fs.isfile(self.path(rel))
 
+    def listing(self) -> set[str] | None:
+        """Every file under a URI OUTPUT (relative), from one listing instead of a request per image; None for a
+        local OUTPUT (asked file by file)."""
+        if self.local:
+            return None
+        root = self.root.rstrip("/")
+        return {f[len(root) + 1:] for f in self.fs.find(root)} if self.fs.isdir(root) else set()
+
     def read_bytes(self, rel: str) -> bytes:
         if self.local:
             with open(self.path(rel), "rb") as f:
@@ -235,6 +243,7 @@ class Job:
             store.write(job_file, json.dumps(asdict(spec), indent=1).encode())
         # source -> where its last journal line is (not the line: the reports are streamed from the journal)
         self.entries: dict[str, Entry] = {}
+        self._files = store.listing()  # a URI OUTPUT's files, listed once
         self._read_journal(JOURNAL)
         for name in store.listdir(posixpath.join(STATE_DIR, SHARDS)):
             self._read_journal(posixpath.join(SHARDS, name))
@@ -270,8 +279,9 @@ class Job:
 
     def _completed(self, item: Item) -> bool:
         entry = self.entries.get(item.source)
-        return entry is not None and entry.output is not None and entry.output == item.output \
-            and self.store.isfile(item.output)
+        if entry is None or entry.output is None or entry.output != item.output:
+            return False
+        return item.output in self._files if self._files is not None else self.store.isfile(item.output)
 
     def _append(self, source: str, output: str | None, line: str) -> None:
         data = line.encode("utf-8")
@@ -355,6 +365,7 @@ class Job:
         """Write results.jsonl, errors.jsonl (sorted by source) from the journal, streamed, and skipped.jsonl;
         (ok, failed)."""
         self.close()
+        self._files = self.store.listing()  # with this run's outputs
         counts = {"ok": 0, "failed": 0}
         errors: list[dict[str, str]] = []  # failures are few: kept to merge with the refused entries in order
 

@@ -454,10 +454,9 @@ def _memory_copy(src: Path, prefix: str) -> None:
 
 
 def _memory_files(prefix: str) -> dict[str, bytes]:
-    import fsspec
+    from service.batch.inputs import url_to_fs
 
-    fs = fsspec.filesystem("memory")
-    root = fs._strip_protocol(prefix)
+    fs, root = url_to_fs(prefix)
     return {f[len(root) + 1:]: fs.cat_file(f) for f in sorted(fs.find(root)) if f"/{STATE_DIR}/" not in f}
 
 
