@@ -113,7 +113,7 @@ def native_sampler() -> dict[str, Any]:
 
 def models(model_dir: str | Path | None = None, provider_list: list[str] | None = None) -> dict[str, Any]:
     """The model folder and each model: loads (on which providers), or why not."""
-    from service.runtime import SessionConfig, load_model_dir
+    from service.runtime import load_model_dir
     from service.settings import Settings
 
     try:
@@ -122,7 +122,7 @@ def models(model_dir: str | Path | None = None, provider_list: list[str] | None 
         return {"model_dir": str(model_dir or ""), "models": [
             {"name": "(settings)", "ok": False, "reason": f"the STN_* environment is invalid: {e}"}]}
     folder = Path(model_dir) if model_dir else settings.model_dir
-    config = SessionConfig(providers=tuple(provider_list or settings.providers))
+    config = settings.session_config(provider_list)
     loaded = load_model_dir(folder, config, warmup_batch=1)
     out: dict[str, Any] = {"model_dir": str(folder), "models": []}
     for name, rt in loaded.models.items():

@@ -54,6 +54,8 @@ from typing import Any
 
 import numpy as np
 
+from service.settings import available_cpus
+
 log = logging.getLogger(__name__)
 
 SCHEMA = "stn-doctor-gpu/1"
@@ -547,7 +549,7 @@ def check_serve(ctx: GpuContext) -> dict[str, Any]:
 
 
 def _cpus(which: int) -> str:
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = available_cpus()
     if n < 2:
         return "0"
     half = n // 2

@@ -16,13 +16,17 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")  # what PIL may decode; anything else is refused
-ENCODINGS = {"png": ("PNG", "image/png"), "jpeg": ("JPEG", "image/jpeg")}
+# output formats: name -> (PIL format, media type, file suffix); the server's `format` and `stn batch --format`
+ENCODINGS = {"png": ("PNG", "image/png", ".png"), "jpeg": ("JPEG", "image/jpeg", ".jpg"),
+             "webp": ("WEBP", "image/webp", ".webp")}
+_SIZE = re.compile(r"([0-9]{1,6})[xX]([0-9]{1,6})")  # fullmatch, ASCII digits
 
 log = logging.getLogger(__name__)
 # Pillow's decompression-bomb check (a warning on stderr above its limit, an error quoting twice it above
@@ -250,9 +254,10 @@ def _png16(array: np.ndarray) -> bytes | None:
 
 
 def encode(array: np.ndarray, fmt: str = "png", quality: int = 90, bits: int = 8) -> bytes:
-    """float [C, h, w] in [0, 1] (C = 1 or 3) -> PNG or JPEG bytes.
+    """float [C, h, w] in [0, 1] (C = 1 or 3) -> PNG, JPEG or WebP bytes.
 
-    ``bits=16`` (a 16-bit upload) writes a 16-bit PNG; JPEG is always 8-bit.
+    ``bits=16`` (a 16-bit upload) writes a 16-bit PNG; JPEG and WebP are always 8-bit, and WebP has no
+    gray (gray is written as RGB). ``quality`` is JPEG's and WebP's.
     """
     if fmt not in ENCODINGS:
         raise ValueError(f"format must be one of {', '.join(ENCODINGS)}, got {fmt!r}")
@@ -264,6 +269,10 @@ def encode(array: np.ndarray, fmt: str = "png", quality: int = 90, bits: int = 8
     buf = io.BytesIO()
     if fmt == "png":
         img.save(buf, "PNG", compress_level=1)
+    elif fmt == "webp":
+        if img.mode not in ("RGB", "RGBA"):
+            img = img.convert("RGB")
+        img.save(buf, "WEBP", quality=quality, method=4)
     else:
         if img.mode == "RGBA":
             img = img.convert("RGB")
@@ -273,3 +282,17 @@ def encode(array: np.ndarray, fmt: str = "png", quality: int = 90, bits: int = 8
 
 def media_type(fmt: str) -> str:
     return ENCODINGS[fmt][1]
+
+
+def suffix(fmt: str) -> str:
+    """The file suffix of an output format (``jpeg`` -> ``.jpg``)."""
+    return ENCODINGS[fmt][2]
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``WIDTHxHEIGHT`` (``256x128``, ASCII digits, up to 6 each, ``x`` or ``X``) -> ``(h, w)``; ValueError saying
+    what is expected otherwise."""
+    m = _SIZE.fullmatch(text or "")
+    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+        raise ValueError(f"size must be WIDTHxHEIGHT with positive integers, like 256x128; got {text!r}")
+    return int(m.group(2)), int(m.group(1))

@@ -6,7 +6,7 @@
                                  in the model's channels)
     [Prepared.loc, ...] --ModelRuntime.localise (batched)--> theta per image
     Prepared + theta --rectify--> Rectified (sampled at full resolution, any output size)
-    Rectified --geometry / encode / result_json--> what the API returns
+    Rectified --encode (finish), describe / result_json--> what the API and batch jobs return
 
 Public API:
 
@@ -14,8 +14,11 @@ Public API:
   ``images.ImageTooLargeError``) and :func:`prepare_array` (an already decoded [C, H, W] array).
 - :func:`localise` (a list of Prepared -> theta per image, one batched localiser call).
 - :func:`rectify` (Prepared + theta + output size -> :class:`Rectified`).
+- :func:`finish` (the back half of one image's walk: :func:`rectify`, then encode into ``Rectified.encoded``);
+  the v1 route, both batch engines and the benches call it.
 - :func:`geometry` (theta -> pixel matrices, or TPS control points, in the uploaded image's frame).
-- :func:`result_json` (Rectified -> the ``results[i]`` object of ``POST /v1/rectify``).
+- :func:`describe` (Rectified -> the transform and sizes, in the uploaded image's frame) and
+  :func:`result_json` (the ``results[i]`` object of ``POST /v1/rectify``: :func:`describe` plus the image).
 - :func:`rectify_images` (the whole thing for a list of uploads, sequentially: the bare pipeline).
 
 Normalization: see ``service.runtime``: the localiser gets the normalized small copy, the
@@ -32,7 +35,9 @@ All matrix math comes from ``models.frames`` (conventions in its module docstrin
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +72,8 @@ class Rectified:
     theta: np.ndarray  # as the model exports it: [2,3], [3,3] or [K,2]
     image: np.ndarray  # [C, h, w]: the upload's colour (C = 1 or 3)
     bits: int = 8  # the upload's precision: images.encode(image, "png", bits=bits) keeps it
+    encoded: bytes = b""  # the image encoded by finish() (empty until then)
+    format: str = ""  # the format of ``encoded`` (png, jpeg, webp)
 
 
 def prepare_array(model: ModelRuntime, array: np.ndarray, filename: str = "image", bits: int = 8) -> Prepared:
@@ -98,6 +105,24 @@ def rectify(model: ModelRuntime, item: Prepared, theta: np.ndarray,
     return Rectified(item.filename, item.input_size, (int(size[0]), int(size[1])), np.asarray(theta), out, item.bits)
 
 
+def _no_timer(stage: str) -> AbstractContextManager[None]:
+    return contextlib.nullcontext()
+
+
+def finish(model: ModelRuntime, item: Prepared, theta: np.ndarray, output_size: tuple[int, int] | None = None,
+           fmt: str = "png", quality: int = 90,
+           timer: Callable[[str], AbstractContextManager[None]] = _no_timer) -> Rectified:
+    """The back half of one image's walk: sample at full resolution (:func:`rectify`, stage ``sample``), then
+    encode in ``fmt`` (``images.encode``, the upload's precision for PNG; stage ``encode``) into
+    ``Rectified.encoded``. :func:`describe` / :func:`result_json` say what it is."""
+    with timer("sample"):
+        result = rectify(model, item, theta, output_size)
+    with timer("encode"):
+        result.encoded = images.encode(result.image, fmt, quality, result.bits)
+    result.format = fmt
+    return result
+
+
 def _rows(m: np.ndarray) -> list[list[float]]:
     return [[float(v) for v in row] for row in np.asarray(m)]
 
@@ -126,8 +151,8 @@ def geometry(transform: str, theta: np.ndarray, input_size: tuple[int, int],
     }
 
 
-def result_json(model: ModelRuntime, result: Rectified, encoded_png: bytes | None = None) -> dict[str, Any]:
-    """The ``results[i]`` object of ``POST /v1/rectify`` (``image``: base64 PNG, 16-bit for a 16-bit upload)."""
+def describe(model: ModelRuntime, result: Rectified) -> dict[str, Any]:
+    """The ``results[i]`` object of ``POST /v1/rectify`` without the image: filename, sizes, theta, geometry."""
     h, w = result.output_size
     out: dict[str, Any] = {
         "filename": result.filename,
@@ -139,21 +164,31 @@ def result_json(model: ModelRuntime, result: Rectified, encoded_png: bytes | Non
     }
     out.update(geometry(model.info.transform, result.theta, result.input_size, result.output_size,
                         model.info.tps_grid))
+    return out
+
+
+def result_json(model: ModelRuntime, result: Rectified, encoded_png: bytes | None = None) -> dict[str, Any]:
+    """The ``results[i]`` object of ``POST /v1/rectify`` (``image``: base64 PNG, 16-bit for a 16-bit upload):
+    :func:`describe` plus the image (``encoded_png``, else the PNG that :func:`finish` made, else encoded here)."""
+    out = describe(model, result)
     if encoded_png is None:
-        encoded_png = images.encode(result.image, "png", bits=result.bits)
+        encoded_png = result.encoded if result.format == "png" else images.encode(result.image, "png",
+                                                                                   bits=result.bits)
     out["image"] = base64.b64encode(encoded_png).decode("ascii")
     return out
 
 
 def rectify_images(model: ModelRuntime, uploads: Iterable[tuple[str, bytes]], limits: images.Limits,
-                   output_size: tuple[int, int] | None = None, batch_size: int = 32) -> list[Rectified]:
-    """The bare pipeline, sequentially: decode, batched localisation, full-resolution sampling."""
+                   output_size: tuple[int, int] | None = None, batch_size: int = 32,
+                   fmt: str = "png") -> list[Rectified]:
+    """The bare pipeline, sequentially: decode, batched localisation, then :func:`finish` (full-resolution
+    sampling, encoding in ``fmt``)."""
     results: list[Rectified] = []
     pending: list[Prepared] = []
 
     def flush() -> None:
         for item, theta in zip(pending, localise(model, pending), strict=True):
-            results.append(rectify(model, item, theta, output_size))
+            results.append(finish(model, item, theta, output_size, fmt))
         pending.clear()
 
     for filename, data in uploads:

@@ -6,12 +6,19 @@ Every field is listed, with its default, in the README's settings table.
 from __future__ import annotations
 
 import importlib.util
+import os
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from service.images import Limits
+
+if TYPE_CHECKING:
+    from service.runtime import SessionConfig
 
 
 def default_model_dir() -> Path:
@@ -21,6 +28,20 @@ def default_model_dir() -> Path:
     if not locations:
         return Path("models/default")
     return Path(locations[0]) / "default"
+
+
+def available_cpus() -> int:
+    """CPUs this process may use (its affinity mask where the OS has one, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def cpu_threads(requested: int = 0) -> int:
+    """The CPU-count policy of worker pools (server and batch jobs): ``requested``, else the CPUs this process
+    may use, at most 8."""
+    return requested or max(1, min(8, available_cpus()))
 
 
 def _split_csv(value: object) -> object:
@@ -85,10 +106,21 @@ class Settings(BaseSettings):
 
     @property
     def worker_threads(self) -> int:
-        import os
+        """Threads decoding, sampling and encoding images (STN_WORKERS, else :func:`cpu_threads`)."""
+        return cpu_threads(self.workers)
 
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return self.workers or max(1, min(8, cpus))
+    @property
+    def limits(self) -> Limits:
+        """The image limits (STN_MAX_UPLOAD_BYTES, STN_MAX_IMAGE_PIXELS)."""
+        return Limits(max_bytes=self.max_upload_bytes, max_pixels=self.max_image_pixels)
+
+    def session_config(self, providers: Iterable[str] | None = None) -> SessionConfig:
+        """How onnxruntime sessions are made: STN_PROVIDERS (or ``providers``), the thread counts and the native
+        sampler setting."""
+        from service.runtime import SessionConfig  # onnxruntime: loaded when a session is wanted, not with settings
+
+        return SessionConfig(providers=tuple(providers or self.providers), intra_op_threads=self.intra_op_threads,
+                             inter_op_threads=self.inter_op_threads, native_sampler=self.native_sampler)
 
 
 @lru_cache

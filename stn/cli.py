@@ -1,7 +1,7 @@
 """``stn``: one command, thin over library functions.
 
 Each subcommand's arguments are declared by a light module of the package that does the
-work (``models.cli``, ``export.cli``, ``service.api.cli``, ``service.cli``, ``service.batch``); heavy imports (torch,
+work (``models.cli``, ``export.cli``, ``service.api.cli``, ``service.cli``, ``service.batch.cli``); heavy imports (torch,
 onnxruntime) happen only inside the chosen subcommand, so ``stn serve`` never imports torch.
 """
 
@@ -17,13 +17,13 @@ SUBCOMMANDS = {
     "experiment": ("models.cli", "Reproducible experiments (the STN paper's Table 1 on Fashion-MNIST)."),
     "export": ("export.cli", "Export a checkpoint to a self-describing ONNX model."),
     "serve": ("service.api.cli", "Serve ONNX models over HTTP (FastAPI + onnxruntime)."),
-    "batch": ("service.batch", "Rectify many images offline."),
+    "batch": ("service.batch.cli", "Rectify many images offline."),
     "doctor": ("service.cli", "Versions, providers, GPUs, native sampler, models; --gpu proves the GPU path."),
 }
 BENCHMARKS = {
     "export": ("export.cli", "onnxruntime vs PyTorch eager, per lowering and batch size."),
     "serve": ("service.api.cli", "The HTTP service vs the bare pipeline and a naive server."),
-    "batch": ("service.batch", "The batch engine vs a naive loop and the bare model."),
+    "batch": ("service.batch.cli", "The batch engine vs a naive loop and the bare model."),
     "sampler": ("native.bench", "The native sampler vs onnxruntime's GridSample, torch and OpenCV."),
     "documents": ("models.cli", "Composing synthetic document photos vs the training step they feed."),
 }

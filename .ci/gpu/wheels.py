@@ -42,7 +42,8 @@ from pathlib import Path
 ORT_GPU = "onnxruntime-gpu==1.31.1"
 # what `stn doctor --gpu` imports besides torch, onnx and numpy (serve, bench serve, batch, export)
 DEPENDENCIES = ["fastapi>=0.115", "uvicorn>=0.30", "pydantic-settings>=2.4", "python-multipart>=0.0.9",
-                "prometheus-client>=0.20", "onnxscript>=0.5", "pillow>=10.0", "tqdm>=4.66", "httpx>=0.27"]
+                "prometheus-client>=0.20", "onnxscript>=0.5", "pillow>=10.0", "tqdm>=4.66", "httpx>=0.27",
+                "fsspec>=2023.6"]
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
 PIECE = 60 * 2**20
 # already on the machine, or ours to leave alone: never installed from the bundle

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import os
 import signal
@@ -40,11 +39,11 @@ from pathlib import Path
 
 import numpy as np
 
+from service import images
+from service.standin import description, make_jpegs, standin_model
+
 ROOT = Path(__file__).resolve().parents[1]
 GOALS = {"service_vs_bare": 0.85, "service_vs_naive": 2.0}
-# Stand-in model when models/default has none: an affine RGB STN (random localiser weights).
-FALLBACK = dict(transform="affine", in_channels=3, loc_size=(64, 64), output_size=(128, 128),
-                mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 
 NAIVE_SERVER = r'''
 # The naive baseline: FastAPI + PyTorch eager, one image per request, no batching.
@@ -94,26 +93,6 @@ class Level:
 
 # ---- inputs -------------------------------------------------------------------------------------
 
-def make_jpegs(n: int, width: int, height: int, seed: int = 0) -> list[bytes]:
-    """``n`` distinct photographs-like JPEGs (smooth noise plus shapes), quality 90."""
-    from PIL import Image, ImageDraw, ImageFilter
-
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        base = (rng.random((height // 8 + 1, width // 8 + 1, 3)) * 255).astype(np.uint8)
-        img = Image.fromarray(base).resize((width, height), Image.BICUBIC).filter(ImageFilter.GaussianBlur(2))
-        draw = ImageDraw.Draw(img)
-        for _ in range(6):
-            x0, y0 = rng.integers(0, width - 20), rng.integers(0, height - 20)
-            draw.rectangle([x0, y0, x0 + rng.integers(10, width // 3), y0 + rng.integers(10, height // 3)],
-                           outline=tuple(int(v) for v in rng.integers(0, 255, 3)), width=3)
-        buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
-
-
 def resolve_model(model_dir: str | None, workdir: Path) -> tuple[Path, str, Path, str]:
     """(model folder, model name, torch checkpoint for the naive server, description)."""
     import torch  # noqa: F401 (the bench needs it for the naive baseline)
@@ -139,18 +118,8 @@ def resolve_model(model_dir: str | None, workdir: Path) -> tuple[Path, str, Path
         ckpt = workdir / "naive.pt"
         save_checkpoint(ckpt, SpatialTransformer(cfg), {})
         return folder, onnx_path.stem, ckpt, f"{onnx_path} (naive server: same architecture, random weights)"
-    from export.onnx_export import export_onnx, info_for
-
-    torch.manual_seed(0)
-    stn = SpatialTransformer(STNConfig(**FALLBACK))
-    torch.nn.init.normal_(stn.localisation.regressor.weight, std=0.02)
-    folder = workdir / "models"
-    export_onnx(stn, folder / "standin.onnx", info_for(stn, {}, "onnx", "standin", "1", "stn bench serve"))
-    ckpt = workdir / "standin.pt"
-    save_checkpoint(ckpt, stn, {})
-    desc = (f"stand-in (no model in {default_model_dir()}): {FALLBACK['transform']}, {FALLBACK['in_channels']} "
-            f"channels, loc {FALLBACK['loc_size']}, output {FALLBACK['output_size']}")
-    return folder, "standin", ckpt, desc
+    onnx_path, ckpt = standin_model(workdir / "models")  # no model in the folder: the benches' stand-in
+    return onnx_path.parent, onnx_path.stem, ckpt, f"{description()} (no model in {default_model_dir()})"
 
 
 # ---- the bare pipeline (a), a pinned subprocess taking commands on stdin ------------------------------
@@ -159,12 +128,12 @@ def bare_main(model_dir: str, model: str, image_dir: str, fmt: str) -> None:
     """For each stdin line ``concurrency duration warmup``, print one JSON result line (no HTTP)."""
     from service import images, pipeline
     from service.api.workers import tune_malloc
-    from service.runtime import SessionConfig, load_model
+    from service.runtime import load_model
     from service.settings import Settings
 
     s = Settings()
     tune_malloc(s.malloc_keep_mb * 1024 * 1024)  # as the service does: the comparison is about HTTP, not malloc
-    rt = load_model(Path(model_dir) / f"{model}.onnx", SessionConfig(providers=tuple(s.providers)))
+    rt = load_model(Path(model_dir) / f"{model}.onnx", s.session_config())
     rt.warmup(1)
     jpegs = [p.read_bytes() for p in sorted(Path(image_dir).glob("*.jpg"))]
     limits = images.Limits()
@@ -172,8 +141,7 @@ def bare_main(model_dir: str, model: str, image_dir: str, fmt: str) -> None:
     def one(data: bytes) -> bytes:
         p = pipeline.prepare(rt, data, limits)
         [theta] = pipeline.localise(rt, [p])
-        r = pipeline.rectify(rt, p, theta)
-        return images.encode(r.image, "png" if fmt == "json" else fmt)
+        return pipeline.finish(rt, p, theta, fmt="png" if fmt == "json" else fmt).encoded
 
     print("ready", flush=True)
     for line in sys.stdin:
@@ -396,7 +364,7 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level="WARNING")
     conc = [int(c) for c in str(args.concurrency).split(",")]
-    w, h = (int(v) for v in args.image_size.lower().split("x"))
+    h, w = images.parse_size(args.image_size)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     unknown = set(targets) - {"bare", "service", "naive"}
     if unknown:

@@ -2,7 +2,7 @@
 
 FastAPI documents a 422 for every operation with parameters; this service answers 400
 problem+json instead (``service.api.errors``), plus 401/404/408/413/415/503 where they happen,
-images from ``/v1/rectify?format=png|jpeg`` and Prometheus text from ``/metrics``. This
+images from ``/v1/rectify?format=png|jpeg|webp`` and Prometheus text from ``/metrics``. This
 module rewrites each operation's ``responses`` accordingly (schemathesis checks them in
 ``tests/service/test_schema_fuzz.py``).
 """
@@ -52,8 +52,8 @@ def _responses(path: str, method: str, responses: dict[str, Any]) -> dict[str, A
     out: dict[str, Any] = {"200": ok}
     if path == "/v1/rectify":
         ok["content"] = {"application/json": {"schema": {"type": "object"}}, "image/png": _BINARY,
-                         "image/jpeg": _BINARY}
-        ok["description"] = "JSON results (format=json), or one rectified image (format=png|jpeg)"
+                         "image/jpeg": _BINARY, "image/webp": _BINARY}
+        ok["description"] = "JSON results (format=json), or one rectified image (format=png|jpeg|webp)"
         out.update(_problems(WORK))
     elif path.endswith("/infer"):
         ok["content"] = {**_JSON_OBJECT, "application/octet-stream": _BINARY}

@@ -11,13 +11,12 @@ from typing import Annotated
 import numpy as np
 from fastapi import Depends, Request
 
-from service import images
 from service.api.admission import Admission
 from service.api.batcher import DynamicBatcher
 from service.api.errors import Problem
 from service.api.metrics import Metrics
 from service.api.workers import CoalescingExecutor, tune_malloc
-from service.runtime import LoadedModels, ModelRuntime, SessionConfig, choose_default, load_model_dir
+from service.runtime import LoadedModels, ModelRuntime, choose_default, load_model_dir
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -29,7 +28,7 @@ class ServiceState:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.limits = images.Limits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels)
+        self.limits = settings.limits
         self.loaded = LoadedModels()
         self.batchers: dict[str, DynamicBatcher] = {}
         self.admission = Admission(settings, self.metrics)  # budgets: images, memory, uploads (service.api.admission)
@@ -68,8 +67,7 @@ class ServiceState:
         s = self.settings
         tune_malloc(s.malloc_keep_mb * 1024 * 1024)
         self.workers = CoalescingExecutor(s.worker_threads)
-        config = SessionConfig(providers=tuple(s.providers), intra_op_threads=s.intra_op_threads,
-                               inter_op_threads=s.inter_op_threads, native_sampler=s.native_sampler)
+        config = s.session_config()
         try:
             self.loaded = await asyncio.to_thread(load_model_dir, s.model_dir, config,
                                                   s.max_batch_size if s.warmup else None)

@@ -25,7 +25,7 @@ from test_images_io import png16
 
 from export.metadata import ModelInfo, read_props
 from service import images, pipeline
-from service.batch import BatchConfig, run_job
+from service.batch.run import BatchConfig, run_job
 from service.runtime import SessionConfig, load_model
 from tests.service.support import live_server
 

@@ -198,3 +198,25 @@ def test_encode_16_bit_png_and_8_bit_jpeg(c: int) -> None:
     jpeg = images.encode(a, "jpeg", bits=16)
     with Image.open(io.BytesIO(jpeg)) as im:
         assert im.format == "JPEG" and im.mode == ("L" if c == 1 else "RGB")
+
+
+def test_parse_size_one_parser() -> None:
+    """``WxH`` -> (h, w), as the server's ``size`` and ``stn batch --size`` read it."""
+    assert images.parse_size("256x128") == (128, 256) and images.parse_size("3X5") == (5, 3)
+    for bad in ("", "64", "0x5", "5x0", "-1x2", "1x2x3", "1234567x1", " 64x32", "６４x32", "64 x 32"):
+        with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
+            images.parse_size(bad)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_webp_is_an_output_format(channels: int) -> None:
+    """images owns png, jpeg and webp; WebP has no gray, so gray is written as RGB; quality applies."""
+    rng = np.random.default_rng(0)
+    a = rng.random((channels, 40, 60)).astype(np.float32)
+    assert (images.media_type("webp"), images.suffix("webp"), images.suffix("jpeg")) == ("image/webp", ".webp", ".jpg")
+    data = images.encode(a, "webp", quality=80)
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.format == "WEBP" and im.mode == "RGB" and im.size == (60, 40)
+    assert len(images.encode(a, "webp", quality=10)) < len(data)
+    with pytest.raises(ValueError, match="format must be one of png, jpeg, webp"):
+        images.encode(a, "gif")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
 from typing import Any
 
@@ -24,7 +23,6 @@ from service.runtime import ModelRuntime
 
 router = APIRouter(prefix="/v1", tags=["v1"], dependencies=[AuthDep])
 
-_SIZE = re.compile(r"([0-9]{1,6})[xX]([0-9]{1,6})")  # fullmatch, ASCII digits: exactly the documented pattern
 _MULTIPART_SLACK = 64 * 1024  # boundaries and part headers
 
 
@@ -32,10 +30,10 @@ def parse_size(size: str | None, max_pixels: int) -> tuple[int, int] | None:
     """``WxH`` -> (h, w); Problem 400 when malformed or over STN_MAX_OUTPUT_PIXELS."""
     if size is None or size == "":
         return None
-    m = _SIZE.fullmatch(size)
-    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
-        raise Problem(400, f"size must be WIDTHxHEIGHT with positive integers, like 256x128; got {size!r}")
-    w, h = int(m.group(1)), int(m.group(2))
+    try:
+        h, w = images.parse_size(size)
+    except ValueError as e:
+        raise Problem(400, str(e)) from None
     if w * h > max_pixels:
         raise Problem(400, f"size {w}x{h} is {w * h} pixels; the limit is {max_pixels} (STN_MAX_OUTPUT_PIXELS)")
     return h, w
@@ -156,9 +154,8 @@ async def rectify_uploads(state: ServiceState, model: ModelRuntime, uploads: lis
 
     def finish(item: pipeline.Prepared, theta: np.ndarray) -> Any:
         t0 = time.perf_counter()
-        r = pipeline.rectify(model, item, theta, output_size)
-        encoded = images.encode(r.image, "png" if fmt == "json" else fmt, bits=r.bits)
-        out = pipeline.result_json(model, r, encoded) if fmt == "json" else (encoded, image_headers(model, r))
+        r = pipeline.finish(model, item, theta, output_size, "png" if fmt == "json" else fmt)
+        out = pipeline.result_json(model, r) if fmt == "json" else (r.encoded, image_headers(model, r))
         rectify_time.observe(time.perf_counter() - t0)
         return out
 
@@ -194,8 +191,8 @@ _RECTIFY_PARAMETERS = [  # documented here, read by hand below (see rectify's do
      "schema": {"type": "string", "pattern": "^([0-9]{1,6}[xX][0-9]{1,6})?$"},
      "description": "WIDTHxHEIGHT of the rectified output (default: the model's output size)"},
     {"name": "format", "in": "query", "required": False,
-     "schema": {"type": "string", "enum": ["json", "png", "jpeg"], "default": "json"},
-     "description": "json (default), or png/jpeg: one rectified image as the body, the transform in X-STN-* headers"},
+     "schema": {"type": "string", "enum": ["json", "png", "jpeg", "webp"], "default": "json"},
+     "description": "json (default), or png/jpeg/webp: one rectified image as the body, the transform in X-STN-* headers"},
 ]
 _RECTIFY_BODY = {"content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
@@ -203,7 +200,7 @@ _RECTIFY_BODY = {"content": {
                  "description": "images (JPEG, PNG, WebP, BMP, TIFF)"}}}},
     "image/*": {"schema": {"type": "string", "format": "binary"}},
 }}
-FORMATS = ("json", "png", "jpeg")
+FORMATS = ("json", *images.ENCODINGS)
 
 
 @router.post("/rectify", summary="Rectify images", response_model=None,

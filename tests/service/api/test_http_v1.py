@@ -106,7 +106,7 @@ def test_multi_image_multipart_keeps_order(server) -> None:  # noqa: ANN001
         assert np.abs(decode_png(base64.b64decode(res["image"])) - ref).max() <= 1.5 / 255
 
 
-@pytest.mark.parametrize("fmt", ["png", "jpeg"])
+@pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
 def test_image_response_with_headers(server, fmt: str) -> None:  # noqa: ANN001
     src = smooth_image(80, 100, 3, seed=5)
     r = httpx.post(server.url + f"/v1/rectify?model=projective&format={fmt}&size=50x40",

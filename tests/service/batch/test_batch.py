@@ -19,11 +19,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service import batch, images, pipeline
-from service.batch import BatchConfig, BatchError, run_job
+from service import images, pipeline
+from service.batch import cli
+from service.batch.inputs import STATE_DIR, BatchError
+from service.batch.run import ENGINES, BatchConfig, resolve_model_path, run_job
 from service.runtime import SessionConfig, load_model
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 CPU = ("CPUExecutionProvider",)
 
 GOOD = ["a0.jpg", "a1.jpg", "gray.png", "rgba.png", "palette.png", "sub/b0.png", "sub/b1.jpg", "sub/same.jpg",
@@ -71,7 +73,7 @@ def make_tree(root: Path) -> tuple[Path, Path]:
 def files_of(folder: Path) -> dict[str, bytes]:
     """Every file under ``folder`` except the job's state, by relative path."""
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and batch.STATE_DIR not in p.relative_to(folder).parts}
+            if p.is_file() and STATE_DIR not in p.relative_to(folder).parts}
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -90,7 +92,7 @@ def rgb_model(model_dir: Path):  # noqa: ANN201
     return m
 
 
-def config(src: Path | str, out: Path, model_dir: Path, **kw: object) -> BatchConfig:
+def config(src: Path | str, out: Path | str, model_dir: Path, **kw: object) -> BatchConfig:
     kw.setdefault("model", str(model_dir / "projective.onnx"))
     return BatchConfig(input=str(src), output=str(out), providers=CPU, progress=False, batch_size=4, workers=2, **kw)
 
@@ -108,7 +110,7 @@ def test_folder_job_outputs_reports_and_errors(local_run, tree, rgb_model, model
     expected_outputs = {"a0.png", "a1.png", "gray.png", "rgba.png", "palette.png", "sub/b0.png", "sub/b1.png",
                         "sub/same.jpg.png", "sub/same.png.png", "sub/deep/c0.png", "sub/deep/c1.png",
                         "sub/deep/c2.png", "alias.png"}
-    assert set(files_of(out)) == expected_outputs | {"results.jsonl", "errors.jsonl"}
+    assert set(files_of(out)) == expected_outputs | {"results.jsonl", "errors.jsonl", "skipped.jsonl"}
     h, w = rgb_model.info.output_size
     for rel in expected_outputs:
         with Image.open(out / rel) as im:  # each in its upload's colour (gray stays gray), whatever the model's
@@ -134,6 +136,8 @@ def test_folder_job_outputs_reports_and_errors(local_run, tree, rgb_model, model
     assert sorted(p.name for p in outside.iterdir()) == ["secret.jpg"]  # nothing written outside OUTPUT
 
     assert (summary.ok, summary.failed, summary.processed, summary.skipped) == (len(GOOD), len(BAD), 16, 0)
+    assert summary.not_images == 1 and read_jsonl(out / "skipped.jsonl") == [
+        {"source": "notes.txt", "reason": "not an image (by its suffix)"}]
     assert summary.total == len(GOOD) + len(BAD) and summary.images_per_s > 0
     assert {"read_decode", "localise", "sample", "encode", "write"} <= set(summary.stages)
     assert any("images/s" in line for line in summary.lines())
@@ -178,7 +182,7 @@ def test_formats_and_size(tree, model_dir, tmp_path, fmt, size, pil_format) -> N
     out = tmp_path / "out"
     s = run_job(config(tree[0] / "sub", out, model_dir, format=fmt, size=size))
     assert s.ok == 7 and s.failed == 1
-    suffix = batch.OUTPUT_FORMATS[fmt]
+    suffix = images.suffix(fmt)
     for r in read_jsonl(out / "results.jsonl"):
         assert r["output"].endswith(suffix)
         with Image.open(out / r["output"]) as im:
@@ -189,7 +193,7 @@ def test_formats_and_size(tree, model_dir, tmp_path, fmt, size, pil_format) -> N
 
 def test_gray_model_and_cli_size(tree, model_dir, tmp_path) -> None:  # noqa: ANN001
     out = tmp_path / "out"
-    rc = batch.main([str(tree[0] / "sub" / "deep"), str(out), "--model", str(model_dir / "affine.onnx"),
+    rc = cli.main([str(tree[0] / "sub" / "deep"), str(out), "--model", str(model_dir / "affine.onnx"),
                      "--size", "33x21", "--providers", "CPUExecutionProvider", "--no-progress", "--workers", "1"])
     assert rc == 0
     for r in read_jsonl(out / "results.jsonl"):
@@ -254,31 +258,31 @@ def test_symlink_in_output_cannot_lead_outside(tree, model_dir, tmp_path) -> Non
 def test_no_model_is_a_clear_error(tree, tmp_path, monkeypatch) -> None:  # noqa: ANN001
     monkeypatch.setenv("STN_MODEL_DIR", str(tmp_path / "empty"))
     with pytest.raises(BatchError, match="no .onnx model"):
-        batch.resolve_model_path(None)
-    assert batch.main([str(tree[0]), str(tmp_path / "o"), "--no-progress"]) == 2
+        resolve_model_path(None)
+    assert cli.main([str(tree[0]), str(tmp_path / "o"), "--no-progress"]) == 2
 
 
 def test_default_model_resolution(model_dir, monkeypatch) -> None:  # noqa: ANN001
     monkeypatch.setenv("STN_MODEL_DIR", str(model_dir))
-    assert batch.resolve_model_path(None).name == "affine.onnx"  # the first by name, as the server
+    assert resolve_model_path(None).name == "affine.onnx"  # the first by name, as the server
     monkeypatch.setenv("STN_DEFAULT_MODEL", "tps")
-    assert batch.resolve_model_path(None).name == "tps.onnx"
-    assert batch.resolve_model_path("projective").name == "projective.onnx"
-    assert batch.resolve_model_path(str(model_dir / "affine.onnx")).name == "affine.onnx"
+    assert resolve_model_path(None).name == "tps.onnx"
+    assert resolve_model_path("projective").name == "projective.onnx"
+    assert resolve_model_path(str(model_dir / "affine.onnx")).name == "affine.onnx"
 
 
 def test_parse_size_and_parser() -> None:
     import argparse
 
-    assert batch.parse_size("64x32") == (32, 64)
-    with pytest.raises(argparse.ArgumentTypeError):
-        batch.parse_size("64")
+    assert cli.size_arg(" 64x32 ") == (32, 64) and cli.ENGINES == ENGINES
+    with pytest.raises(argparse.ArgumentTypeError, match="WIDTHxHEIGHT"):
+        cli.size_arg("64")
     p = argparse.ArgumentParser()
-    batch.configure_batch(p)
+    cli.configure_batch(p)
     args = p.parse_args(["in", "out", "--format", "webp", "--size", "10x20", "--engine", "ray"])
     assert (args.format, args.size, args.engine) == ("webp", (20, 10), "ray")
     q = argparse.ArgumentParser()
-    batch.configure_bench_batch(q)
+    cli.configure_bench_batch(q)
     assert q.parse_args([]).images == 2000
 
 
@@ -288,7 +292,7 @@ def _cli(src: Path, out: Path, model: Path, *extra: str) -> list[str]:
 
 
 def _journal_lines(out: Path) -> int:
-    j = out / batch.STATE_DIR / "journal.jsonl"
+    j = out / STATE_DIR / "journal.jsonl"
     return j.read_text().count("\n") if j.exists() else 0
 
 
@@ -328,8 +332,8 @@ def test_resume_after_ctrl_c_and_kill_9_equals_a_clean_run(model_dir, tmp_path) 
 
     clean = tmp_path / "clean"
     done = subprocess.run(_cli(src, clean, model, *slow), cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert "48 rectified, 1 failed" in done.stdout
+    assert done.returncode == 1, done.stderr  # one image failed
+    assert "48 rectified, 1 failed" in done.stdout and "1 image(s) failed" in done.stderr
 
     out = tmp_path / "resumed"
     _interrupt(_cli(src, out, model, *slow), out, signal.SIGINT, after_lines=8, expect_rc=130)
@@ -338,23 +342,23 @@ def test_resume_after_ctrl_c_and_kill_9_equals_a_clean_run(model_dir, tmp_path) 
     _interrupt(_cli(src, out, model, *slow), out, signal.SIGKILL, after_lines=first + 8, expect_rc=-signal.SIGKILL)
     assert not (out / "results.jsonl").exists()
     # a half-written temporary file, as kill -9 during a write leaves one
-    (out / batch.STATE_DIR / "tmp" / "999-1-1.tmp").write_bytes(b"partial")
+    (out / STATE_DIR / "tmp" / "999-1-1.tmp").write_bytes(b"partial")
     resumed = subprocess.run(_cli(src, out, model, *slow), cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.returncode == 1, resumed.stderr
     assert "done by an earlier run" in resumed.stdout
 
     assert files_of(out) == files_of(clean)
     results = read_jsonl(out / "results.jsonl")
     assert len(results) == 48 and len({r["source"] for r in results}) == 48
     assert [e["source"] for e in read_jsonl(out / "errors.jsonl")] == ["part1/broken.jpg"]
-    assert not (out / batch.STATE_DIR / "tmp").exists()
+    assert not (out / STATE_DIR / "tmp").exists()
 
 
 def test_batch_never_imports_torch(tree, model_dir, tmp_path) -> None:  # noqa: ANN001
-    code = ("import sys; from service import batch, batch_ray, bench_batch; "
-            f"rc = batch.main([{str(tree[0] / 'sub')!r}, {str(tmp_path / 'o')!r}, '--model', "
+    code = ("import sys; from service.batch import bench, cli, ray_data, run; "
+            f"rc = cli.main([{str(tree[0] / 'sub')!r}, {str(tmp_path / 'o')!r}, '--model', "
             f"{str(model_dir / 'tps.onnx')!r}, '--providers', 'CPUExecutionProvider', '--no-progress']); "
-            "assert rc == 0; assert 'torch' not in sys.modules, 'torch was imported'")
+            "assert rc == 1, rc; assert 'torch' not in sys.modules, 'torch was imported'")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert len(read_jsonl(tmp_path / "o" / "results.jsonl")) == 7
@@ -371,12 +375,17 @@ def test_ray_engine_gives_the_local_engines_outputs(local_run, tree, model_dir, 
         summary = run_job(config(tree[0], out, model_dir, engine="ray", ray_actors=1))
         assert (summary.ok, summary.failed, summary.engine) == (len(GOOD), len(BAD), "ray")
         assert files_of(out) == files_of(local_out)
-        # resume: drop some journal lines and outputs, as an interruption would; the Ray engine redoes just those
-        journal = out / batch.STATE_DIR / "journal.jsonl"
-        lines = journal.read_text().splitlines(keepends=True)
-        journal.write_text("".join(lines[:5]) + lines[5][:20])
+        # the workers wrote the outputs and the journal (one shard per batch); the driver wrote no journal line
+        assert (out / STATE_DIR / "journal.jsonl").read_text() == ""
+        shards = sorted((out / STATE_DIR / "journal").iterdir())
+        assert len(shards) >= 2
+        # resume: a shard lost and one cut mid-line, as an interruption would; the Ray engine redoes just those
+        shards[-1].unlink()
+        lines = shards[0].read_text().splitlines(keepends=True)
+        shards[0].write_text("".join(lines[:-1]) + lines[-1][:20])
         (out / "results.jsonl").unlink()
-        kept = sum('"result"' in line for line in lines[:5])
+        kept = sum('"result"' in line for shard in shards[:-1] for line in shard.read_text().splitlines(keepends=True)
+                   if line.endswith("\n"))
         again = run_job(config(tree[0], out, model_dir, engine="ray", ray_actors=1))
         assert (again.skipped, again.processed) == (kept, 16 - kept)
         assert files_of(out) == files_of(local_out)
@@ -388,10 +397,10 @@ def test_bench_batch_runs_and_ends_with_the_ratios(model_dir, tmp_path, capsys) 
     import argparse
 
     p = argparse.ArgumentParser()
-    batch.configure_bench_batch(p)
+    cli.configure_bench_batch(p)
     args = p.parse_args(["--images", "12", "--image-size", "64x48", "--data-dir", str(tmp_path), "--repeat", "1",
                          "--batch-size", "4", "--model", str(model_dir / "projective.onnx")])
-    assert batch.run_bench_batch(args) == 0
+    assert cli.run_bench_batch(args) == 0
     out = capsys.readouterr().out.strip().splitlines()
     last = json.loads(out[-1])
     assert last["images"] == 12 and {"local_vs_naive", "bare_vs_naive", "local_vs_bare"} <= set(last)
@@ -423,11 +432,86 @@ def test_default_marker_names_the_default(model_dir, tmp_path, monkeypatch, capl
     monkeypatch.delenv("STN_DEFAULT_MODEL", raising=False)
     monkeypatch.setenv("STN_MODEL_DIR", str(folder))
     (folder / "DEFAULT").write_text("\nprojective\n")
-    assert batch.resolve_model_path(None).name == "projective.onnx"
-    assert batch.resolve_model_path(str(folder)).name == "projective.onnx"
+    assert resolve_model_path(None).name == "projective.onnx"
+    assert resolve_model_path(str(folder)).name == "projective.onnx"
     assert choose_default(["affine", "projective", "tps"], folder) == "projective"
     assert choose_default(["affine", "projective", "tps"], folder, configured="tps") == "tps"  # STN_DEFAULT_MODEL wins
     (folder / "DEFAULT").write_text("gone\n")
     assert choose_default(["tps", "affine"], folder) == "affine"
     assert "names 'gone'" in caplog.text
-    assert batch.resolve_model_path(None).name == "affine.onnx"
+    assert resolve_model_path(None).name == "affine.onnx"
+
+
+def _memory_copy(src: Path, prefix: str) -> None:
+    """The files of ``src`` (symlinks left out: an object store has none) into fsspec's in-memory filesystem."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for p in sorted(src.rglob("*")):
+        if p.is_file() and not p.is_symlink() and not any(q.is_symlink() for q in p.relative_to(src).parents
+                                                           if q != Path(".") and (src / q).is_symlink()):
+            fs.pipe_file(f"{prefix}/{p.relative_to(src).as_posix()}", p.read_bytes())
+
+
+def _memory_files(prefix: str) -> dict[str, bytes]:
+    from service.batch.inputs import url_to_fs
+
+    fs, root = url_to_fs(prefix)
+    return {f[len(root) + 1:]: fs.cat_file(f) for f in sorted(fs.find(root)) if f"/{STATE_DIR}/" not in f}
+
+
+def test_uris_memory_and_file_give_the_same_bytes(local_run, tree, model_dir, tmp_path) -> None:  # noqa: ANN001
+    """INPUT and OUTPUT as fsspec URIs: memory:// (in this process: the local engine) and file://; the outputs and
+    reports equal a local run's on the same images, and a re-run resumes from the journal's shards."""
+    import fsspec
+
+    local_out, _ = local_run
+    src, _ = tree
+    _memory_copy(src, "memory://job/in")
+    summary = run_job(config("memory://job/in", "memory://job/out", model_dir))
+    symlinked = {"alias.png", "link_out.jpg", "linkdir"}  # local symlinks: no such thing in memory://
+    assert (summary.ok, summary.failed, summary.not_images) == (len(GOOD) - 1, len(BAD) - 2, 1)
+    got = _memory_files("memory://job/out")
+    want = {k: v for k, v in files_of(local_out).items() if k not in symlinked}
+    assert set(got) == set(want)
+    for name in set(want) - {"results.jsonl", "errors.jsonl"}:
+        assert got[name] == want[name], name
+
+    def lines(data: bytes, drop: set[str]) -> list[dict]:
+        return [r for r in map(json.loads, data.decode().splitlines()) if r["source"] not in drop | {"alias.jpg"}]
+
+    assert lines(got["results.jsonl"], symlinked) == lines(want["results.jsonl"], symlinked)
+    assert lines(got["errors.jsonl"], symlinked) == lines(want["errors.jsonl"], symlinked)
+    fs = fsspec.filesystem("memory")
+    assert fs.find(f"/job/out/{STATE_DIR}/journal")  # the journal as shards: object stores do not append
+    again = run_job(config("memory://job/in", "memory://job/out", model_dir))
+    assert (again.skipped, again.processed) == (len(GOOD) - 1, len(BAD) - 2)  # failures are retried
+    assert _memory_files("memory://job/out") == got
+    # a manifest in memory://, entries relative to it
+    fs.pipe_file("/job/in/list.txt", b"a0.jpg\nsub/b0.png\n../elsewhere.jpg\n")
+    run_job(config("memory://job/in/list.txt", "memory://job/m", model_dir))
+    m = _memory_files("memory://job/m")
+    assert [r["source"] for r in lines(m["results.jsonl"], set())] == ["a0.jpg", "sub/b0.png"]
+    assert "outside the input root" in lines(m["errors.jsonl"], set())[0]["error"]
+
+    out = tmp_path / "file"
+    run_job(config(f"file://{src}", f"file://{out}", model_dir))
+    assert files_of(out) == files_of(local_out)
+
+
+def test_ray_engine_refuses_memory_uris(tree, model_dir) -> None:  # noqa: ANN001
+    with pytest.raises(BatchError, match="memory:// lives in one process"):
+        run_job(config("memory://job/in", "memory://job/ray", model_dir, engine="ray"))
+
+
+def test_exit_codes(tree, model_dir, tmp_path, capsys) -> None:  # noqa: ANN001
+    """0: all rectified; 1: some failed (counted in the summary); 2: bad arguments."""
+    args = ["--model", str(model_dir / "projective.onnx"), "--providers", "CPUExecutionProvider", "--no-progress"]
+    assert cli.main([str(tree[0] / "sub" / "deep"), str(tmp_path / "ok"), *args]) == 0
+    assert cli.main([str(tree[0] / "sub"), str(tmp_path / "some"), *args]) == 1
+    out, err = capsys.readouterr()
+    assert "7 rectified, 1 failed" in out and "1 image(s) failed" in err
+    with pytest.raises(SystemExit) as e:
+        cli.main([str(tree[0]), str(tmp_path / "bad"), "--size", "12", *args])
+    assert e.value.code == 2
+    assert cli.main([str(tree[0] / "nothing*.png"), str(tmp_path / "none"), *args]) == 2

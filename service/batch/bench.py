@@ -1,6 +1,6 @@
 """``stn bench batch``: the local batch engine vs a naive loop and the bare model, side by side in one run.
 
-- **local**: ``service.batch.run_job`` (the engine of ``stn batch``) on a folder of generated JPEGs.
+- **local**: ``service.batch.run.run_job`` (the engine of ``stn batch``) on a folder of generated JPEGs.
 - **naive**: one image at a time: read, decode (``service.images.decode``), normalize, the *full* exported
   model through onnxruntime (default session options), encode (PNG), write. No overlap, no batching.
 - **bare**: the full model through onnxruntime, batched, on the same images decoded beforehand: only
@@ -8,8 +8,8 @@
 - **ray** (optional): ``run_job`` with the Ray Data engine on a local Ray.
 
 The report says where the time goes (seconds per stage) and ends with one JSON line of throughputs
-and ratios (``local_vs_naive``, ...). No torch: without a model, a bench model is exported by a
-subprocess (``python -c``, torch there only).
+and ratios (``local_vs_naive``, ...). Without ``--model``, the benches' stand-in model and images
+(``service.standin``: no torch here, the model is exported by a subprocess once).
 """
 
 from __future__ import annotations
@@ -18,86 +18,55 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 
-from service import batch, images
-
-BENCH_MODEL = dict(transform="affine", in_channels=3, loc_size=(64, 64), output_size=(128, 128),
-                   mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-_EXPORT = """
-import sys, torch
-from export.onnx_export import export_onnx, info_for
-from models.stn import SpatialTransformer, STNConfig
-torch.manual_seed(0)
-m = SpatialTransformer(STNConfig(**{cfg}))
-torch.nn.init.normal_(m.localisation.regressor.weight, std=0.02)
-export_onnx(m, sys.argv[1], info_for(m, {{}}, "onnx", "bench", "1", "service/bench_batch.py"))
-"""
+from export.metadata import ModelInfo, read_props
+from service import images
+from service.batch.run import BatchConfig, resolve_model_path, run_job
+from service.runtime import resolve_providers
+from service.settings import Settings, cpu_threads
+from service.standin import make_jpegs, standin_model
 
 
 def bench_model(model: str | None, folder: Path) -> Path:
-    """``--model`` (a file, a folder, a name in STN_MODEL_DIR), else the bench model (:data:`BENCH_MODEL`, an
-    untrained affine RGB STN, exported once into ``folder``): numbers that do not move with models/default."""
+    """``--model`` (a file, a folder, a name in STN_MODEL_DIR), else the benches' stand-in model (exported once
+    into ``folder``): numbers that do not move with models/default."""
     if model is not None:
-        return batch.resolve_model_path(model)
-    path = folder / "bench-model.onnx"
-    if not path.exists():
-        root = Path(__file__).resolve().parents[1]
-        code = _EXPORT.format(cfg=repr({k: v for k, v in BENCH_MODEL.items()}))
-        subprocess.run([sys.executable, "-c", code, str(path)], cwd=root, check=True)
-    return path
+        return resolve_model_path(model)
+    return standin_model(folder)[0]
 
 
 def make_images(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> list[Path]:
-    """``n`` JPEGs of ``size`` (h, w) in ``folder``/img: gradients, boxes and noise (kept for the next run)."""
-    from PIL import Image, ImageDraw
-
+    """``n`` JPEGs of ``size`` (h, w) in ``folder``/img (``service.standin.make_jpegs``; kept for the next run)."""
     d = folder / "img"
-    marker = folder / f"generated-{n}-{size[1]}x{size[0]}-{seed}"
+    marker = folder / f"generated-standin-{n}-{size[1]}x{size[0]}-{seed}"
     files = [d / f"{i // 500:02d}" / f"img{i:05d}.jpg" for i in range(n)]
     if marker.exists():
         return files
     shutil.rmtree(d, ignore_errors=True)
-    rng = np.random.default_rng(seed)
-    h, w = size
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    for f in files:
-        f.parent.mkdir(parents=True, exist_ok=True)
-        a, b = rng.uniform(-1, 1, 2)
-        base = np.stack([x / w * 255 * a % 255, y / h * 255 * b % 255, (x + y) % 255], -1)
-        noise = rng.normal(0, 12, (h, w, 3))
-        img = Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
-        draw = ImageDraw.Draw(img)
-        for _ in range(4):
-            x0, y0 = rng.integers(0, w - 20), rng.integers(0, h - 20)
-            draw.rectangle([x0, y0, x0 + rng.integers(10, w // 2), y0 + rng.integers(10, h // 2)],
-                           fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
-        img.save(f, "JPEG", quality=90)
+    for start in range(0, n, 100):  # in chunks: 2,000 JPEGs are not all held in memory
+        for f, data in zip(files[start:start + 100], make_jpegs(min(100, n - start), size[1], size[0],
+                                                                 seed * 1_000_003 + start), strict=True):
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_bytes(data)
     marker.write_text("ok\n")
     return files
 
 
 def _full_session(model_path: Path):  # noqa: ANN202 (onnxruntime.InferenceSession)
     """The full exported model in onnxruntime with default session options (what a naive user would do)."""
-    import onnxruntime as ort
-
-    from service.runtime import resolve_providers
-
-    return ort.InferenceSession(str(model_path), providers=resolve_providers(batch.session_config().providers))
+    return ort.InferenceSession(str(model_path), providers=resolve_providers(Settings().session_config().providers))
 
 
 def naive_loop(model_path: Path, files: list[Path], out: Path, fmt: str) -> tuple[float, dict[str, float]]:
     """Read -> decode -> infer (full model, one image) -> encode -> write, one image at a time; (seconds, stages)."""
-    import onnx
-
-    from export.metadata import ModelInfo, read_props
-
     info = ModelInfo.from_props(read_props(onnx.load(str(model_path), load_external_data=False)))
     sess = _full_session(model_path)
     mean = np.asarray(info.mean, np.float32).reshape(-1, 1, 1)
@@ -112,9 +81,9 @@ def naive_loop(model_path: Path, files: list[Path], out: Path, fmt: str) -> tupl
         t1 = time.perf_counter()
         rect = sess.run(["rectified"], {"image": ((a - mean) / std)[None].astype(np.float32)})[0][0]
         t2 = time.perf_counter()
-        data = batch.encode_output(rect * std + mean, fmt)
+        data = images.encode(rect * std + mean, fmt)
         t3 = time.perf_counter()
-        (out / (f.stem + batch.OUTPUT_FORMATS[fmt])).write_bytes(data)
+        (out / (f.stem + images.suffix(fmt))).write_bytes(data)
         t4 = time.perf_counter()
         for k, dt in zip(stages, (t1 - t, t2 - t1, t3 - t2, t4 - t3), strict=True):
             stages[k] += dt
@@ -123,10 +92,6 @@ def naive_loop(model_path: Path, files: list[Path], out: Path, fmt: str) -> tupl
 
 def decode_all(model_path: Path, files: list[Path]) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     """The images decoded beforehand for the bare model (uint8 HWC, to keep 2,000 of them small), mean, std."""
-    import onnx
-
-    from export.metadata import ModelInfo, read_props
-
     info = ModelInfo.from_props(read_props(onnx.load(str(model_path), load_external_data=False)))
     limits = images.Limits()
     decoded = [images.to_uint8(images.to_channels(images.decode(f.read_bytes(), limits, f.name).array,
@@ -168,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     files = make_images(folder, args.images, (h, w))
     print(f"{len(files)} JPEGs of {w}x{h} in {folder / 'img'} (ready in {time.perf_counter() - t:.1f}s)")
     model_path = bench_model(args.model, folder)
-    workers = args.workers or min(8, batch.cpus())
+    workers = cpu_threads(args.workers)
     print(f"model {model_path}; output {args.format}; batch {args.batch_size}; local engine workers {workers}; "
           f"{os.cpu_count()} CPUs; {args.repeat} interleaved round(s), best kept; load average "
           f"{os.getloadavg()[0]:.1f} at start")
@@ -181,10 +146,10 @@ def run(args: argparse.Namespace) -> int:
             shutil.rmtree(out, ignore_errors=True)
             cpu0 = time.process_time()
             if target in ("local", "ray"):
-                cfg = batch.BatchConfig(input=str(folder / "img"), output=str(out), model=str(model_path),
+                cfg = BatchConfig(input=str(folder / "img"), output=str(out), model=str(model_path),
                                         format=args.format, batch_size=args.batch_size, workers=workers,
                                         engine=target, progress=False, ray_num_cpus=os.cpu_count())
-                s = batch.run_job(cfg)
+                s = run_job(cfg)
                 assert s.ok == n, f"{target}: {s.failed} images failed"
                 secs, details = s.run_s, f"stages, seconds summed over workers: {_stages(s.stages)}"
             elif target == "naive":
