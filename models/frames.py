@@ -62,8 +62,14 @@ def input_px_from_output_px(theta: np.ndarray, input_size: Size, output_size: Si
 
 def output_px_from_input_px(theta: np.ndarray, input_size: Size, output_size: Size) -> np.ndarray:
     """Inverse of :func:`input_px_from_output_px`: maps input points into the rectified frame."""
-    m = np.linalg.inv(input_px_from_output_px(theta, input_size, output_size))
-    return m / m[2, 2] if abs(m[2, 2]) > 1e-12 else m
+    return inverse_px(input_px_from_output_px(theta, input_size, output_size))
+
+
+def inverse_px(m: np.ndarray) -> np.ndarray:
+    """The inverse of a 3x3 pixel matrix (``output_px_from_input_px`` from ``input_px_from_output_px`` and
+    back), scaled so that its [2, 2] is 1 (when not ~0)."""
+    inv = np.linalg.inv(m)
+    return inv / inv[2, 2] if abs(inv[2, 2]) > 1e-12 else inv
 
 
 def pixel_centres(size: Size) -> tuple[np.ndarray, np.ndarray]:

@@ -94,11 +94,9 @@ def _full_session(model_path: Path):  # noqa: ANN202 (onnxruntime.InferenceSessi
 
 def naive_loop(model_path: Path, files: list[Path], out: Path, fmt: str) -> tuple[float, dict[str, float]]:
     """Read -> decode -> infer (full model, one image) -> encode -> write, one image at a time; (seconds, stages)."""
-    import onnx
+    from export.metadata import ModelInfo
 
-    from export.metadata import ModelInfo, read_props
-
-    info = ModelInfo.from_props(read_props(onnx.load(str(model_path), load_external_data=False)))
+    info = ModelInfo.from_file(model_path)
     sess = _full_session(model_path)
     mean = np.asarray(info.mean, np.float32).reshape(-1, 1, 1)
     std = np.asarray(info.std, np.float32).reshape(-1, 1, 1)
@@ -123,11 +121,9 @@ def naive_loop(model_path: Path, files: list[Path], out: Path, fmt: str) -> tupl
 
 def decode_all(model_path: Path, files: list[Path]) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     """The images decoded beforehand for the bare model (uint8 HWC, to keep 2,000 of them small), mean, std."""
-    import onnx
+    from export.metadata import ModelInfo
 
-    from export.metadata import ModelInfo, read_props
-
-    info = ModelInfo.from_props(read_props(onnx.load(str(model_path), load_external_data=False)))
+    info = ModelInfo.from_file(model_path)
     limits = images.Limits()
     decoded = [images.to_uint8(images.to_channels(images.decode(f.read_bytes(), limits, f.name).array,
                                                   info.in_channels)) for f in files]

@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import io
 import json
+import logging
 import os
 import signal
 import socket
@@ -35,12 +36,20 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
 
-ROOT = Path(__file__).resolve().parents[1]
+from export.metadata import ModelInfo
+from service import images, pipeline
+from service.api.workers import tune_malloc
+from service.runtime import SessionConfig, load_model, model_files
+from service.settings import Settings, default_model_dir
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository (service/api/bench.py)
 GOALS = {"service_vs_bare": 0.85, "service_vs_naive": 2.0}
 # Stand-in model when models/default has none: an affine RGB STN (random localiser weights).
 FALLBACK = dict(transform="affine", in_channels=3, loc_size=(64, 64), output_size=(128, 128),
@@ -96,8 +105,6 @@ class Level:
 
 def make_jpegs(n: int, width: int, height: int, seed: int = 0) -> list[bytes]:
     """``n`` distinct photographs-like JPEGs (smooth noise plus shapes), quality 90."""
-    from PIL import Image, ImageDraw, ImageFilter
-
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
@@ -116,24 +123,19 @@ def make_jpegs(n: int, width: int, height: int, seed: int = 0) -> list[bytes]:
 
 def resolve_model(model_dir: str | None, workdir: Path) -> tuple[Path, str, Path, str]:
     """(model folder, model name, torch checkpoint for the naive server, description)."""
-    import torch  # noqa: F401 (the bench needs it for the naive baseline)
+    import torch  # noqa: F401 (heavy, optional: the bench needs it for the naive baseline and the stand-in)
 
-    from export.metadata import ModelInfo, read_props
     from models.checkpoint import save_checkpoint
     from models.stn import SpatialTransformer, STNConfig
-    from service.runtime import model_files
-    from service.settings import default_model_dir
 
     folder = Path(model_dir) if model_dir else default_model_dir()
     files = model_files(folder)
     if files:
-        import onnx
-
         onnx_path = files[0]
         pts = sorted(onnx_path.parent.glob("*.pt"))
         if pts:
             return folder, onnx_path.stem, pts[0], f"{onnx_path} (naive server: {pts[0].name})"
-        info = ModelInfo.from_props(read_props(onnx.load(str(onnx_path), load_external_data=False)))
+        info = ModelInfo.from_file(onnx_path)
         cfg = STNConfig(transform=info.transform, in_channels=info.in_channels, loc_size=info.loc_size,
                         output_size=info.output_size, mean=info.mean, std=info.std, tps_grid=info.tps_grid)
         ckpt = workdir / "naive.pt"
@@ -157,11 +159,6 @@ def resolve_model(model_dir: str | None, workdir: Path) -> tuple[Path, str, Path
 
 def bare_main(model_dir: str, model: str, image_dir: str, fmt: str) -> None:
     """For each stdin line ``concurrency duration warmup``, print one JSON result line (no HTTP)."""
-    from service import images, pipeline
-    from service.api.workers import tune_malloc
-    from service.runtime import SessionConfig, load_model
-    from service.settings import Settings
-
     s = Settings()
     tune_malloc(s.malloc_keep_mb * 1024 * 1024)  # as the service does: the comparison is about HTTP, not malloc
     rt = load_model(Path(model_dir) / f"{model}.onnx", SessionConfig(providers=tuple(s.providers)))
@@ -183,8 +180,6 @@ def bare_main(model_dir: str, model: str, image_dir: str, fmt: str) -> None:
 
 def _bare_level(one, jpegs: list[bytes], c: int, duration: float, warmup: float) -> Level:  # noqa: ANN001
     """``c`` threads each running ``one`` on the images for ``duration`` seconds after ``warmup``."""
-    from concurrent.futures import ThreadPoolExecutor
-
     lat: list[float] = []
 
     def worker(k: int, stop_at: float, record: bool) -> None:
@@ -207,7 +202,7 @@ def _bare_level(one, jpegs: list[bytes], c: int, duration: float, warmup: float)
 
 # ---- load generator ---------------------------------------------------------------------------------
 
-async def _load(host: str, port: int, path: str, bodies: list[bytes], concurrency: int, duration: float,
+async def closed_loop(host: str, port: int, path: str, bodies: list[bytes], concurrency: int, duration: float,
                 warmup: float, server_pid: int) -> Level:
     """Keep-alive HTTP/1.1 clients on raw sockets (a Python HTTP client library would be the bottleneck)."""
     requests = [(f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: image/jpeg\r\n"
@@ -252,7 +247,7 @@ async def _load(host: str, port: int, path: str, bodies: list[bytes], concurrenc
     return Level(concurrency, counts["ok"], duration, counts["err"], lat, cpu_marks[1] - cpu_marks[0])
 
 
-async def _overload(host: str, port: int, path: str, bodies: list[bytes], rate: float, duration: float,
+async def open_loop(host: str, port: int, path: str, bodies: list[bytes], rate: float, duration: float,
                     warmup: float) -> dict:
     """Open-loop load: a new request every 1/``rate`` s (each on its own connection), whatever the answers.
 
@@ -334,7 +329,7 @@ def _free_port() -> int:
 
 
 def _wait_ready(port: int, path: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    import httpx
+    import httpx  # optional (a test and dev dependency)
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -349,18 +344,18 @@ def _wait_ready(port: int, path: str, proc: subprocess.Popen, timeout: float = 1
     raise TimeoutError(f"server on port {port} not ready in {timeout}s")
 
 
-def _start(cmd: list[str], env: dict[str, str], port: int, ready_path: str) -> subprocess.Popen:
+def start_server(cmd: list[str], env: dict[str, str], port: int, ready_path: str) -> subprocess.Popen:
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
         _wait_ready(port, ready_path, proc)
     except BaseException:
-        _stop(proc)
+        stop_server(proc)
         raise
     return proc
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def stop_server(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -378,7 +373,7 @@ class _Bare:
                                      text=True, start_new_session=True)
         line = self.proc.stdout.readline()
         if line.strip() != "ready":
-            _stop(self.proc)
+            stop_server(self.proc)
             raise RuntimeError(f"the bare pipeline did not start: {line!r}")
 
     def measure(self, c: int, duration: float, warmup: float) -> dict:
@@ -388,12 +383,10 @@ class _Bare:
 
     def stop(self) -> None:
         self.proc.stdin.close()
-        _stop(self.proc)
+        stop_server(self.proc)
 
 
 def run(args: argparse.Namespace) -> int:
-    import logging
-
     logging.basicConfig(level="WARNING")
     conc = [int(c) for c in str(args.concurrency).split(",")]
     w, h = (int(v) for v in args.image_size.lower().split("x"))
@@ -427,7 +420,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             if "service" in targets:
                 port = _free_port()
-                servers["service"] = (_start([*taskset, py, "-m", "stn", "serve", "--port", str(port)], env, port,
+                servers["service"] = (start_server([*taskset, py, "-m", "stn", "serve", "--port", str(port)], env, port,
                                              "/readyz"), port)
             if "naive" in targets:
                 port = _free_port()
@@ -436,7 +429,7 @@ def run(args: argparse.Namespace) -> int:
                 code = (f"import sys, runpy, uvicorn; sys.argv = ['naive', {str(ckpt)!r}]; "
                         f"ns = runpy.run_path({str(script)!r}); "
                         f"uvicorn.run(ns['app'], host='127.0.0.1', port={port}, log_level='warning', access_log=False)")
-                servers["naive"] = (_start([*taskset, py, "-c", code], env, port, "/docs"), port)
+                servers["naive"] = (start_server([*taskset, py, "-c", code], env, port, "/docs"), port)
             if "bare" in targets:
                 code = (f"from service.api.bench import bare_main; bare_main({str(model_dir)!r}, {model!r}, "
                         f"{str(work / 'images')!r}, {args.format!r})")
@@ -448,17 +441,17 @@ def run(args: argparse.Namespace) -> int:
                             row = bare.measure(c, args.duration, args.warmup)
                         else:
                             proc, port = servers[target]
-                            row = asyncio.run(_load("127.0.0.1", port, query, jpegs, c, args.duration, args.warmup,
+                            row = asyncio.run(closed_loop("127.0.0.1", port, query, jpegs, c, args.duration, args.warmup,
                                                     proc.pid)).summary()
                         if (target, c) not in best or row["throughput"] > best[(target, c)]["throughput"]:
                             best[(target, c)] = row
             if args.overload and "service" in servers:  # 2x the best throughput measured above, open loop
                 proc, port = servers["service"]
                 rate = 2 * max(best[("service", c)]["throughput"] for c in conc)
-                overload = asyncio.run(_overload("127.0.0.1", port, query, jpegs, rate, args.duration, args.warmup))
+                overload = asyncio.run(open_loop("127.0.0.1", port, query, jpegs, rate, args.duration, args.warmup))
         finally:
             for proc, _ in servers.values():
-                _stop(proc)
+                stop_server(proc)
             if bare is not None:
                 bare.stop()
     print(f"{'target':8s} {'conc':>4s} {'img/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'img/cpu-s':>10s} {'cpu':>5s} errors")

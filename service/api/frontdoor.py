@@ -20,8 +20,8 @@ import json
 import re
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-from urllib.parse import parse_qs, unquote
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, unquote_plus
 
 from service.api.errors import PROBLEM_JSON, problem_body
 
@@ -85,6 +85,7 @@ class FrontDoor:
 
     def __init__(self, state: ServiceState) -> None:
         self.state = state
+        self._counted: dict[tuple[str, str, int], tuple[Any, Any]] = {}  # (route, method, status) -> metric children
 
     def answer(self, method: str, path: str, query: bytes = b"") -> Answer | None:
         """The answer to give at once, or None: the request goes on to the app."""
@@ -111,10 +112,10 @@ class FrontDoor:
         """The model a work request is for (None when it cannot be told cheaply: the route decides)."""
         if in_path is not None:
             return unquote(in_path)
-        if b"model=" in query:
-            names = parse_qs(query.decode("latin-1")).get("model")
-            if names and names[0]:
-                return names[0]
+        if b"model=" in query:  # the last `model=` wins, as in Starlette's query_params
+            named = [part[6:] for part in query.split(b"&") if part.startswith(b"model=")]
+            if named and named[-1]:
+                return unquote_plus(named[-1].decode("latin-1"))
         models = self.state.models
         if len(models) == 1:
             return next(iter(models))
@@ -122,9 +123,15 @@ class FrontDoor:
 
     def record(self, answer: Answer, method: str, started: float) -> None:
         """Count an answer given outside the ASGI stack in the app's metrics (as MetricsMiddleware would)."""
-        metrics = self.state.metrics
-        metrics.requests.labels(answer.route, method, str(answer.status)).inc()
-        metrics.latency.labels(answer.route).observe(time.perf_counter() - started)
+        key = (answer.route, method, answer.status)
+        children = self._counted.get(key)
+        if children is None:  # labels() takes a lock and builds a key each time: look it up once
+            metrics = self.state.metrics
+            children = (metrics.requests.labels(answer.route, method, str(answer.status)),
+                        metrics.latency.labels(answer.route))
+            self._counted[key] = children
+        children[0].inc()
+        children[1].observe(time.perf_counter() - started)
 
 
 ROUTE_KEY = "stn.route"  # scope key: the route template of an answer given by the door (for MetricsMiddleware)

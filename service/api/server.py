@@ -48,6 +48,7 @@ except ImportError:  # httptools is not installed: uvicorn uses h11, capped by i
     HttpToolsProtocol = None  # type: ignore[assignment,misc]
 
 _END = b"\r\n\r\n"
+STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
 
 
 if HttpToolsProtocol is not None:
@@ -128,8 +129,7 @@ if HttpToolsProtocol is not None:
             self._answered = keep_alive
             rid = request_id(next((v for k, v in self.headers if k == b"x-request-id"), b""))
             raw = answer.body(rid)
-            phrase = HTTPStatus(answer.status).phrase
-            head = [f"HTTP/1.1 {answer.status} {phrase}\r\n".encode(), b"content-type: ", answer.content_type,
+            head = [STATUS_LINES[answer.status], b"content-type: ", answer.content_type,
                     b"\r\ncontent-length: ", str(len(raw)).encode(), b"\r\nx-request-id: ", rid.encode(), b"\r\n"]
             for k, v in answer.headers:
                 head += [k, b": ", v, b"\r\n"]

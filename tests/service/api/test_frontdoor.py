@@ -129,7 +129,7 @@ def test_a_full_queue_is_shed_at_the_door_for_that_model_only(model_dir: Path) -
             shed = httpx.post(srv.url + PATH, content=png(8, 8), headers={"content-type": "image/png"})
             assert_problem(shed, 503, "queue of model 'affine' is full")
             other = httpx.post(srv.url + "/v1/rectify", params={"model": "projective"}, content=png(8, 8),
-                               headers={"content-type": "image/png"})
+                               headers={"content-type": "image/png"}, timeout=60)  # admitted: waits for the worker
             assert other.status_code == 200, other.text
         finally:
             t.join(60)
