@@ -248,12 +248,13 @@ async def closed_loop(host: str, port: int, path: str, bodies: list[bytes], conc
 
 
 async def open_loop(host: str, port: int, path: str, bodies: list[bytes], rate: float, duration: float,
-                    warmup: float) -> dict:
+                    warmup: float, server_pid: int | None = None) -> dict:
     """Open-loop load: a new request every 1/``rate`` s (each on its own connection), whatever the answers.
 
     Returns goodput (200s completed in the measured window, per second), the 503s, other failures, and
-    the latency of ``/healthz`` probed every 50 ms meanwhile. Bounded: at most
-    ``rate * (warmup + duration)`` requests, each with a 60 s limit.
+    the latency of ``/healthz`` probed every 50 ms meanwhile; with ``server_pid``, also the server's CPU
+    share in the window and its goodput per CPU-second (what other load on the machine barely moves).
+    Bounded: at most ``rate * (warmup + duration)`` requests, each with a 60 s limit.
     """
     requests = [(f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: image/jpeg\r\n"
                  f"Content-Length: {len(b)}\r\nConnection: close\r\n\r\n").encode() + b for b in bodies]
@@ -295,17 +296,30 @@ async def open_loop(host: str, port: int, path: str, bodies: list[bytes], rate: 
                 health.append(latency)
             await asyncio.sleep(max(0.0, 0.05 - (time.perf_counter() - t0)))
 
+    cpu_marks: list[float] = []
+
+    async def mark_cpu() -> None:
+        await asyncio.sleep(max(0.0, measure_from - time.perf_counter()))
+        cpu_marks.append(process_cpu_seconds(server_pid))
+        await asyncio.sleep(max(0.0, stop_at - time.perf_counter()))
+        cpu_marks.append(process_cpu_seconds(server_pid))
+
     tasks, i = [], 0
     prober = asyncio.create_task(probe())
+    marker = asyncio.create_task(mark_cpu()) if server_pid is not None else None
     while (now := time.perf_counter()) < stop_at:
         tasks.append(asyncio.create_task(one(i)))
         i += 1
         await asyncio.sleep(max(0.0, start + i / rate - now))
-    await asyncio.gather(*tasks, prober)
+    await asyncio.gather(*tasks, prober, *([marker] if marker else []))
     health.sort()
-    return {"rate": round(rate, 1), "goodput": round(counts["ok"] / duration, 1), "shed_503": counts["shed"],
-            "failed": counts["other"], "health_p99_ms": round(1e3 * health[int(0.99 * (len(health) - 1))], 1),
-            "health_max_ms": round(1e3 * health[-1], 1), "health_probes": len(health)}
+    out = {"rate": round(rate, 1), "goodput": round(counts["ok"] / duration, 1), "shed_503": counts["shed"],
+           "failed": counts["other"], "health_p99_ms": round(1e3 * health[int(0.99 * (len(health) - 1))], 1),
+           "health_max_ms": round(1e3 * health[-1], 1), "health_probes": len(health)}
+    if len(cpu_marks) == 2:
+        cpu = cpu_marks[1] - cpu_marks[0]
+        out.update(cpu_share=round(cpu / duration, 2), goodput_per_cpu_s=round(counts["ok"] / max(cpu, 1e-9), 1))
+    return out
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -448,7 +462,8 @@ def run(args: argparse.Namespace) -> int:
             if args.overload and "service" in servers:  # 2x the best throughput measured above, open loop
                 proc, port = servers["service"]
                 rate = 2 * max(best[("service", c)]["throughput"] for c in conc)
-                overload = asyncio.run(open_loop("127.0.0.1", port, query, jpegs, rate, args.duration, args.warmup))
+                overload = asyncio.run(open_loop("127.0.0.1", port, query, jpegs, rate, args.duration, args.warmup,
+                                                 proc.pid))
         finally:
             for proc, _ in servers.values():
                 stop_server(proc)
@@ -467,8 +482,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"overload: open-loop {overload['rate']} req/s (2x the service's saturation throughput) for "
               f"{args.duration:g}s: goodput {overload['goodput']} img/s, {overload['shed_503']} shed (503), "
               f"{overload['failed']} failed; /healthz p99 {overload['health_p99_ms']} ms, max "
-              f"{overload['health_max_ms']} ms ({overload['health_probes']} probes)")
+              f"{overload['health_max_ms']} ms ({overload['health_probes']} probes)"
+              + (f"; server cpu share {overload['cpu_share']}, goodput {overload['goodput_per_cpu_s']} img/cpu-s"
+                 if "cpu_share" in overload else ""))
         summary["overload_goodput_vs_saturation"] = round(overload["goodput"] / sat["service"], 3)
+        if "goodput_per_cpu_s" in overload:  # the same ratio per CPU-second of the server: robust to other load
+            summary["overload_goodput_per_cpu_s_vs_saturation"] = round(
+                overload["goodput_per_cpu_s"] / eff["service"], 3)
         summary["overload"] = overload
     top = max(conc)
     for other in ("bare", "naive"):

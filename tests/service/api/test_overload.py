@@ -31,8 +31,11 @@ def rss_bytes(pid: int) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="goal missed as measured on a quiet 2-core machine (2026-11-28): goodput 114 img/s at "
-                          "2x a saturation of 263.7 (0.43), 1408 shed, 0 failed; see docs/BENCHMARKS.md", strict=False)
+@pytest.mark.xfail(reason="goal missed as measured on a quiet 2-core machine (2026-11-28, before the front door): "
+                          "goodput 114 img/s at 2x a saturation of 263.7 (0.43), 1408 shed, 0 failed; with the front "
+                          "door (service/api/frontdoor.py) not yet re-measured quietly: the machine stayed shared "
+                          "(skipped at load 8.5), where a pinned probe gave 0.64-0.76; see docs/BENCHMARKS.md",
+                   strict=False)
 def test_two_times_saturation_sheds_cleanly_and_health_stays_fast(model_dir: Path) -> None:
     load, cpus = os.getloadavg()[0], os.cpu_count() or 1
     if load > cpus:
