@@ -82,7 +82,7 @@ def default_checkpoint() -> Path | None:
     return found[0] if found else None
 
 
-def _time_round(fn: Callable[[], object], min_seconds: float, min_iters: int) -> float:
+def time_round(fn: Callable[[], object], min_seconds: float, min_iters: int) -> float:
     """Seconds per call over one round (at least ``min_iters`` calls and ``min_seconds``)."""
     n, start = 0, time.perf_counter()
     while True:
@@ -131,7 +131,7 @@ def bench_model(name: str, stn: SpatialTransformer, batch_sizes: tuple[int, ...]
 
             for _ in range(2):
                 run()
-            return batch / _time_round(run, min_seconds, 3)
+            return batch / time_round(run, min_seconds, 3)
 
         def ort_round(path: Path, a: np.ndarray = x_np, batch: int = batch) -> float:
             so = ort.SessionOptions()
@@ -144,7 +144,7 @@ def bench_model(name: str, stn: SpatialTransformer, batch_sizes: tuple[int, ...]
             sess = ort.InferenceSession(str(path), so, providers=providers)
             for _ in range(2):
                 sess.run(None, {"image": a})
-            return batch / _time_round(lambda: sess.run(None, {"image": a}), min_seconds, 3)  # then dropped
+            return batch / time_round(lambda: sess.run(None, {"image": a}), min_seconds, 3)  # then dropped
 
         contenders = [Contender("torch-eager", torch_round)]
         contenders += [Contender(f"ort-{k}", lambda p=p: ort_round(p)) for k, p in models.items()]

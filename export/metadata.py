@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
+
+import onnx
 
 from models.frames import PARAMETRISATIONS, TRANSFORMS, theta_shape
 
@@ -61,6 +64,16 @@ class ModelInfo:
         if d["classes"] is None:
             del d["classes"]
         return {PREFIX + k: json.dumps(list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelInfo:
+        """The metadata of the ONNX model at ``path`` (its weights are not read); MetadataError when bad."""
+        return cls.from_proto(onnx.load(str(path), load_external_data=False))
+
+    @classmethod
+    def from_proto(cls, model_proto: onnx.ModelProto) -> ModelInfo:
+        """The metadata of a loaded ONNX model; MetadataError when bad."""
+        return cls.from_props(read_props(model_proto))
 
     @classmethod
     def from_props(cls, props: dict[str, str]) -> ModelInfo:
@@ -135,11 +148,11 @@ def _pair(v: Any, name: str) -> tuple[int, int]:
     return int(v[0]), int(v[1])
 
 
-def read_props(model_proto) -> dict[str, str]:  # noqa: ANN001 (onnx.ModelProto; onnx imported lazily)
+def read_props(model_proto: onnx.ModelProto) -> dict[str, str]:
     return {p.key: p.value for p in model_proto.metadata_props}
 
 
-def write_props(model_proto, info: ModelInfo) -> None:  # noqa: ANN001
+def write_props(model_proto: onnx.ModelProto, info: ModelInfo) -> None:
     """Replace the model's ``stn.*`` metadata_props with ``info``'s (others are kept)."""
     keep = [(p.key, p.value) for p in model_proto.metadata_props if not p.key.startswith(PREFIX)]
     del model_proto.metadata_props[:]

@@ -135,7 +135,13 @@ def theta_from_pixel_matrix(input_px_from_output_px: np.ndarray, input_size: Siz
 
 def output_px_from_input_px(theta: np.ndarray, input_size: Size, output_size: Size) -> np.ndarray:
     """Inverse of :func:`input_px_from_output_px`: maps input points into the rectified frame."""
-    return _unit_scale(np.linalg.inv(input_px_from_output_px(theta, input_size, output_size)))
+    return inverse_px(input_px_from_output_px(theta, input_size, output_size))
+
+
+def inverse_px(m: np.ndarray) -> np.ndarray:
+    """The inverse of a 3x3 pixel matrix (``output_px_from_input_px`` from ``input_px_from_output_px`` and
+    back), scaled so that its [2, 2] is 1 (when not ~0)."""
+    return _unit_scale(np.linalg.inv(m))
 
 
 def pixel_centres(size: Size) -> tuple[np.ndarray, np.ndarray]:

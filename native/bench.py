@@ -97,13 +97,13 @@ def bench_case(size: int, batch: int, threads: int, channels: int, rounds: int, 
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
     contenders["opencv"] = lambda: [cv2.warpAffine(img, m, (size, size), flags=flags, borderMode=cv2.BORDER_CONSTANT,
                                                    borderValue=0) for img in hwc]
-    from export.bench import _time_round
+    from export.bench import time_round
 
     per_round: dict[str, list[float]] = {k: [] for k in contenders}
     for _ in range(rounds):
         for name, fn in contenders.items():
             fn()  # warm-up
-            per_round[name].append(_time_round(fn, min_seconds, 2))
+            per_round[name].append(time_round(fn, min_seconds, 2))
     return [{"size": size, "batch": batch, "threads": threads, "contender": name,
              "ms_per_batch": 1e3 * statistics.median(v)} for name, v in per_round.items()]
 

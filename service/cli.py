@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 
 
 def configure_doctor(p: argparse.ArgumentParser) -> None:
@@ -19,9 +21,6 @@ def configure_doctor(p: argparse.ArgumentParser) -> None:
 
 
 def run_doctor(args: argparse.Namespace) -> int:
-    import json
-    import sys
-
     from service import doctor
 
     if not args.gpu:

@@ -212,13 +212,13 @@ def check_node_placement(ctx: GpuContext) -> dict[str, Any]:
     import onnx
 
     from export.contract import split
-    from export.metadata import ModelInfo, read_props
+    from export.metadata import ModelInfo
 
     details: dict[str, Any] = {}
     problems = []
     for name, path in ctx.model_files():
         proto = onnx.load(str(path))
-        subs = split(proto, ModelInfo.from_props(read_props(proto)))
+        subs = split(proto, ModelInfo.from_proto(proto))
         for part in ("resize", "localiser", "sampler"):
             found = node_placement(getattr(subs, part).SerializeToString(), ctx.provider)
             details[f"{name}/{part}"] = found
@@ -347,7 +347,7 @@ def check_throughput(ctx: GpuContext) -> dict[str, Any]:
     import onnxruntime as ort
     import torch
 
-    from export.bench import _time_round, default_checkpoint, synthetic_affine224
+    from export.bench import default_checkpoint, synthetic_affine224, time_round
     from export.onnx_export import export_onnx, info_for
     from models.checkpoint import load_checkpoint
 
@@ -398,7 +398,7 @@ def check_throughput(ctx: GpuContext) -> dict[str, Any]:
                 for k, fn in contenders.items():
                     fn()
                     fn()
-                    per[k].append(batch / _time_round(fn, min_seconds, 3))
+                    per[k].append(batch / time_round(fn, min_seconds, 3))
             base = statistics.median(per["torch-eager"])
             for k, v in per.items():
                 ips = statistics.median(v)

@@ -145,9 +145,10 @@ def geometry(transform: str, theta: np.ndarray, input_size: tuple[int, int],
             "source_points_px": _rows(src @ to_px_in[:2, :2].T + to_px_in[:2, 2]),
             "target_points_px": _rows(tgt @ to_px_out[:2, :2].T + to_px_out[:2, 2]),
         }
+    input_px_from_output_px = frames.input_px_from_output_px(theta, input_size, output_size)  # built once
     return {
-        "input_px_from_output_px": _rows(frames.input_px_from_output_px(theta, input_size, output_size)),
-        "output_px_from_input_px": _rows(frames.output_px_from_input_px(theta, input_size, output_size)),
+        "input_px_from_output_px": _rows(input_px_from_output_px),
+        "output_px_from_input_px": _rows(frames.inverse_px(input_px_from_output_px)),
     }
 
 

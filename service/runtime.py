@@ -36,6 +36,7 @@ bound with IO binding to both the resize and the sampler sessions.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import logging
 import threading
@@ -61,7 +62,6 @@ from export.metadata import (
     OUTPUT_THETA,
     MetadataError,
     ModelInfo,
-    read_props,
 )
 from models import frames
 
@@ -121,8 +121,6 @@ def provider_status(provider: str) -> tuple[bool, str]:
         return True, ""
     short = _PROVIDER_LIBRARIES.get(provider)
     if short:
-        import ctypes
-
         lib = Path(ort.__file__).parent / "capi" / f"libonnxruntime_providers_{short}.so"
         if not lib.is_file():
             return False, f"{lib} is missing from the onnxruntime install"
@@ -337,7 +335,7 @@ def load_model(path: str | Path, config: SessionConfig, name: str | None = None)
     except Exception as e:  # noqa: BLE001 (protobuf raises DecodeError and friends)
         raise ModelLoadError(f"{path.name}: not a readable ONNX file ({type(e).__name__}: {e})") from None
     try:
-        info = ModelInfo.from_props(read_props(proto))
+        info = ModelInfo.from_proto(proto)
         if info.in_channels not in (1, 3, 4):
             raise MetadataError(f"stn.in_channels={info.in_channels}: images are served as 1, 3 or 4 channels")
         subs = split(proto, info)

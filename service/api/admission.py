@@ -72,8 +72,8 @@ class Admission:
         self.draining = False
 
     # ---- checks -----------------------------------------------------------------------------
-    def shed(self) -> Problem | None:
-        """The cheap early check (before routing): a Problem 503 when no new work fits at all."""
+    def shed(self, model: str | None = None) -> Problem | None:
+        """The cheap early check (before routing): a Problem 503 when no new work (for ``model``) fits now."""
         if self.draining:
             return Problem(503, "the server is shutting down; retry on another instance", RETRY)
         if self.reserved_bytes >= self.budget_bytes:
@@ -82,7 +82,14 @@ class Admission:
         if self.uploads >= self.settings.max_uploads:
             return Problem(503, f"{self.uploads} uploads are being read (STN_MAX_UPLOADS); retry after a moment",
                            RETRY)
+        if model is not None and self.inflight.get(model, 0) >= self.settings.max_queue_size:
+            return self.queue_full(model)
         return None
+
+    def queue_full(self, model: str, **extra: object) -> Problem:
+        used, limit = self.inflight.get(model, 0), self.settings.max_queue_size
+        return Problem(503, f"the queue of model {model!r} is full ({used} of {limit} images in flight; "
+                            "STN_MAX_QUEUE_SIZE); retry after a moment", RETRY, **extra)
 
     def check_room(self, model: str, n: int, **extra: object) -> None:
         """Problem 503 at once when ``n`` more images do not fit in the model's queue."""
@@ -90,8 +97,7 @@ class Admission:
         if n > limit:
             raise Problem(413, f"{n} images; the queue of a model holds {limit} (STN_MAX_QUEUE_SIZE)", **extra)
         if used + n > limit:
-            raise Problem(503, f"the queue of model {model!r} is full ({used} of {limit} images in flight; "
-                               "STN_MAX_QUEUE_SIZE); retry after a moment", RETRY, **extra)
+            raise self.queue_full(model, **extra)
 
     def check_bytes(self, cost: int, what: str, **extra: object) -> None:
         """Problem 413 when ``cost`` alone exceeds the memory budget, 503 when it does not fit now."""

@@ -6,6 +6,7 @@ environment). See the README for the API and the settings.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,8 +15,9 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from service.api import errors, openapi
+from service.api.frontdoor import FrontDoor, FrontDoorMiddleware
 from service.api.metrics import MetricsMiddleware
-from service.api.middleware import RequestIdMiddleware, ShedMiddleware
+from service.api.middleware import RequestIdMiddleware
 from service.api.routes import ops, page, v1, v2
 from service.api.state import ServiceState
 from service.settings import Settings, get_settings
@@ -30,8 +32,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        import asyncio
-
         loader = asyncio.create_task(state.start(), name="stn-load-models")
         try:
             yield
@@ -59,7 +59,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["*"], expose_headers=["*"])
-    app.add_middleware(ShedMiddleware, admission=state.admission)  # before routing and before the body
+    app.state.front_door = FrontDoor(state)  # health, readiness and load shedding before routing and the body;
+    app.add_middleware(FrontDoorMiddleware, door=app.state.front_door)  # `stn serve` answers them in its protocol
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.add_middleware(RequestIdMiddleware)  # outermost: every response carries X-Request-ID
     return app

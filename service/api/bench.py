@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import signal
 import socket
@@ -34,15 +35,20 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from service import images
+from export.metadata import ModelInfo
+from service import images, pipeline
+from service.api.workers import tune_malloc
+from service.runtime import load_model, model_files
+from service.settings import Settings, default_model_dir
 from service.standin import description, make_jpegs, standin_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository (service/api/bench.py)
 GOALS = {"service_vs_bare": 0.85, "service_vs_naive": 2.0}
 
 NAIVE_SERVER = r'''
@@ -95,24 +101,19 @@ class Level:
 
 def resolve_model(model_dir: str | None, workdir: Path) -> tuple[Path, str, Path, str]:
     """(model folder, model name, torch checkpoint for the naive server, description)."""
-    import torch  # noqa: F401 (the bench needs it for the naive baseline)
+    import torch  # noqa: F401 (heavy, optional: the bench needs it for the naive baseline and the stand-in)
 
-    from export.metadata import ModelInfo, read_props
     from models.checkpoint import save_checkpoint
     from models.stn import SpatialTransformer, STNConfig
-    from service.runtime import model_files
-    from service.settings import default_model_dir
 
     folder = Path(model_dir) if model_dir else default_model_dir()
     files = model_files(folder)
     if files:
-        import onnx
-
         onnx_path = files[0]
         pts = sorted(onnx_path.parent.glob("*.pt"))
         if pts:
             return folder, onnx_path.stem, pts[0], f"{onnx_path} (naive server: {pts[0].name})"
-        info = ModelInfo.from_props(read_props(onnx.load(str(onnx_path), load_external_data=False)))
+        info = ModelInfo.from_file(onnx_path)
         cfg = STNConfig(transform=info.transform, in_channels=info.in_channels, loc_size=info.loc_size,
                         output_size=info.output_size, mean=info.mean, std=info.std, tps_grid=info.tps_grid)
         ckpt = workdir / "naive.pt"
@@ -126,11 +127,6 @@ def resolve_model(model_dir: str | None, workdir: Path) -> tuple[Path, str, Path
 
 def bare_main(model_dir: str, model: str, image_dir: str, fmt: str) -> None:
     """For each stdin line ``concurrency duration warmup``, print one JSON result line (no HTTP)."""
-    from service import images, pipeline
-    from service.api.workers import tune_malloc
-    from service.runtime import load_model
-    from service.settings import Settings
-
     s = Settings()
     tune_malloc(s.malloc_keep_mb * 1024 * 1024)  # as the service does: the comparison is about HTTP, not malloc
     rt = load_model(Path(model_dir) / f"{model}.onnx", s.session_config())
@@ -151,8 +147,6 @@ def bare_main(model_dir: str, model: str, image_dir: str, fmt: str) -> None:
 
 def _bare_level(one, jpegs: list[bytes], c: int, duration: float, warmup: float) -> Level:  # noqa: ANN001
     """``c`` threads each running ``one`` on the images for ``duration`` seconds after ``warmup``."""
-    from concurrent.futures import ThreadPoolExecutor
-
     lat: list[float] = []
 
     def worker(k: int, stop_at: float, record: bool) -> None:
@@ -175,7 +169,7 @@ def _bare_level(one, jpegs: list[bytes], c: int, duration: float, warmup: float)
 
 # ---- load generator ---------------------------------------------------------------------------------
 
-async def _load(host: str, port: int, path: str, bodies: list[bytes], concurrency: int, duration: float,
+async def closed_loop(host: str, port: int, path: str, bodies: list[bytes], concurrency: int, duration: float,
                 warmup: float, server_pid: int) -> Level:
     """Keep-alive HTTP/1.1 clients on raw sockets (a Python HTTP client library would be the bottleneck)."""
     requests = [(f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: image/jpeg\r\n"
@@ -220,13 +214,14 @@ async def _load(host: str, port: int, path: str, bodies: list[bytes], concurrenc
     return Level(concurrency, counts["ok"], duration, counts["err"], lat, cpu_marks[1] - cpu_marks[0])
 
 
-async def _overload(host: str, port: int, path: str, bodies: list[bytes], rate: float, duration: float,
-                    warmup: float) -> dict:
+async def open_loop(host: str, port: int, path: str, bodies: list[bytes], rate: float, duration: float,
+                    warmup: float, server_pid: int | None = None) -> dict:
     """Open-loop load: a new request every 1/``rate`` s (each on its own connection), whatever the answers.
 
     Returns goodput (200s completed in the measured window, per second), the 503s, other failures, and
-    the latency of ``/healthz`` probed every 50 ms meanwhile. Bounded: at most
-    ``rate * (warmup + duration)`` requests, each with a 60 s limit.
+    the latency of ``/healthz`` probed every 50 ms meanwhile; with ``server_pid``, also the server's CPU
+    share in the window and its goodput per CPU-second (what other load on the machine barely moves).
+    Bounded: at most ``rate * (warmup + duration)`` requests, each with a 60 s limit.
     """
     requests = [(f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: image/jpeg\r\n"
                  f"Content-Length: {len(b)}\r\nConnection: close\r\n\r\n").encode() + b for b in bodies]
@@ -268,17 +263,30 @@ async def _overload(host: str, port: int, path: str, bodies: list[bytes], rate: 
                 health.append(latency)
             await asyncio.sleep(max(0.0, 0.05 - (time.perf_counter() - t0)))
 
+    cpu_marks: list[float] = []
+
+    async def mark_cpu() -> None:
+        await asyncio.sleep(max(0.0, measure_from - time.perf_counter()))
+        cpu_marks.append(process_cpu_seconds(server_pid))
+        await asyncio.sleep(max(0.0, stop_at - time.perf_counter()))
+        cpu_marks.append(process_cpu_seconds(server_pid))
+
     tasks, i = [], 0
     prober = asyncio.create_task(probe())
+    marker = asyncio.create_task(mark_cpu()) if server_pid is not None else None
     while (now := time.perf_counter()) < stop_at:
         tasks.append(asyncio.create_task(one(i)))
         i += 1
         await asyncio.sleep(max(0.0, start + i / rate - now))
-    await asyncio.gather(*tasks, prober)
+    await asyncio.gather(*tasks, prober, *([marker] if marker else []))
     health.sort()
-    return {"rate": round(rate, 1), "goodput": round(counts["ok"] / duration, 1), "shed_503": counts["shed"],
-            "failed": counts["other"], "health_p99_ms": round(1e3 * health[int(0.99 * (len(health) - 1))], 1),
-            "health_max_ms": round(1e3 * health[-1], 1), "health_probes": len(health)}
+    out = {"rate": round(rate, 1), "goodput": round(counts["ok"] / duration, 1), "shed_503": counts["shed"],
+           "failed": counts["other"], "health_p99_ms": round(1e3 * health[int(0.99 * (len(health) - 1))], 1),
+           "health_max_ms": round(1e3 * health[-1], 1), "health_probes": len(health)}
+    if len(cpu_marks) == 2:
+        cpu = cpu_marks[1] - cpu_marks[0]
+        out.update(cpu_share=round(cpu / duration, 2), goodput_per_cpu_s=round(counts["ok"] / max(cpu, 1e-9), 1))
+    return out
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -302,7 +310,7 @@ def _free_port() -> int:
 
 
 def _wait_ready(port: int, path: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    import httpx
+    import httpx  # optional (a test and dev dependency)
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -317,18 +325,18 @@ def _wait_ready(port: int, path: str, proc: subprocess.Popen, timeout: float = 1
     raise TimeoutError(f"server on port {port} not ready in {timeout}s")
 
 
-def _start(cmd: list[str], env: dict[str, str], port: int, ready_path: str) -> subprocess.Popen:
+def start_server(cmd: list[str], env: dict[str, str], port: int, ready_path: str) -> subprocess.Popen:
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
         _wait_ready(port, ready_path, proc)
     except BaseException:
-        _stop(proc)
+        stop_server(proc)
         raise
     return proc
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def stop_server(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -346,7 +354,7 @@ class _Bare:
                                      text=True, start_new_session=True)
         line = self.proc.stdout.readline()
         if line.strip() != "ready":
-            _stop(self.proc)
+            stop_server(self.proc)
             raise RuntimeError(f"the bare pipeline did not start: {line!r}")
 
     def measure(self, c: int, duration: float, warmup: float) -> dict:
@@ -356,12 +364,10 @@ class _Bare:
 
     def stop(self) -> None:
         self.proc.stdin.close()
-        _stop(self.proc)
+        stop_server(self.proc)
 
 
 def run(args: argparse.Namespace) -> int:
-    import logging
-
     logging.basicConfig(level="WARNING")
     conc = [int(c) for c in str(args.concurrency).split(",")]
     h, w = images.parse_size(args.image_size)
@@ -395,7 +401,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             if "service" in targets:
                 port = _free_port()
-                servers["service"] = (_start([*taskset, py, "-m", "stn", "serve", "--port", str(port)], env, port,
+                servers["service"] = (start_server([*taskset, py, "-m", "stn", "serve", "--port", str(port)], env, port,
                                              "/readyz"), port)
             if "naive" in targets:
                 port = _free_port()
@@ -404,7 +410,7 @@ def run(args: argparse.Namespace) -> int:
                 code = (f"import sys, runpy, uvicorn; sys.argv = ['naive', {str(ckpt)!r}]; "
                         f"ns = runpy.run_path({str(script)!r}); "
                         f"uvicorn.run(ns['app'], host='127.0.0.1', port={port}, log_level='warning', access_log=False)")
-                servers["naive"] = (_start([*taskset, py, "-c", code], env, port, "/docs"), port)
+                servers["naive"] = (start_server([*taskset, py, "-c", code], env, port, "/docs"), port)
             if "bare" in targets:
                 code = (f"from service.api.bench import bare_main; bare_main({str(model_dir)!r}, {model!r}, "
                         f"{str(work / 'images')!r}, {args.format!r})")
@@ -416,17 +422,18 @@ def run(args: argparse.Namespace) -> int:
                             row = bare.measure(c, args.duration, args.warmup)
                         else:
                             proc, port = servers[target]
-                            row = asyncio.run(_load("127.0.0.1", port, query, jpegs, c, args.duration, args.warmup,
+                            row = asyncio.run(closed_loop("127.0.0.1", port, query, jpegs, c, args.duration, args.warmup,
                                                     proc.pid)).summary()
                         if (target, c) not in best or row["throughput"] > best[(target, c)]["throughput"]:
                             best[(target, c)] = row
             if args.overload and "service" in servers:  # 2x the best throughput measured above, open loop
                 proc, port = servers["service"]
                 rate = 2 * max(best[("service", c)]["throughput"] for c in conc)
-                overload = asyncio.run(_overload("127.0.0.1", port, query, jpegs, rate, args.duration, args.warmup))
+                overload = asyncio.run(open_loop("127.0.0.1", port, query, jpegs, rate, args.duration, args.warmup,
+                                                 proc.pid))
         finally:
             for proc, _ in servers.values():
-                _stop(proc)
+                stop_server(proc)
             if bare is not None:
                 bare.stop()
     print(f"{'target':8s} {'conc':>4s} {'img/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'img/cpu-s':>10s} {'cpu':>5s} errors")
@@ -442,8 +449,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"overload: open-loop {overload['rate']} req/s (2x the service's saturation throughput) for "
               f"{args.duration:g}s: goodput {overload['goodput']} img/s, {overload['shed_503']} shed (503), "
               f"{overload['failed']} failed; /healthz p99 {overload['health_p99_ms']} ms, max "
-              f"{overload['health_max_ms']} ms ({overload['health_probes']} probes)")
+              f"{overload['health_max_ms']} ms ({overload['health_probes']} probes)"
+              + (f"; server cpu share {overload['cpu_share']}, goodput {overload['goodput_per_cpu_s']} img/cpu-s"
+                 if "cpu_share" in overload else ""))
         summary["overload_goodput_vs_saturation"] = round(overload["goodput"] / sat["service"], 3)
+        if "goodput_per_cpu_s" in overload:  # the same ratio per CPU-second of the server: robust to other load
+            summary["overload_goodput_per_cpu_s_vs_saturation"] = round(
+                overload["goodput_per_cpu_s"] / eff["service"], 3)
         summary["overload"] = overload
     top = max(conc)
     for other in ("bare", "naive"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 _SERVE_OPTIONS = {  # flag -> (Settings field, type, help)
     "--model-dir": ("model_dir", str, "folder of .onnx models (STN_MODEL_DIR; default: the bundled default model)"),
@@ -35,8 +36,6 @@ def serve_settings(args: argparse.Namespace):  # noqa: ANN201 (service.settings.
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    import logging
-
     from service.api.app import create_app
     from service.api.middleware import RequestIdFilter
     from service.api.server import serve

@@ -35,14 +35,20 @@ class ClientGone(Exception):
     """The client disconnected before its response; its work was dropped (HTTP 499 in metrics)."""
 
 
-def problem_response(status: int, detail: str, instance: str = "", headers: dict[str, str] | None = None,
-                     **extra: object) -> JSONResponse:
+def problem_body(status: int, detail: str, instance: str = "", **extra: object) -> dict:
+    """The RFC 9457 members of a problem (``type``, ``title``, ``status``, ``detail``, ``instance``) plus ``extra``."""
     phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
     body = {"type": "about:blank", "title": phrase, "status": status, "detail": detail}
     if instance:
         body["instance"] = instance
     body.update(extra)
-    return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)
+    return body
+
+
+def problem_response(status: int, detail: str, instance: str = "", headers: dict[str, str] | None = None,
+                     **extra: object) -> JSONResponse:
+    return JSONResponse(problem_body(status, detail, instance, **extra), status_code=status, headers=headers,
+                        media_type=PROBLEM_JSON)
 
 
 def install(app: FastAPI) -> None:

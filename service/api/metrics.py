@@ -73,7 +73,7 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
+            route = scope.get("route")  # Starlette's; or the front door's template (service.api.frontdoor.ROUTE_KEY)
+            template = getattr(route, "path", None) or scope.get("stn.route") or "unmatched"
             self.metrics.requests.labels(template, scope.get("method", ""), str(status)).inc()
             self.metrics.latency.labels(template).observe(time.perf_counter() - start)

@@ -6,8 +6,13 @@
   lines as they arrive, *before* the parser sees them, and answers 431 and closes the
   connection past ``STN_MAX_HEADER_BYTES`` or ``STN_MAX_HEADERS``. (With ``http="h11"``,
   h11's own ``h11_max_incomplete_event_size`` is set to the same byte cap.)
+- **The front door in the protocol.** :class:`CappedHttpToolsProtocol` also asks the app's
+  :class:`service.api.frontdoor.FrontDoor` as soon as a request's head is parsed: health,
+  readiness and 503s for work that does not fit now are written from the parser callback, with
+  no ASGI scope, task or FastAPI; a shed request's body is read and discarded (its answer says
+  ``Connection: close``), so the client reads the 503 rather than a reset.
 - **Drain.** :class:`DrainingServer`: on SIGTERM readiness turns 503 at once, new work gets
-  503 with ``Retry-After`` (``service.api.middleware.ShedMiddleware``), admitted work finishes for
+  503 with ``Retry-After`` (``service.api.frontdoor``), admitted work finishes for
   up to ``STN_SHUTDOWN_GRACE_S`` (default: the request timeout + 5 s), then uvicorn shuts down
   and the process exits 0. A second signal (or SIGINT) exits at once, as uvicorn does.
 """
@@ -19,12 +24,16 @@ import json
 import logging
 import signal
 import time
+from http import HTTPStatus
 from types import FrameType
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 import uvicorn
 
 from service.api.errors import PROBLEM_JSON
+from service.api.frontdoor import Answer, FrontDoor
+from service.api.middleware import request_id
 
 if TYPE_CHECKING:
     from service.api.state import ServiceState
@@ -33,20 +42,25 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 try:
+    import httptools
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 except ImportError:  # httptools is not installed: uvicorn uses h11, capped by its own setting
     HttpToolsProtocol = None  # type: ignore[assignment,misc]
 
 _END = b"\r\n\r\n"
+STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
 
 
 if HttpToolsProtocol is not None:
 
     class CappedHttpToolsProtocol(HttpToolsProtocol):  # type: ignore[misc,valid-type]
-        """HttpToolsProtocol that refuses heads over ``max_head_bytes`` bytes or ``max_headers`` fields."""
+        """HttpToolsProtocol that refuses heads over ``max_head_bytes`` bytes or ``max_headers`` fields
+        and gives the ``front_door``'s answers itself (see module docstring)."""
 
         max_head_bytes = 65536
         max_headers = 100
+        front_door: FrontDoor | None = None
+        body_timeout_s = 20.0  # a shed request's body must arrive within this, else the connection closes
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -55,6 +69,8 @@ if HttpToolsProtocol is not None:
             self._in_head = True
             self._tail = b""  # last bytes of the previous chunk (a terminator may straddle chunks)
             self._refused = False
+            self._answered: bool | None = None  # the door answered this request: True keep-alive, False close
+            self._close_timer: asyncio.TimerHandle | None = None
 
         def data_received(self, data: bytes) -> None:
             if self._refused:  # answered 431; the connection closes shortly
@@ -77,10 +93,63 @@ if HttpToolsProtocol is not None:
             super().data_received(data)
 
         def on_message_complete(self) -> None:
-            super().on_message_complete()
             self._head_bytes = self._head_lines = 0
             self._in_head = True
             self._tail = b""
+            if self._answered is None:
+                super().on_message_complete()
+                return
+            keep_alive, self._answered = self._answered, None
+            if not keep_alive:  # the whole body is read: closing now sends no reset over the answer
+                self._close()
+            elif not self.transport.is_closing():
+                self.on_response_complete()  # keep-alive timer, next request
+
+        def on_headers_complete(self) -> None:
+            door = self.front_door
+            if door is not None and (self.cycle is None or self.cycle.response_complete):
+                started = time.perf_counter()
+                method = self.parser.get_method().decode("ascii")
+                url = httptools.parse_url(self.url)
+                path = url.path.decode("latin-1")
+                answer = door.answer(method, unquote(path) if "%" in path else path, url.query or b"")
+                if answer is not None:
+                    self._give(answer)
+                    door.record(answer, method, started)
+                    return
+            super().on_headers_complete()
+
+        def on_body(self, body: bytes) -> None:
+            if self._answered is None:
+                super().on_body(body)  # else: the body of an answered request is discarded
+
+        def _give(self, answer: Answer) -> None:
+            keep_alive = (not answer.close and self.parser.should_keep_alive()
+                          and self.parser.get_http_version() != "1.0")
+            self._answered = keep_alive
+            rid = request_id(next((v for k, v in self.headers if k == b"x-request-id"), b""))
+            raw = answer.body(rid)
+            head = [STATUS_LINES[answer.status], b"content-type: ", answer.content_type,
+                    b"\r\ncontent-length: ", str(len(raw)).encode(), b"\r\nx-request-id: ", rid.encode(), b"\r\n"]
+            for k, v in answer.headers:
+                head += [k, b": ", v, b"\r\n"]
+            if not keep_alive:
+                head.append(b"connection: close\r\n")
+            if self.transport.is_closing():
+                return
+            self.transport.write(b"".join([*head, b"\r\n", raw]))
+            if not keep_alive:
+                if self.expect_100_continue:  # the client waits for 100 before sending its body: none comes
+                    self._close()
+                else:  # close once the body is in (on_message_complete), or after the body timeout
+                    self._close_timer = self.loop.call_later(self.body_timeout_s, self._close)
+
+        def _close(self) -> None:
+            if self._close_timer is not None:
+                self._close_timer.cancel()
+                self._close_timer = None
+            if not self.transport.is_closing():
+                self.transport.close()
 
         def _refuse(self, detail: str) -> None:
             log.warning("refused a request head: %s", detail)
@@ -96,18 +165,21 @@ if HttpToolsProtocol is not None:
                 asyncio.get_running_loop().call_later(1.0, self.transport.close)
 
 
-def http_protocol(settings: Settings) -> Any:
-    """The HTTP protocol class (or uvicorn's name for one) that enforces the settings' header caps."""
+def http_protocol(settings: Settings, front_door: FrontDoor | None = None) -> Any:
+    """The HTTP protocol class (or uvicorn's name for one) that enforces the settings' header caps
+    and gives ``front_door``'s answers."""
     if HttpToolsProtocol is None:
         return "h11"
     return type("StnHttpToolsProtocol", (CappedHttpToolsProtocol,),
-                {"max_head_bytes": settings.max_header_bytes, "max_headers": settings.max_headers})
+                {"max_head_bytes": settings.max_header_bytes, "max_headers": settings.max_headers,
+                 "front_door": front_door, "body_timeout_s": settings.body_timeout_s})
 
 
 def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Config:
-    """uvicorn's Config for the app with the settings' bind address, logging, header caps and grace."""
+    """uvicorn's Config for the app with the settings' bind address, logging, header caps, front door and grace."""
+    door = getattr(getattr(app, "state", None), "front_door", None)
     kwargs: dict[str, Any] = dict(host=settings.host, port=settings.port, log_level=settings.log_level,
-                                  access_log=settings.access_log, http=http_protocol(settings),
+                                  access_log=settings.access_log, http=http_protocol(settings, door),
                                   h11_max_incomplete_event_size=settings.max_header_bytes,
                                   timeout_graceful_shutdown=max(1, round(settings.grace_s)))
     kwargs.update(overrides)

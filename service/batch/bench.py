@@ -24,10 +24,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
-from export.metadata import ModelInfo, read_props
+from export.metadata import ModelInfo
 from service import images
 from service.batch.run import BatchConfig, resolve_model_path, run_job
 from service.runtime import resolve_providers
@@ -67,7 +66,7 @@ def _full_session(model_path: Path):  # noqa: ANN202 (onnxruntime.InferenceSessi
 
 def naive_loop(model_path: Path, files: list[Path], out: Path, fmt: str) -> tuple[float, dict[str, float]]:
     """Read -> decode -> infer (full model, one image) -> encode -> write, one image at a time; (seconds, stages)."""
-    info = ModelInfo.from_props(read_props(onnx.load(str(model_path), load_external_data=False)))
+    info = ModelInfo.from_file(model_path)
     sess = _full_session(model_path)
     mean = np.asarray(info.mean, np.float32).reshape(-1, 1, 1)
     std = np.asarray(info.std, np.float32).reshape(-1, 1, 1)
@@ -92,7 +91,7 @@ def naive_loop(model_path: Path, files: list[Path], out: Path, fmt: str) -> tupl
 
 def decode_all(model_path: Path, files: list[Path]) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     """The images decoded beforehand for the bare model (uint8 HWC, to keep 2,000 of them small), mean, std."""
-    info = ModelInfo.from_props(read_props(onnx.load(str(model_path), load_external_data=False)))
+    info = ModelInfo.from_file(model_path)
     limits = images.Limits()
     decoded = [images.to_uint8(images.to_channels(images.decode(f.read_bytes(), limits, f.name).array,
                                                   info.in_channels)) for f in files]

@@ -49,7 +49,7 @@ def free_port() -> int:
 class LiveServer:
     """The real app in a real uvicorn on 127.0.0.1, in a background thread."""
 
-    def __init__(self, app, port: int) -> None:  # noqa: ANN001
+    def __init__(self, app, port: int, **overrides: object) -> None:  # noqa: ANN001
         import uvicorn
 
         from service.api.server import uvicorn_config
@@ -58,7 +58,8 @@ class LiveServer:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         config = uvicorn_config(app, app.state.stn.settings, host="127.0.0.1", port=port, log_level="warning",
-                                access_log=False, timeout_graceful_shutdown=2)  # the server's own protocol and caps
+                                access_log=False, timeout_graceful_shutdown=2,  # the server's own protocol and caps
+                                **overrides)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True, name=f"uvicorn-{port}")
 
@@ -86,13 +87,14 @@ class LiveServer:
 
 
 @contextlib.contextmanager
-def live_server(wait_ready: bool = True, **settings: object) -> Iterator[LiveServer]:
+def live_server(wait_ready: bool = True, uvicorn: dict | None = None, **settings: object) -> Iterator[LiveServer]:
+    """The app on ``settings`` in a live uvicorn (``uvicorn``: overrides of its Config, e.g. ``{"http": "h11"}``)."""
     from service.api.app import create_app
     from service.settings import Settings
 
     settings.setdefault("providers", ["CPUExecutionProvider"])
     app = create_app(Settings(**settings))
-    server = LiveServer(app, free_port()).start(wait_ready=wait_ready)
+    server = LiveServer(app, free_port(), **(uvicorn or {})).start(wait_ready=wait_ready)
     try:
         yield server
     finally:

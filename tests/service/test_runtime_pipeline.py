@@ -14,6 +14,7 @@ import onnx
 import pytest
 from PIL import Image
 
+from models import frames
 from service import images, pipeline
 from service.runtime import CPU, ModelLoadError, SessionConfig, load_model, load_model_dir, resolve_providers
 
@@ -167,3 +168,22 @@ def test_service_imports_no_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          cwd=Path(__file__).resolve().parents[2])
     assert out.returncode == 0, out.stderr
+
+
+def test_geometry_builds_the_pixel_matrix_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``output_px_from_input_px`` is the inverse of the matrix already built, not a second construction."""
+    calls = []
+    original = frames.input_px_from_output_px
+
+    def counting(*args: object) -> np.ndarray:
+        calls.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(frames, "input_px_from_output_px", counting)
+    theta = np.array([[0.9, 0.1, 0.05], [-0.1, 0.8, 0.0], [0.02, 0.01, 1.0]])
+    geo = pipeline.geometry("projective", theta, (120, 160), (60, 80))
+    assert len(calls) == 1
+    np.testing.assert_allclose(geo["output_px_from_input_px"],
+                               frames.output_px_from_input_px(theta, (120, 160), (60, 80)), atol=1e-12)
+    product = np.asarray(geo["output_px_from_input_px"]) @ np.asarray(geo["input_px_from_output_px"])
+    np.testing.assert_allclose(product / product[2, 2], np.eye(3), atol=1e-9)

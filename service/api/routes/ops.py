@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
 
-from service.api.errors import problem_response
+from service.api.errors import PROBLEM_JSON
+from service.api.frontdoor import readiness
 from service.api.state import StateDep
 
 router = APIRouter(tags=["ops"])
 
 
+# Both are answered by service.api.frontdoor before routing (ahead of any work); these routes document
+# them and answer when the app runs without the door's middleware.
 @router.get("/healthz", summary="Liveness: the process answers")
 async def healthz() -> dict:
     return {"status": "live"}
@@ -18,22 +22,10 @@ async def healthz() -> dict:
 @router.get("/readyz", summary="Readiness: every model loaded and warmed up", response_model=None)
 async def readyz(state: StateDep) -> dict | Response:
     """With STN_API_KEYS set, only ``ready``/``loading`` (no model names, paths or errors: /v1/models has them)."""
-    minimal = bool(state.settings.api_keys)
-    body: dict = {"ready": state.ready, "loading": state.loading}
-    if not minimal:
-        body.update(models=sorted(state.models), failed=state.loaded.failures)
-    if state.ready:
+    status, body, problem = readiness(state)
+    if not problem:
         return body
-    if state.admission.draining:
-        detail = "the server is shutting down"
-    elif state.loading:
-        detail = "models are still loading"
-    elif minimal:
-        detail = "not ready: no model is serving (details at /v1/models, with a key)"
-    else:
-        detail = "not ready: " + ("; ".join(f"{k}: {v}" for k, v in state.loaded.failures.items())
-                                  or "no model loaded")
-    return problem_response(503, detail, "/readyz", {"Retry-After": "1"}, **body)
+    return JSONResponse(body, status, {"Retry-After": "1"}, media_type=PROBLEM_JSON)
 
 
 @router.get("/metrics", summary="Prometheus metrics")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from service.api.bench import _load, _overload, _start, _stop, make_jpegs
+from service.api.bench import closed_loop, make_jpegs, open_loop, start_server, stop_server
 from tests.service.support import ROOT, free_port
 
 
@@ -31,8 +31,11 @@ def rss_bytes(pid: int) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="goal missed as measured on a quiet 2-core machine (2026-11-28): goodput 114 img/s at "
-                          "2x a saturation of 263.7 (0.43), 1408 shed, 0 failed; see docs/BENCHMARKS.md", strict=False)
+@pytest.mark.xfail(reason="goal missed as measured on a quiet 2-core machine (2026-11-28, before the front door): "
+                          "goodput 114 img/s at 2x a saturation of 263.7 (0.43), 1408 shed, 0 failed; with the front "
+                          "door (service/api/frontdoor.py) not yet re-measured quietly: the machine stayed shared "
+                          "(skipped at load 8.5), where a pinned probe gave 0.64-0.76; see docs/BENCHMARKS.md",
+                   strict=False)
 def test_two_times_saturation_sheds_cleanly_and_health_stays_fast(model_dir: Path) -> None:
     load, cpus = os.getloadavg()[0], os.cpu_count() or 1
     if load > cpus:
@@ -42,17 +45,17 @@ def test_two_times_saturation_sheds_cleanly_and_health_stays_fast(model_dir: Pat
     env = {**os.environ, "STN_MODEL_DIR": str(model_dir), "STN_PROVIDERS": "CPUExecutionProvider",
            "STN_MEMORY_BUDGET_MB": str(budget_mb), "STN_MAX_QUEUE_SIZE": "64", "STN_LOG_LEVEL": "warning",
            "PYTHONPATH": str(ROOT)}
-    proc = _start([sys.executable, "-m", "stn", "serve", "--port", str(port)], env, port, "/readyz")
+    proc = start_server([sys.executable, "-m", "stn", "serve", "--port", str(port)], env, port, "/readyz")
     try:
         path = "/v1/rectify?model=affine&format=png"
         bodies = make_jpegs(8, 384, 288)
         rss_before = rss_bytes(proc.pid)
-        sat = asyncio.run(_load("127.0.0.1", port, path, bodies, 8, 3.0, 0.5, proc.pid)).summary()
+        sat = asyncio.run(closed_loop("127.0.0.1", port, path, bodies, 8, 3.0, 0.5, proc.pid)).summary()
         assert sat["errors"] == 0 and sat["throughput"] > 0, sat
-        over = asyncio.run(_overload("127.0.0.1", port, path, bodies, 2 * sat["throughput"], 4.0, 1.0))
+        over = asyncio.run(open_loop("127.0.0.1", port, path, bodies, 2 * sat["throughput"], 4.0, 1.0))
         grown = rss_bytes(proc.pid) - rss_before
     finally:
-        _stop(proc)
+        stop_server(proc)
     assert over["failed"] == 0, over  # only 200 and 503
     assert grown < budget_mb * 1024 * 1024, f"RSS grew by {grown / 2**20:.0f} MB; budget {budget_mb} MB"
     assert over["goodput"] >= 0.9 * sat["throughput"], (sat, over)
