@@ -196,7 +196,7 @@ class ModelRepository:
             self.state.loaded.failures.pop(name, None)  # a failed file that was removed: nothing to report
 
     async def poll_forever(self, interval_s: float) -> None:
-        while True:
+        while not self.state.admission.draining:  # no new versions while the server drains
             await asyncio.sleep(interval_s)
             try:
                 await self.poll()
