@@ -63,6 +63,7 @@ class ModelRepository:
         self.unloaded: set[str] = set()  # unloaded by request
         self.loading: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = {}
+        self._missing = False  # the folder was missing at the last poll (warned once)
 
     # ---- files ------------------------------------------------------------------------------------------
     @property
@@ -175,6 +176,12 @@ class ModelRepository:
     # ---- polling ---------------------------------------------------------------------------------
     async def poll(self) -> None:
         """One look at the folder: load files that are new or changed and stable, unload removed ones."""
+        if not self.folder.exists():  # a missing folder (an unmounted volume) is not "every model removed"
+            if not self._missing:
+                log.warning("model folder %s is missing; models stay as they are until it is back", self.folder)
+            self._missing = True
+            return
+        self._missing = False
         files = await asyncio.to_thread(lambda: {n: (p, signature(p)) for n, p in self.files().items()})
         for name, (_, sig) in files.items():
             previous = self.seen.get(name)

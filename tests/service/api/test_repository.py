@@ -193,6 +193,11 @@ def test_polling_swaps_versions_under_traffic(tmp_path: Path, versions: dict[str
             (folder / "n.onnx").unlink()
             wait_for(lambda: "n" not in srv.state.models, what="n to be unloaded")
             assert httpx.get(srv.url + "/v2/models/n/ready").status_code == 404
+            # the folder itself vanishing (an unmounted volume) unloads nothing
+            folder.rename(tmp_path / "away")
+            time.sleep(0.5)
+            assert "m" in srv.state.models
+            (tmp_path / "away").rename(folder)
         finally:
             stop.set()
             for t in threads:
