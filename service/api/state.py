@@ -120,12 +120,14 @@ class ServiceState:
         self.preparing.setdefault(name, 0)
         self._batcher(name)
         self.metrics.queue_depth.labels(name).set(self.inflight[name])
+        self.metrics.ready.set(1 if self.ready else 0)
 
     def uninstall(self, name: str) -> ModelRuntime | None:
         """Stop serving ``name``: new requests get 404; its batcher stops once its requests in flight are done."""
         model = self.loaded.models.pop(name, None)
         if model is not None:
             self._spawn(self._retire(name), f"stn-retire-{name}")
+        self.metrics.ready.set(1 if self.ready else 0)
         return model
 
     async def _retire(self, name: str) -> None:

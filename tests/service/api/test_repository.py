@@ -131,6 +131,7 @@ def test_tritonclient_repository_config_and_statistics(tmp_path: Path, versions:
                      what="the unloaded model's queue depth to leave /metrics")
             assert "m" not in srv.state.batchers and "m" not in srv.state.inflight
             assert httpx.get(srv.url + "/readyz").status_code == 503  # nothing is served now
+            assert "\nstn_ready 0.0" in httpx.get(srv.url + "/metrics").text
 
             with pytest.raises(InferenceServerException, match="no model file nope.onnx"):
                 client.load_model("nope", headers=key())
@@ -145,6 +146,7 @@ def test_tritonclient_repository_config_and_statistics(tmp_path: Path, versions:
             assert client.is_model_ready("m", headers=key())
             assert infer(client, x).get_response()["model_version"] == "1"
             assert httpx.get(srv.url + "/readyz").status_code == 200
+            assert "\nstn_ready 1.0" in httpx.get(srv.url + "/metrics").text
         finally:
             client.close()
 
