@@ -8,7 +8,8 @@ Public API (used by the HTTP app and by batch engines; no HTTP, no asyncio, no t
 - :class:`SessionConfig` (providers and thread counts) and :func:`load_model` (one ``.onnx``
   file -> :class:`ModelRuntime`, or :class:`ModelLoadError` with a reason a person can act on).
 - :func:`model_files` (the ``*.onnx`` files of a folder) and :func:`load_model_dir` (all of
-  them -> :class:`LoadedModels`: ready models and failure reasons, by file stem).
+  them -> :class:`LoadedModels`: ready models and failure reasons, by file stem);
+  :func:`load_and_warm` (one file, loaded and warmed up: what the server's model repository reloads).
 - :class:`ModelRuntime`: ``info`` (:class:`export.metadata.ModelInfo`), ``providers``,
   ``upload`` (array -> :class:`DeviceImage`), ``resize``, ``normalize``, ``localise``
   (batched), ``sample`` (any output size), ``base_grid``, ``warmup``, ``describe``.
@@ -438,6 +439,18 @@ def choose_default(names: Iterable[str], model_dir: str | Path, configured: str 
     return next(iter(names), None)
 
 
+def load_and_warm(path: str | Path, config: SessionConfig, warmup_batch: int | None = 1) -> ModelRuntime:
+    """:func:`load_model`, then its warm-up (``warmup_batch=None`` skips it): a model ready to take traffic,
+    or ModelLoadError with the reason (a failed warm-up too)."""
+    runtime = load_model(path, config)
+    if warmup_batch is not None:
+        try:
+            runtime.warmup(warmup_batch)
+        except Exception as e:  # noqa: BLE001 (warm-up failing means the model cannot run)
+            raise ModelLoadError(f"{Path(path).name}: warm-up failed: {type(e).__name__}: {e}") from None
+    return runtime
+
+
 def load_model_dir(model_dir: str | Path, config: SessionConfig, warmup_batch: int | None = 1) -> LoadedModels:
     """Load every model in ``model_dir``; a failure is recorded with its reason and skips only that model.
 
@@ -451,16 +464,10 @@ def load_model_dir(model_dir: str | Path, config: SessionConfig, warmup_batch: i
         return out
     for path in files:
         try:
-            runtime = load_model(path, config)
-            if warmup_batch is not None:
-                runtime.warmup(warmup_batch)
+            runtime = load_and_warm(path, config, warmup_batch)
         except ModelLoadError as e:
             log.error("model %s not loaded: %s", path.stem, e)
             out.failures[path.stem] = str(e)
-            continue
-        except Exception as e:  # noqa: BLE001 (warm-up failing means the model cannot run)
-            log.error("model %s failed its warm-up: %s", path.stem, e)
-            out.failures[path.stem] = f"{path.name}: warm-up failed: {type(e).__name__}: {e}"
             continue
         log.info("model %s (%s v%s, %s) loaded in %.2fs on %s", runtime.name, runtime.info.transform,
                  runtime.info.version, path.name, runtime.load_seconds, ", ".join(runtime.providers))

@@ -80,6 +80,7 @@ class Settings(BaseSettings):
     malloc_keep_mb: int = Field(256, ge=0)  # freed memory glibc keeps for reuse (saves page faults per image; 0: glibc default)
     native_sampler: Literal["auto", "on", "off"] = "auto"  # sampler on the native ai.stn ops: auto (when the library is present), on (required), off
     warmup: bool = True  # run each model once at startup, before readiness
+    model_poll_s: float = Field(0.0, ge=0)  # seconds between looks at model_dir for new, changed or removed models (0: off; load/unload through /v2/repository)
     strict_readiness: bool = False  # not ready while any model in the folder failed to load (Triton's strict readiness)
     access_log: bool = False  # uvicorn's per-request access log
     api_keys: Annotated[list[str], NoDecode] = Field([], repr=False)  # comma-separated; when set, requests need `X-API-Key` or Bearer

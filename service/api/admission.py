@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
@@ -70,6 +71,7 @@ class Admission:
         self.uploads = 0  # bodies being read
         self.requests = 0  # admitted requests not finished (the drain waits for 0)
         self.draining = False
+        self.on_finish: Callable[[str, int, float, bool], None] | None = None  # (model, images, seconds, ok): stats
 
     # ---- checks -----------------------------------------------------------------------------
     def shed(self, model: str | None = None) -> Problem | None:
@@ -125,11 +127,16 @@ class Admission:
         ticket = Ticket(self, model, extra)
         ticket._reserve(0, body_bytes)
         self.requests += 1
+        started, ok = time.perf_counter(), False
         try:
             yield ticket
+            ok = True
         finally:
             self.requests -= 1
+            images = ticket.images
             ticket._release_all()
+            if self.on_finish is not None:
+                self.on_finish(model, images, time.perf_counter() - started, ok)
 
     def _changed(self, model: str) -> None:
         if self.metrics is not None:

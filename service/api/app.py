@@ -13,12 +13,13 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi_offline import FastAPIOffline
 
 from service.api import errors, openapi
 from service.api.frontdoor import FrontDoor, FrontDoorMiddleware
 from service.api.metrics import MetricsMiddleware
 from service.api.middleware import RequestIdMiddleware
-from service.api.routes import ops, page, v1, v2
+from service.api.routes import ops, page, repository, v1, v2
 from service.api.state import ServiceState
 from service.settings import Settings, get_settings
 
@@ -39,13 +40,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             loader.cancel()
             await state.stop()
 
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs and /redoc with their assets served by the app (no CDN): /static-offline-docs
         title="stn",
         summary="Spatial Transformer Networks: upload images, get them rectified.",
         description="Try the served models in a browser on [the demo page](/): upload images, see the "
                     "sampled region and the rectified result.",
         version="0.1.0",
         lifespan=lifespan,
+        swagger_ui_parameters={"validatorUrl": None},  # no call to swagger.io's online validator either
     )
     app.state.stn = state
     errors.install(app)
@@ -53,6 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v1.router)
     app.include_router(v2.router)
     app.include_router(v2.models_router)
+    app.include_router(repository.router)
     app.include_router(ops.router)
     app.include_router(page.router)
     app.mount(page.STATIC_PATH, page.static_files(), name="static")

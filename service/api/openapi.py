@@ -68,6 +68,8 @@ def _responses(path: str, method: str, responses: dict[str, Any]) -> dict[str, A
     elif path.endswith("/ready") and path.startswith("/v2/models"):
         out.update({str(c): {"description": REASONS[c], "content": _JSON_OBJECT} for c in (404, 503)})
         out.update(_problems((400, 401)))
+    elif path.startswith("/v2/repository"):
+        out.update(_problems((400, 401, 404, 413) if "/models/" in path else (400, 401, 413)))
     elif path.startswith("/v2/models") or path.startswith("/v1/"):
         out.update(_problems(MODEL))
     return out

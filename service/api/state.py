@@ -6,7 +6,7 @@ import asyncio
 import hmac
 import logging
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import Depends, Request
@@ -15,6 +15,8 @@ from service.api.admission import Admission
 from service.api.batcher import DynamicBatcher
 from service.api.errors import Problem
 from service.api.metrics import Metrics
+from service.api.repository import ModelRepository, signature
+from service.api.stats import InferenceStats
 from service.api.workers import CoalescingExecutor, tune_malloc
 from service.runtime import LoadedModels, ModelRuntime, choose_default, load_model_dir
 from service.settings import Settings
@@ -30,8 +32,13 @@ class ServiceState:
         self.metrics = Metrics()
         self.limits = settings.limits
         self.loaded = LoadedModels()
-        self.batchers: dict[str, DynamicBatcher] = {}
+        self.batchers: dict[str, DynamicBatcher] = {}  # one per served name, across its versions (see localise)
         self.admission = Admission(settings, self.metrics)  # budgets: images, memory, uploads (service.api.admission)
+        self.stats = InferenceStats()  # Triton's statistics extension (GET /v2/models/stats)
+        self.admission.on_finish = self.stats.request
+        self.repository = ModelRepository(self)  # load/unload while serving; STN_MODEL_POLL_S
+        self.session_config = settings.session_config()
+        self._tasks: set[asyncio.Task] = set()  # the folder's poller, batchers being retired
         self.workers: CoalescingExecutor | None = None  # decode, resize, sample, encode
         self.loading = True
         self.started = time.time()
@@ -68,20 +75,21 @@ class ServiceState:
         tune_malloc(s.malloc_keep_mb * 1024 * 1024)
         self.workers = CoalescingExecutor(s.worker_threads)
         config = s.session_config()
+        self.session_config = config
         try:
+            files = {name: signature(path) for name, path in self.repository.files().items()}
             self.loaded = await asyncio.to_thread(load_model_dir, s.model_dir, config,
                                                   s.max_batch_size if s.warmup else None)
-            for name, model in self.models.items():
-                self.batchers[name] = self._make_batcher(model)
-                self.batchers[name].start()
-                self.inflight[name] = 0
-                self.preparing[name] = 0
-                self.metrics.queue_depth.labels(name).set(0)
+            self.repository.remember(files)
+            for model in self.models.values():
+                self.install(model)
         except Exception as e:  # noqa: BLE001 (report, never crash the process)
             log.exception("loading models failed")
             self.loaded.failures[str(s.model_dir)] = f"loading failed: {type(e).__name__}: {e}"
         finally:
             self.loading = False
+        if s.model_poll_s > 0:
+            self._spawn(self.repository.poll_forever(s.model_poll_s), "stn-model-poll")
         self.metrics.ready.set(1 if self.ready else 0)
         if self.ready:
             log.info("ready: %d model(s) (%s); default %s", len(self.models), ", ".join(sorted(self.models)),
@@ -90,19 +98,87 @@ class ServiceState:
             log.error("not ready: %s", "; ".join(f"{k}: {v}" for k, v in self.loaded.failures.items()) or "no models")
 
     async def stop(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
         for b in self.batchers.values():
             await b.stop()
         if self.workers is not None:
             self.workers.shutdown()
 
-    def _make_batcher(self, model: ModelRuntime) -> DynamicBatcher:
-        s, name = self.settings, model.name
+    # ---- models appearing and disappearing (service.api.repository) ------------------------------------
+    def install(self, model: ModelRuntime) -> None:
+        """Serve ``model`` under its name from now on (a new model, or a new version replacing the old one).
 
-        def run_batch(locs: list[np.ndarray]) -> list[np.ndarray]:
-            return list(model.localise(np.stack(locs)))
+        Requests holding the previous version finish on it (:meth:`localise`); its sessions are freed
+        with the last of them.
+        """
+        name = model.name
+        self.loaded.models[name] = model
+        self.inflight.setdefault(name, 0)
+        self.preparing.setdefault(name, 0)
+        self._batcher(name)
+        self.metrics.queue_depth.labels(name).set(self.inflight[name])
+        self.metrics.ready.set(1 if self.ready else 0)
+
+    def uninstall(self, name: str) -> ModelRuntime | None:
+        """Stop serving ``name``: new requests get 404; its batcher stops once its requests in flight are done."""
+        model = self.loaded.models.pop(name, None)
+        if model is not None:
+            self._spawn(self._retire(name), f"stn-retire-{name}")
+        self.metrics.ready.set(1 if self.ready else 0)
+        return model
+
+    async def _retire(self, name: str) -> None:
+        deadline = time.monotonic() + self.settings.grace_s
+        while self.inflight.get(name, 0) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if name in self.models:  # loaded again meanwhile
+            return
+        batcher = self.batchers.pop(name, None)
+        if batcher is not None:
+            await batcher.stop()
+        if not self.inflight.get(name, 0):
+            self.inflight.pop(name, None)
+            self.preparing.pop(name, None)
+            try:
+                self.metrics.queue_depth.remove(name)
+            except KeyError:
+                pass
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _batcher(self, name: str) -> DynamicBatcher:
+        batcher = self.batchers.get(name)
+        if batcher is None:
+            batcher = self.batchers[name] = self._make_batcher(name)
+            batcher.start()
+        return batcher
+
+    async def localise(self, model: ModelRuntime, locs: list[np.ndarray]) -> list[np.ndarray]:
+        """theta for each normalized localiser input, from ``model`` itself (the version the request holds),
+        through the dynamic batcher of its name."""
+        return await self._batcher(model.name).submit_many([(model, loc) for loc in locs])
+
+    def _make_batcher(self, name: str) -> DynamicBatcher:
+        s = self.settings
+
+        def run_batch(items: list[tuple[ModelRuntime, np.ndarray]]) -> list[np.ndarray]:
+            out: list[Any] = [None] * len(items)
+            groups: dict[int, list[int]] = {}  # by runtime: one group, two while a new version takes over
+            for i, (model, _) in enumerate(items):
+                groups.setdefault(id(model), []).append(i)
+            for idx in groups.values():
+                model = items[idx[0]][0]
+                for i, theta in zip(idx, model.localise(np.stack([items[i][1] for i in idx])), strict=True):
+                    out[i] = theta
+            return out
 
         def on_batch(size: int, queue_seconds: list[float], compute: float) -> None:
             self.metrics.observe_batch(name, size, queue_seconds, compute)
+            self.stats.batch(name, size, queue_seconds, compute)
 
         return DynamicBatcher(run_batch, max_batch_size=s.max_batch_size, max_queue_delay_s=s.max_queue_delay_ms / 1e3,
                               max_queue_size=s.max_queue_size, name=f"localise-{name}", on_batch=on_batch,

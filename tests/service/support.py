@@ -27,7 +27,7 @@ MODEL_SPECS = {
 }
 
 
-def export_model(path: Path, name: str, seed: int = 0, **cfg: object) -> Path:
+def export_model(path: Path, name: str, seed: int = 0, version: str = "1", **cfg: object) -> Path:
     import torch
 
     from export.onnx_export import export_onnx, info_for
@@ -36,7 +36,7 @@ def export_model(path: Path, name: str, seed: int = 0, **cfg: object) -> Path:
     torch.manual_seed(seed)
     m = SpatialTransformer(STNConfig(**cfg))
     torch.nn.init.normal_(m.localisation.regressor.weight, std=0.02)
-    export_onnx(m, path, info_for(m, {}, "onnx", name, "1", "tests/service/support.py"))
+    export_onnx(m, path, info_for(m, {}, "onnx", name, version, "tests/service/support.py"))
     return path
 
 

@@ -169,7 +169,7 @@ async def rectify_uploads(state: ServiceState, model: ModelRuntime, uploads: lis
                 if isinstance(p, BaseException):
                     raise p
         ticket.prepared()
-        thetas = await state.batchers[name].submit_many([p.loc for p in prepared])
+        thetas = await state.localise(model, [p.loc for p in prepared])
     except images.ImageError as e:
         raise _too_large(e) from None
     except QueueFullError as e:
@@ -250,6 +250,8 @@ async def list_models(state: StateDep) -> dict:
         d = state.models[name].describe()
         d.update(ready=True, default=(name == state.default_model), batching=batching,
                  queue_depth=state.inflight.get(name, 0))
+        if name in state.repository.errors:  # a newer file failed to load; this version keeps serving
+            d["load_error"] = state.repository.errors[name]
         models.append(d)
     failed = [{"name": k, "ready": False, "reason": v} for k, v in sorted(state.loaded.failures.items())]
     return {"ready": state.ready, "default": state.default_model, "models": models, "failed": failed,

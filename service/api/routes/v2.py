@@ -39,7 +39,8 @@ def _problem(status: int, detail: str, headers: dict[str, str] | None = None) ->
 
 @router.get("", summary="Server metadata")
 async def server_metadata() -> dict:
-    return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": ["binary_tensor_data"]}
+    return {"name": SERVER_NAME, "version": SERVER_VERSION,
+            "extensions": ["binary_tensor_data", "model_repository", "model_configuration", "statistics"]}
 
 
 @router.get("/health/live", summary="Server live")
@@ -79,6 +80,63 @@ def model_metadata(runtime: ModelRuntime) -> dict[str, Any]:
         "parameters": {"transform": info.transform, "mean": list(info.mean), "std": list(info.std),
                        "loc_size": list(info.loc_size), "providers": runtime.providers},
     }
+
+
+def _stats(state: ServiceState, runtimes: list[ModelRuntime]) -> dict[str, Any]:
+    return {"model_stats": [state.stats.model(r.name, r.info.version) for r in runtimes]}
+
+
+@models_router.get("/models/stats", summary="Inference statistics of every model (Triton's statistics extension)")
+async def get_all_stats(state: StateDep) -> dict:
+    return _stats(state, [state.models[k] for k in sorted(state.models)])
+
+
+@models_router.get("/models/{name}/stats", summary="Inference statistics of one model")
+async def get_model_stats(name: str, state: StateDep) -> dict:
+    return _stats(state, [_model(state, name, None)])
+
+
+@models_router.get("/models/{name}/versions/{version}/stats", summary="Inference statistics (one version)")
+async def get_model_version_stats(name: str, version: str, state: StateDep) -> dict:
+    return _stats(state, [_model(state, name, version)])
+
+
+def model_config(runtime: ModelRuntime, state: ServiceState) -> dict[str, Any]:
+    """The model as Triton's model configuration (``config.pbtxt`` as JSON) describes it: what tritonclient's
+    ``get_model_config`` returns. Dimensions exclude the batch axis; a request holds at most STN_MAX_FILES."""
+    info, s = runtime.info, state.settings
+    c, (h, w) = info.in_channels, info.output_size
+    params = {"transform": info.transform, "model_name": info.name, "file": runtime.path.name,
+              "mean": json.dumps(list(info.mean)), "std": json.dumps(list(info.std)),
+              "loc_size": json.dumps(list(info.loc_size)), "grid_sample": info.grid_sample,
+              "providers": json.dumps(runtime.providers)}
+    return {
+        "name": runtime.name, "platform": "onnxruntime_onnx", "backend": "onnxruntime",
+        "version_policy": {"specific": {"versions": [info.version]}},
+        "max_batch_size": s.max_files,
+        "input": [{"name": INPUT_IMAGE, "data_type": "TYPE_FP32", "format": "FORMAT_NCHW", "dims": [c, -1, -1]}],
+        "output": [{"name": OUTPUT_RECTIFIED, "data_type": "TYPE_FP32", "dims": [c, h, w]},
+                   {"name": OUTPUT_THETA, "data_type": "TYPE_FP32", "dims": list(info.theta_shape)}],
+        "dynamic_batching": {  # the localiser's batcher (STN_MAX_BATCH_SIZE, STN_MAX_QUEUE_DELAY_MS, ...)
+            "preferred_batch_size": [s.max_batch_size],
+            "max_queue_delay_microseconds": int(s.max_queue_delay_ms * 1000),
+            "default_queue_policy": {"timeout_action": "REJECT", "max_queue_size": s.max_queue_size,
+                                     "default_timeout_microseconds": int(s.request_timeout_s * 1e6)},
+        },
+        "instance_group": [{"name": runtime.name, "count": 1,
+                            "kind": "KIND_CPU" if runtime.device == "cpu" else "KIND_GPU"}],
+        "parameters": {k: {"string_value": str(v)} for k, v in params.items()},
+    }
+
+
+@models_router.get("/models/{name}/config", summary="Model configuration (Triton's, as JSON)")
+async def get_model_config(name: str, state: StateDep) -> dict:
+    return model_config(_model(state, name, None), state)
+
+
+@models_router.get("/models/{name}/versions/{version}/config", summary="Model configuration (one version)")
+async def get_model_version_config(name: str, version: str, state: StateDep) -> dict:
+    return model_config(_model(state, name, version), state)
 
 
 @models_router.get("/models/{name}", summary="Model metadata")
@@ -272,7 +330,7 @@ async def _infer(state: ServiceState, request: Request, name: str, version: str 
                     up, loc = await state.workers.run(front)
                 finally:
                     ticket.prepared()
-                theta = np.stack(await state.batchers[runtime.name].submit_many(list(loc)))
+                theta = np.stack(await state.localise(runtime, list(loc)))
                 rectified = await state.workers.run(runtime.sample, up, theta, None)
         except QueueFullError as e:
             raise _problem(503, f"the queue is full ({e})", {"Retry-After": "1"}) from None

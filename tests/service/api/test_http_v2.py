@@ -96,7 +96,8 @@ def test_raw_json_infer(server) -> None:  # noqa: ANN001
     bad = httpx.post(server.url + "/v2/models/affine/infer", content=b"{nope", headers={"content-type": "application/json"})
     assert bad.status_code == 400 and "error" in bad.json()
     assert httpx.get(server.url + "/v2/health/ready").status_code == 200
-    assert httpx.get(server.url + "/v2").json()["extensions"] == ["binary_tensor_data"]
+    assert httpx.get(server.url + "/v2").json()["extensions"] == ["binary_tensor_data", "model_repository",
+                                                                  "model_configuration", "statistics"]
 
 
 def test_infer_body_limit(model_dir) -> None:  # noqa: ANN001
