@@ -265,12 +265,13 @@ def load_batch_model(path: str | os.PathLike, providers: Iterable[str] | None = 
 
 
 def default_limits() -> images.Limits:
-    """The server's image limits (STN_MAX_UPLOAD_BYTES, STN_MAX_IMAGE_PIXELS)."""
+    """The server's image limits (STN_MAX_UPLOAD_BYTES, STN_MAX_IMAGE_PIXELS, STN_IMAGE_FORMATS)."""
     from service import images
     from service.settings import Settings
 
     s = Settings()
-    return images.Limits(max_bytes=s.max_upload_bytes, max_pixels=s.max_image_pixels)
+    return images.Limits(max_bytes=s.max_upload_bytes, max_pixels=s.max_image_pixels,
+                         formats=tuple(s.image_formats))
 
 
 # ---- one image ---------------------------------------------------------------------------------

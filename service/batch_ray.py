@@ -30,12 +30,13 @@ from export.metadata import ModelInfo
 from service.batch import BatchConfig, Item, Job, Timer, _reason, finish_image, read_image
 
 
-def decode_batch(batch: dict[str, np.ndarray], max_bytes: int, max_pixels: int) -> dict[str, Any]:
+def decode_batch(batch: dict[str, np.ndarray], max_bytes: int, max_pixels: int,
+                 formats: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Rows (source, path, output) -> rows with the decoded float32 image (its own colour) as bytes + shape and
     its precision (bits), or an error."""
     from service import images
 
-    limits = images.Limits(max_bytes=max_bytes, max_pixels=max_pixels)
+    limits = images.Limits(max_bytes=max_bytes, max_pixels=max_pixels, formats=formats or images.DEFAULT_FORMATS)
     pixels, shapes, bits, errors = [], [], [], []
     t0 = time.perf_counter()
     for path, source in zip(batch["path"], batch["source"], strict=True):
@@ -138,7 +139,8 @@ def run_ray(job: Job, config: BatchConfig, model_path: Path, info: ModelInfo, ba
         blocks = max(1, min(len(rows) // batch + 1, 4 * cpus))
         ds = ray.data.from_items(rows, override_num_blocks=blocks)
         ds = ds.map_batches(decode_batch, batch_size=batch, batch_format="numpy",
-                            fn_kwargs={"max_bytes": limits.max_bytes, "max_pixels": limits.max_pixels})
+                            fn_kwargs={"max_bytes": limits.max_bytes, "max_pixels": limits.max_pixels,
+                                       "formats": limits.formats})
         providers = config.providers or (("CUDAExecutionProvider", "CPUExecutionProvider") if gpus else
                                          ("CPUExecutionProvider",))
         ds = ds.map_batches(RectifyActor, batch_size=batch, batch_format="numpy",

@@ -14,7 +14,8 @@ Public API:
   ``images.ImageTooLargeError``) and :func:`prepare_array` (an already decoded [C, H, W] array).
 - :func:`localise` (a list of Prepared -> theta per image, one batched localiser call).
 - :func:`rectify` (Prepared + theta + output size -> :class:`Rectified`).
-- :func:`geometry` (theta -> pixel matrices, or TPS control points, in the uploaded image's frame).
+- :func:`geometry` (theta -> pixel matrices, or TPS control points, in the uploaded image's frame, coverage,
+  points and boxes mapped: ``service.geometry``).
 - :func:`result_json` (Rectified -> the ``results[i]`` object of ``POST /v1/rectify``).
 - :func:`rectify_images` (the whole thing for a list of uploads, sequentially: the bare pipeline).
 
@@ -26,7 +27,7 @@ RGB stays RGB, RGBA is composited on white, 16-bit keeps its precision until enc
 whatever the model's channels; the transform is the same for every channel. The localiser
 gets the model's channels: the small copy is resized in the upload's colour and then
 converted (``images.to_channels``: gray replicated for an RGB localiser, luma for a gray one).
-All matrix math comes from ``models.frames`` (conventions in its module docstring).
+All matrix math comes from ``models.frames`` (conventions in its module docstring) through ``service.geometry``.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from models import frames
+from service import geometry as geo
 from service import images
 from service.runtime import DeviceImage, ModelRuntime
 
@@ -98,36 +99,17 @@ def rectify(model: ModelRuntime, item: Prepared, theta: np.ndarray,
     return Rectified(item.filename, item.input_size, (int(size[0]), int(size[1])), np.asarray(theta), out, item.bits)
 
 
-def _rows(m: np.ndarray) -> list[list[float]]:
-    return [[float(v) for v in row] for row in np.asarray(m)]
+def geometry(transform: str, theta: np.ndarray, input_size: tuple[int, int], output_size: tuple[int, int],
+             tps_grid: tuple[int, int] = (4, 4), query: geo.Query | None = None) -> dict[str, Any]:
+    """Pixel matrices (affine-like, projective) or control points (TPS), in the uploaded image's frame, the
+    ``coverage``, and the ``query``'s points and boxes mapped: ``service.geometry.describe``."""
+    return geo.describe(transform, theta, input_size, output_size, tps_grid, query)
 
 
-def geometry(transform: str, theta: np.ndarray, input_size: tuple[int, int],
-             output_size: tuple[int, int], tps_grid: tuple[int, int] = (4, 4)) -> dict[str, Any]:
-    """Pixel matrices (affine-like, projective) or control points (TPS), in the uploaded image's frame.
-
-    Affine/projective: ``input_px_from_output_px`` and ``output_px_from_input_px`` (3x3, see
-    ``models.frames``). TPS: ``control_points`` is theta (normalized source points, [K, 2]);
-    ``source_points_px`` are the same points in input pixels, ``target_points_px`` where they
-    land in the rectified image (the regular grid of ``models.frames.tps_control_points``).
-    """
-    if transform == "tps":
-        src = np.asarray(theta, np.float64)
-        tgt = frames.tps_control_points(tps_grid)
-        to_px_in, to_px_out = frames.px_from_norm(input_size), frames.px_from_norm(output_size)
-        return {
-            "control_points": _rows(src),
-            "source_points_px": _rows(src @ to_px_in[:2, :2].T + to_px_in[:2, 2]),
-            "target_points_px": _rows(tgt @ to_px_out[:2, :2].T + to_px_out[:2, 2]),
-        }
-    return {
-        "input_px_from_output_px": _rows(frames.input_px_from_output_px(theta, input_size, output_size)),
-        "output_px_from_input_px": _rows(frames.output_px_from_input_px(theta, input_size, output_size)),
-    }
-
-
-def result_json(model: ModelRuntime, result: Rectified, encoded_png: bytes | None = None) -> dict[str, Any]:
-    """The ``results[i]`` object of ``POST /v1/rectify`` (``image``: base64 PNG, 16-bit for a 16-bit upload)."""
+def result_json(model: ModelRuntime, result: Rectified, encoded_png: bytes | None = None,
+                query: geo.Query | None = None) -> dict[str, Any]:
+    """The ``results[i]`` object of ``POST /v1/rectify`` (``image``: base64 PNG, 16-bit for a 16-bit upload;
+    ``query``: points and boxes to map, ``service.geometry``)."""
     h, w = result.output_size
     out: dict[str, Any] = {
         "filename": result.filename,
@@ -138,7 +120,7 @@ def result_json(model: ModelRuntime, result: Rectified, encoded_png: bytes | Non
         "theta": np.asarray(result.theta, np.float64).tolist(),
     }
     out.update(geometry(model.info.transform, result.theta, result.input_size, result.output_size,
-                        model.info.tps_grid))
+                        model.info.tps_grid, query))
     if encoded_png is None:
         encoded_png = images.encode(result.image, "png", bits=result.bits)
     out["image"] = base64.b64encode(encoded_png).decode("ascii")

@@ -29,7 +29,8 @@ class ServiceState:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.limits = images.Limits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels)
+        self.limits = images.Limits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels,
+                                    formats=tuple(settings.image_formats))
         self.loaded = LoadedModels()
         self.batchers: dict[str, DynamicBatcher] = {}
         self.admission = Admission(settings, self.metrics)  # budgets: images, memory, uploads (service.api.admission)
