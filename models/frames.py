@@ -102,6 +102,14 @@ def _tps_kernel(points: np.ndarray, ctrl: np.ndarray) -> np.ndarray:
 
 
 @lru_cache(maxsize=16)
+def _tps_ctrl(grid_size: Size) -> np.ndarray:
+    """:func:`tps_control_points`, computed once per grid (read-only)."""
+    ctrl = tps_control_points(grid_size)
+    ctrl.flags.writeable = False
+    return ctrl
+
+
+@lru_cache(maxsize=16)
 def _tps_coeffs(grid_size: Size) -> np.ndarray:
     """[K+3, K]: the TPS's kernel and affine coefficients as a linear function of its source points."""
     ctrl = tps_control_points(grid_size)
@@ -120,7 +128,7 @@ def _tps_coeffs(grid_size: Size) -> np.ndarray:
 def tps_weights(points_norm: np.ndarray, grid_size: Size) -> np.ndarray:
     """[P, K] float64 such that ``tps_weights(p, grid) @ source_points`` is the TPS warp of the normalized
     output points p [P, 2] (output -> input, as theta): the base grid at any points, not only pixel centres."""
-    ctrl = tps_control_points(grid_size)
+    ctrl = _tps_ctrl((int(grid_size[0]), int(grid_size[1])))
     pts = np.asarray(points_norm, np.float64).reshape(-1, 2)
     feats = np.concatenate([_tps_kernel(pts, ctrl), np.ones((len(pts), 1)), pts], axis=1)
     return feats @ _tps_coeffs((int(grid_size[0]), int(grid_size[1])))
@@ -129,7 +137,7 @@ def tps_weights(points_norm: np.ndarray, grid_size: Size) -> np.ndarray:
 def tps_warp(points_norm: np.ndarray, source_points: np.ndarray, grid_size: Size) -> np.ndarray:
     """The TPS with ``source_points`` (theta, [K, 2]) at normalized output points [P, 2] -> normalized input
     points [P, 2]: ``tps_weights(p, grid) @ source_points`` without the [P, K] weights."""
-    ctrl = tps_control_points(grid_size)
+    ctrl = _tps_ctrl((int(grid_size[0]), int(grid_size[1])))
     pts = np.asarray(points_norm, np.float64).reshape(-1, 2)
     k = len(ctrl)
     c = _tps_coeffs((int(grid_size[0]), int(grid_size[1]))) @ np.asarray(source_points, np.float64)  # [K+3, 2]
@@ -139,7 +147,7 @@ def tps_warp(points_norm: np.ndarray, source_points: np.ndarray, grid_size: Size
 def tps_jacobian(points_norm: np.ndarray, source_points: np.ndarray, grid_size: Size) -> np.ndarray:
     """[P, 2, 2]: d :func:`tps_warp` / d(x, y) at normalized output points [P, 2]; ``J[p, i, j]`` is the
     derivative of input coordinate i by output coordinate j."""
-    ctrl = tps_control_points(grid_size)
+    ctrl = _tps_ctrl((int(grid_size[0]), int(grid_size[1])))
     pts = np.asarray(points_norm, np.float64).reshape(-1, 2)
     k = len(ctrl)
     c = _tps_coeffs((int(grid_size[0]), int(grid_size[1]))) @ np.asarray(source_points, np.float64)  # [K+3, 2]

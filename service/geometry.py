@@ -41,8 +41,8 @@ MAX_COORDINATE = 1e6  # |x|, |y| of a requested point or box, in pixels
 POINT_FRAMES = ("input", "output")  # the frame the request's points and boxes are given in
 TPS_TOLERANCE_PX = 1e-3  # an inverted TPS point converged when it maps back within this many input pixels
 TPS_MAX_ITERATIONS = 50
-TPS_LOOKUP = 49  # the inverse's starting points: a TPS_LOOKUP^2 grid over [-1.5, 1.5]^2 of the output
-TPS_COVERAGE_SAMPLES = 64
+TPS_LOOKUP = 25  # the inverse's starting points: a TPS_LOOKUP^2 grid over [-1.5, 1.5]^2 of the output
+TPS_COVERAGE_SAMPLES = 32
 BOX_EDGE_SAMPLES = 16  # points per box edge whose images bound a TPS-mapped box
 
 
@@ -160,8 +160,13 @@ class Mapping:
             grid = np.stack([gx.ravel(), gy.ravel()], axis=-1)
             self._lookup = (grid, self._tps(grid) * scale)
         grid, mapped = self._lookup
-        d2 = ((q * scale)[:, None, :] - mapped[None, :, :]) ** 2
-        p = grid[d2.sum(-1).argmin(axis=1)].copy()
+        qs = q * scale
+        nearest = np.empty(len(q), np.int64)
+        for i in range(0, len(q), 1024):  # [1024, TPS_LOOKUP^2] distances at a time
+            dx = qs[i : i + 1024, 0:1] - mapped[None, :, 0]
+            dy = qs[i : i + 1024, 1:2] - mapped[None, :, 1]
+            nearest[i : i + 1024] = (dx * dx + dy * dy).argmin(axis=1)
+        p = grid[nearest]
         r = (self._tps(p) - q) * scale
         cost = (r**2).sum(-1)
         lam = np.full(len(q), 1e-3)
@@ -221,6 +226,14 @@ def _coverage_homogeneous(input_px_from_output_px: np.ndarray, input_size: Size,
     """
     (h_in, w_in), (h, w) = input_size, output_size
     m = input_px_from_output_px
+    # the common case at once: Z of one sign over the output (so the pixel centres' samples fill the convex
+    # quadrilateral of the corner pixels' samples), and those four inside the input: every pixel is
+    corners = np.array([[0.0, 0.0, 1.0], [w - 1.0, 0.0, 1.0], [w - 1.0, h - 1.0, 1.0], [0.0, h - 1.0, 1.0]]) @ m.T
+    z = corners[:, 2]
+    if np.all(z > 1e-12) or np.all(z < -1e-12):
+        x, y = corners[:, 0] / z, corners[:, 1] / z
+        if x.min() >= -0.5 and x.max() <= w_in - 0.5 and y.min() >= -0.5 and y.max() <= h_in - 0.5:
+            return 1.0
     y = np.arange(h, dtype=np.float64)[:, None]
     lo_x, hi_x, lo_y, hi_y = -0.5, w_in - 0.5, -0.5, h_in - 0.5
     # each linear function as (slope a, offset b(y)): value = a x + b
@@ -234,9 +247,10 @@ def _coverage_homogeneous(input_px_from_output_px: np.ndarray, input_size: Size,
     cuts = np.sort(np.clip(roots, -0.5, w - 0.5), axis=1)
     bounds = np.concatenate([np.full((h, 1), -0.5), cuts, np.full((h, 1), w - 0.5)], axis=1)  # [h, 7]
     mid = (bounds[:, :-1] + bounds[:, 1:]) / 2  # [h, 6]
-    values = slopes[None, :, None] * mid[:, None, :] + offsets[:, :, None]  # [h, 5, 6]
-    z = values[:, 4]
-    inside = (np.abs(z) > 1e-12) & np.all(values[:, :4] * np.sign(z)[:, None] >= 0, axis=1)
+    z = slopes[4] * mid + offsets[:, 4:5]
+    inside = np.abs(z) > 1e-12
+    for i in range(4):  # 2-D steps: numpy reduces a [h, 4, 6] array along its middle axis far more slowly
+        inside &= (slopes[i] * mid + offsets[:, i : i + 1]) * z >= 0
     counts = np.floor(bounds[:, 1:]) - np.floor(bounds[:, :-1])  # integers n with lo < n <= hi
     return float((counts * inside).sum() / (h * w))
 
@@ -246,8 +260,9 @@ def coverage(mapping: Mapping) -> float:
     if mapping.transform != "tps":
         return _coverage_homogeneous(mapping.input_px_from_output_px, mapping.input_size, mapping.output_size)
     h, w = mapping.output_size
-    ys = np.unique(np.round(np.linspace(0, h - 1, min(h, TPS_COVERAGE_SAMPLES))))
-    xs = np.unique(np.round(np.linspace(0, w - 1, min(w, TPS_COVERAGE_SAMPLES))))
+    # the pixel at the middle of each of n equal bands (the midpoint rule: no weight piled on the border rows)
+    ys = np.unique(np.floor((np.arange(min(h, TPS_COVERAGE_SAMPLES)) + 0.5) * h / min(h, TPS_COVERAGE_SAMPLES)))
+    xs = np.unique(np.floor((np.arange(min(w, TPS_COVERAGE_SAMPLES)) + 0.5) * w / min(w, TPS_COVERAGE_SAMPLES)))
     gy, gx = np.meshgrid(ys, xs, indexing="ij")
     pts, ok = mapping.to_input(np.stack([gx.ravel(), gy.ravel()], axis=-1))
     return float((ok & _inside(pts, mapping.input_size)).mean())
