@@ -80,7 +80,10 @@ def _parse_list(text: str, what: str, width: int, limit: int, example: str) -> n
         if (not isinstance(item, list) or len(item) != width
                 or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in item)):
             raise ValueError(f"{what}[{i}] must be a list of {width} numbers, like {example}; got {item!r:.80}")
-        row = [float(v) for v in item]
+        try:
+            row = [float(v) for v in item]
+        except OverflowError:  # an integer too large for a float
+            row = [math.inf]
         if not all(math.isfinite(v) and abs(v) <= MAX_COORDINATE for v in row):
             raise ValueError(f"{what}[{i}] must hold finite numbers within ±{MAX_COORDINATE:g} pixels; got {item!r:.80}")
         out[i] = row
@@ -171,11 +174,12 @@ class Mapping:
         cost = (r**2).sum(-1)
         lam = np.full(len(q), 1e-3)
         for _ in range(TPS_MAX_ITERATIONS):
-            active = cost > (TPS_TOLERANCE_PX * 1e-3) ** 2
+            active = (cost > (TPS_TOLERANCE_PX * 1e-3) ** 2) & (lam < 1e10)  # not there, and not stuck
             if not active.any():
                 break
             idx = np.flatnonzero(active)
-            jac = frames.tps_jacobian(p[idx], self.theta, self.tps_grid) * scale[None, :, None]  # d residual_px / d p_norm: [P, 2 (residual), 2 (p)]
+            # d residual_px / d p_norm: [P, 2 (residual), 2 (p)]
+            jac = frames.tps_jacobian(p[idx], self.theta, self.tps_grid) * scale[None, :, None]
             jtj = np.einsum("pci,pcj->pij", jac, jac)
             jtr = np.einsum("pci,pc->pi", jac, r[idx])
             damp = lam[idx, None, None] * (np.trace(jtj, axis1=1, axis2=2)[:, None, None] / 2 + 1e-12) * np.eye(2)

@@ -159,6 +159,7 @@ def test_tps_box_bbox_follows_bent_edges() -> None:
     ("[[NaN, 2]]", None, None, "NaN"),
     ("[[1e400, 2]]", None, None, "finite"),
     ("[[1e7, 2]]", None, None, "finite"),
+    ("[[" + "9" * 400 + ", 2]]", None, None, "finite"),
     ("[" * 100_000 + "]" * 100_000, None, None, "nested"),
     (str([[1, 2]] * (geometry.MAX_POINTS + 1)), None, None, f"at most {geometry.MAX_POINTS}"),
     (None, "[[1, 2, 3]]", None, "boxes[0]"),
