@@ -23,6 +23,7 @@ Convention (the one place it is written down in code; see docs/DESIGN.md):
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import numpy as np
 
@@ -170,10 +171,70 @@ def tps_control_points(grid_size: Size) -> np.ndarray:
 
 def _tps_kernel(points: np.ndarray, ctrl: np.ndarray) -> np.ndarray:
     """U(r) = r^2 log r^2 between every point [P,2] and control point [K,2] -> [P, K]."""
-    d2 = ((points[:, None, :] - ctrl[None, :, :]) ** 2).sum(-1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        u = d2 * np.log(d2)
-    return np.nan_to_num(u, nan=0.0, posinf=0.0, neginf=0.0)
+    dx = points[:, None, 0] - ctrl[None, :, 0]
+    dy = points[:, None, 1] - ctrl[None, :, 1]
+    d2 = dx * dx + dy * dy
+    positive = d2 > 0
+    return np.where(positive, d2 * np.log(np.where(positive, d2, 1.0)), 0.0)
+
+
+@lru_cache(maxsize=16)
+def _tps_ctrl(grid_size: Size) -> np.ndarray:
+    """:func:`tps_control_points`, computed once per grid (read-only)."""
+    ctrl = tps_control_points(grid_size)
+    ctrl.flags.writeable = False
+    return ctrl
+
+
+@lru_cache(maxsize=16)
+def _tps_coeffs(grid_size: Size) -> np.ndarray:
+    """[K+3, K]: the TPS's kernel and affine coefficients as a linear function of its source points."""
+    ctrl = tps_control_points(grid_size)
+    k = len(ctrl)
+    system = np.zeros((k + 3, k + 3))
+    system[:k, :k] = _tps_kernel(ctrl, ctrl)
+    system[:k, k] = 1.0
+    system[:k, k + 1 :] = ctrl
+    system[k, :k] = 1.0
+    system[k + 1 :, :k] = ctrl.T
+    coeffs = np.linalg.inv(system)[:, :k]
+    coeffs.flags.writeable = False
+    return coeffs
+
+
+def tps_weights(points_norm: np.ndarray, grid_size: Size) -> np.ndarray:
+    """[P, K] float64 such that ``tps_weights(p, grid) @ source_points`` is the TPS warp of the normalized
+    output points p [P, 2] (output -> input, as theta): the base grid at any points, not only pixel centres."""
+    ctrl = _tps_ctrl((int(grid_size[0]), int(grid_size[1])))
+    pts = np.asarray(points_norm, np.float64).reshape(-1, 2)
+    feats = np.concatenate([_tps_kernel(pts, ctrl), np.ones((len(pts), 1)), pts], axis=1)
+    return feats @ _tps_coeffs((int(grid_size[0]), int(grid_size[1])))
+
+
+def tps_warp(points_norm: np.ndarray, source_points: np.ndarray, grid_size: Size) -> np.ndarray:
+    """The TPS with ``source_points`` (theta, [K, 2]) at normalized output points [P, 2] -> normalized input
+    points [P, 2]: ``tps_weights(p, grid) @ source_points`` without the [P, K] weights."""
+    ctrl = _tps_ctrl((int(grid_size[0]), int(grid_size[1])))
+    pts = np.asarray(points_norm, np.float64).reshape(-1, 2)
+    k = len(ctrl)
+    c = _tps_coeffs((int(grid_size[0]), int(grid_size[1]))) @ np.asarray(source_points, np.float64)  # [K+3, 2]
+    return _tps_kernel(pts, ctrl) @ c[:k] + c[k] + pts @ c[k + 1 :]
+
+
+def tps_jacobian(points_norm: np.ndarray, source_points: np.ndarray, grid_size: Size) -> np.ndarray:
+    """[P, 2, 2]: d :func:`tps_warp` / d(x, y) at normalized output points [P, 2]; ``J[p, i, j]`` is the
+    derivative of input coordinate i by output coordinate j."""
+    ctrl = _tps_ctrl((int(grid_size[0]), int(grid_size[1])))
+    pts = np.asarray(points_norm, np.float64).reshape(-1, 2)
+    k = len(ctrl)
+    c = _tps_coeffs((int(grid_size[0]), int(grid_size[1]))) @ np.asarray(source_points, np.float64)  # [K+3, 2]
+    dx = pts[:, None, 0] - ctrl[None, :, 0]
+    dy = pts[:, None, 1] - ctrl[None, :, 1]
+    d2 = dx * dx + dy * dy
+    positive = d2 > 0
+    g = np.where(positive, 2.0 * (np.log(np.where(positive, d2, 1.0)) + 1.0), 0.0)  # dU/dx = (x - cx) g
+    # the kernel part, then the affine part (d/dx of (1, x, y) is (0, 1, 0), d/dy is (0, 0, 1))
+    return np.stack([(g * dx) @ c[:k], (g * dy) @ c[:k]], axis=-1) + c[k + 1 :].T[None]
 
 
 def tps_base_grid(output_size: Size, grid_size: Size) -> np.ndarray:
@@ -183,20 +244,10 @@ def tps_base_grid(output_size: Size, grid_size: Size) -> np.ndarray:
     source points (theta, [K, 2]) are where they land in the input. The system matrix is
     inverted here, once, so the model's forward pass is a MatMul.
     """
-    ctrl = tps_control_points(grid_size)
-    k = len(ctrl)
-    system = np.zeros((k + 3, k + 3))
-    system[:k, :k] = _tps_kernel(ctrl, ctrl)
-    system[:k, k] = 1.0
-    system[:k, k + 1 :] = ctrl
-    system[k, :k] = 1.0
-    system[k + 1 :, :k] = ctrl.T
-    coeffs_from_source = np.linalg.inv(system)[:, :k]  # [K+3, K]
     gx, gy = pixel_centres(output_size)
     pts = np.stack([gx.ravel(), gy.ravel()], axis=-1)
-    feats = np.concatenate([_tps_kernel(pts, ctrl), np.ones((len(pts), 1)), pts], axis=1)
     h, w = output_size
-    return (feats @ coeffs_from_source).reshape(int(h), int(w), k).astype(np.float32)
+    return tps_weights(pts, grid_size).reshape(int(h), int(w), -1).astype(np.float32)
 
 
 def warp_points(theta: np.ndarray, points_norm: np.ndarray) -> np.ndarray:

@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 # Pillow's decompression-bomb check (a warning on stderr above its limit, an error quoting twice it above
 # that) is replaced by open_checked's own, same check of the header's size against STN_MAX_IMAGE_PIXELS.
 Image.MAX_IMAGE_PIXELS = None
+# Of FORMATS, the ones decoded unless STN_IMAGE_FORMATS says otherwise: TIFF is opt-in, its decoder (codecs,
+# compressions, tags) being Pillow's largest attack surface.
+DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
+_FORMAT_NAMES = {"JPEG": "JPEG", "PNG": "PNG", "WEBP": "WebP", "BMP": "BMP", "TIFF": "TIFF"}
 
 
 class ImageError(ValueError):
@@ -46,10 +50,30 @@ class ImageTooLargeError(ImageError):
     """Over the byte or pixel limit (HTTP 413)."""
 
 
+class UnsupportedFormatError(BadImageError):
+    """A format the decoder knows but the settings leave out (STN_IMAGE_FORMATS; HTTP 415)."""
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The format of ``FORMATS`` that the leading bytes announce (magic numbers only: no decoder runs)."""
+    if data[:4] in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):
+        return "TIFF"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "PNG"
+    if data[:3] == b"\xff\xd8\xff":
+        return "JPEG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if data[:2] == b"BM":
+        return "BMP"
+    return None
+
+
 @dataclass(frozen=True)
 class Limits:
     max_bytes: int = 20 * 1024 * 1024  # encoded size of one image
     max_pixels: int = 40_000_000  # width x height declared in the header
+    formats: tuple[str, ...] = DEFAULT_FORMATS  # of FORMATS, the ones decoded (STN_IMAGE_FORMATS)
 
 
 def check_bytes(n: int, limits: Limits, what: str = "image") -> None:
@@ -63,12 +87,17 @@ def open_checked(data: bytes, limits: Limits, filename: str = "image") -> Image.
     if not data:
         raise BadImageError(f"{filename} is empty")
     try:
-        img = Image.open(io.BytesIO(data), formats=FORMATS)
+        img = Image.open(io.BytesIO(data), formats=limits.formats)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageTooLargeError(f"{filename} declares more than {limits.max_pixels} pixels, the limit "
                                  "(STN_MAX_IMAGE_PIXELS)") from None
     except UnidentifiedImageError:
-        raise BadImageError(f"{filename} is not a supported image; send JPEG, PNG, WebP, BMP or TIFF") from None
+        accepted = ", ".join(_FORMAT_NAMES.get(f, f) for f in limits.formats)
+        known = sniff_format(data)
+        if known and known not in limits.formats:
+            raise UnsupportedFormatError(f"{filename} is {_FORMAT_NAMES[known]}, which this server does not accept; "
+                                         f"send {accepted} (STN_IMAGE_FORMATS)") from None
+        raise BadImageError(f"{filename} is not a supported image; send {accepted}") from None
     except Exception as e:  # truncated headers raise all sorts
         raise BadImageError(f"{filename} could not be read: {type(e).__name__}: {e}") from None
     w, h = img.size

@@ -16,7 +16,8 @@ Public API:
 - :func:`rectify` (Prepared + theta + output size -> :class:`Rectified`).
 - :func:`finish` (the back half of one image's walk: :func:`rectify`, then encode into ``Rectified.encoded``);
   the v1 route, both batch engines and the benches call it.
-- :func:`geometry` (theta -> pixel matrices, or TPS control points, in the uploaded image's frame).
+- :func:`geometry` (theta -> pixel matrices, or TPS control points, in the uploaded image's frame, coverage,
+  points and boxes mapped: ``service.geometry``).
 - :func:`describe` (Rectified -> the transform and sizes, in the uploaded image's frame) and
   :func:`result_json` (the ``results[i]`` object of ``POST /v1/rectify``: :func:`describe` plus the image).
 - :func:`rectify_images` (the whole thing for a list of uploads, sequentially: the bare pipeline).
@@ -29,7 +30,7 @@ RGB stays RGB, RGBA is composited on white, 16-bit keeps its precision until enc
 whatever the model's channels; the transform is the same for every channel. The localiser
 gets the model's channels: the small copy is resized in the upload's colour and then
 converted (``images.to_channels``: gray replicated for an RGB localiser, luma for a gray one).
-All matrix math comes from ``models.frames`` (conventions in its module docstring).
+All matrix math comes from ``models.frames`` (conventions in its module docstring) through ``service.geometry``.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from models import frames
+from service import geometry as geo
 from service import images
 from service.runtime import DeviceImage, ModelRuntime
 
@@ -123,37 +124,16 @@ def finish(model: ModelRuntime, item: Prepared, theta: np.ndarray, output_size: 
     return result
 
 
-def _rows(m: np.ndarray) -> list[list[float]]:
-    return [[float(v) for v in row] for row in np.asarray(m)]
+def geometry(transform: str, theta: np.ndarray, input_size: tuple[int, int], output_size: tuple[int, int],
+             tps_grid: tuple[int, int] = (4, 4), query: geo.Query | None = None) -> dict[str, Any]:
+    """Pixel matrices (affine-like, projective) or control points (TPS), in the uploaded image's frame, the
+    ``coverage``, and the ``query``'s points and boxes mapped: ``service.geometry.describe``."""
+    return geo.describe(transform, theta, input_size, output_size, tps_grid, query)
 
 
-def geometry(transform: str, theta: np.ndarray, input_size: tuple[int, int],
-             output_size: tuple[int, int], tps_grid: tuple[int, int] = (4, 4)) -> dict[str, Any]:
-    """Pixel matrices (affine-like, projective) or control points (TPS), in the uploaded image's frame.
-
-    Affine/projective: ``input_px_from_output_px`` and ``output_px_from_input_px`` (3x3, see
-    ``models.frames``). TPS: ``control_points`` is theta (normalized source points, [K, 2]);
-    ``source_points_px`` are the same points in input pixels, ``target_points_px`` where they
-    land in the rectified image (the regular grid of ``models.frames.tps_control_points``).
-    """
-    if transform == "tps":
-        src = np.asarray(theta, np.float64)
-        tgt = frames.tps_control_points(tps_grid)
-        to_px_in, to_px_out = frames.px_from_norm(input_size), frames.px_from_norm(output_size)
-        return {
-            "control_points": _rows(src),
-            "source_points_px": _rows(src @ to_px_in[:2, :2].T + to_px_in[:2, 2]),
-            "target_points_px": _rows(tgt @ to_px_out[:2, :2].T + to_px_out[:2, 2]),
-        }
-    input_px_from_output_px = frames.input_px_from_output_px(theta, input_size, output_size)  # built once
-    return {
-        "input_px_from_output_px": _rows(input_px_from_output_px),
-        "output_px_from_input_px": _rows(frames.inverse_px(input_px_from_output_px)),
-    }
-
-
-def describe(model: ModelRuntime, result: Rectified) -> dict[str, Any]:
-    """The ``results[i]`` object of ``POST /v1/rectify`` without the image: filename, sizes, theta, geometry."""
+def describe(model: ModelRuntime, result: Rectified, query: geo.Query | None = None) -> dict[str, Any]:
+    """The ``results[i]`` object of ``POST /v1/rectify`` without the image: filename, sizes, theta, geometry
+    (``query``: points and boxes to map, ``service.geometry``)."""
     h, w = result.output_size
     out: dict[str, Any] = {
         "filename": result.filename,
@@ -164,14 +144,15 @@ def describe(model: ModelRuntime, result: Rectified) -> dict[str, Any]:
         "theta": np.asarray(result.theta, np.float64).tolist(),
     }
     out.update(geometry(model.info.transform, result.theta, result.input_size, result.output_size,
-                        model.info.tps_grid))
+                        model.info.tps_grid, query))
     return out
 
 
-def result_json(model: ModelRuntime, result: Rectified, encoded_png: bytes | None = None) -> dict[str, Any]:
+def result_json(model: ModelRuntime, result: Rectified, encoded_png: bytes | None = None,
+                query: geo.Query | None = None) -> dict[str, Any]:
     """The ``results[i]`` object of ``POST /v1/rectify`` (``image``: base64 PNG, 16-bit for a 16-bit upload):
     :func:`describe` plus the image (``encoded_png``, else the PNG that :func:`finish` made, else encoded here)."""
-    out = describe(model, result)
+    out = describe(model, result, query)
     if encoded_png is None:
         encoded_png = result.encoded if result.format == "png" else images.encode(result.image, "png",
                                                                                    bits=result.bits)

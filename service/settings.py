@@ -68,6 +68,7 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1)  # width x height per image, read from the header before decoding
     max_files: int = Field(16, ge=1)  # images per request
     max_output_pixels: int = Field(16_000_000, ge=1)  # width x height of a requested `size`
+    image_formats: Annotated[list[str], NoDecode] = ["JPEG", "PNG", "WEBP", "BMP"]  # comma-separated formats decoded (of JPEG, PNG, WEBP, BMP, TIFF); TIFF is opt-in; others: 415
     memory_budget_mb: int = Field(2048, ge=1)  # estimated memory of all admitted requests (bodies, decoded images, outputs); beyond it: 503
     max_uploads: int = Field(32, ge=1)  # request bodies being read at once; beyond it: 503 before the body is read
     body_timeout_s: float = Field(20.0, gt=0)  # longest a request body may take to arrive; beyond it: 408
@@ -92,6 +93,21 @@ class Settings(BaseSettings):
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
 
+    @field_validator("image_formats", mode="before")
+    @classmethod
+    def _formats(cls, value: object) -> object:
+        from service.images import FORMATS
+
+        value = _split_csv(value)
+        if not isinstance(value, list):
+            return value
+        aliases = {"JPG": "JPEG", "TIF": "TIFF"}
+        out = [aliases.get(str(v).upper(), str(v).upper()) for v in value]
+        unknown = [v for v in out if v not in FORMATS]
+        if unknown or not out:
+            raise ValueError(f"image_formats must list some of {', '.join(FORMATS)}; got {value!r}")
+        return list(dict.fromkeys(out))
+
     @field_validator("log_level")
     @classmethod
     def _level(cls, value: str) -> str:
@@ -112,8 +128,9 @@ class Settings(BaseSettings):
 
     @property
     def limits(self) -> Limits:
-        """The image limits (STN_MAX_UPLOAD_BYTES, STN_MAX_IMAGE_PIXELS)."""
-        return Limits(max_bytes=self.max_upload_bytes, max_pixels=self.max_image_pixels)
+        """The image limits (STN_MAX_UPLOAD_BYTES, STN_MAX_IMAGE_PIXELS, STN_IMAGE_FORMATS)."""
+        return Limits(max_bytes=self.max_upload_bytes, max_pixels=self.max_image_pixels,
+                      formats=tuple(self.image_formats))
 
     def session_config(self, providers: Iterable[str] | None = None) -> SessionConfig:
         """How onnxruntime sessions are made: STN_PROVIDERS (or ``providers``), the thread counts and the native

@@ -26,6 +26,7 @@ BENCHMARKS = {
     "batch": ("service.batch.cli", "The batch engine vs a naive loop and the bare model."),
     "sampler": ("native.bench", "The native sampler vs onnxruntime's GridSample, torch and OpenCV."),
     "documents": ("models.cli", "Composing synthetic document photos vs the training step they feed."),
+    "geometry": ("service.bench_geometry", "A result's geometry (coverage, points) vs its pixel matrices alone."),
 }
 
 

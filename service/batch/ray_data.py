@@ -38,14 +38,14 @@ class RectifyActor:
     write the outputs and one journal shard."""
 
     def __init__(self, model_bytes: bytes, model_name: str, providers: tuple[str, ...] | None, fmt: str,
-                 quality: int, size: tuple[int, int] | None, output: str, max_bytes: int, max_pixels: int) -> None:
+                 quality: int, size: tuple[int, int] | None, output: str, limits: images.Limits) -> None:
         with tempfile.TemporaryDirectory(prefix="stn-batch-model-") as folder:  # loaded into memory, then removed
             path = Path(folder) / model_name
             path.write_bytes(model_bytes)
             self.model = load_batch_model(path, providers)
         self.fmt, self.quality, self.size = fmt, quality, size
         self.store = Store(output)
-        self.limits = images.Limits(max_bytes=max_bytes, max_pixels=max_pixels)
+        self.limits = limits
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         items = [Item(str(s), str(p), str(o)) for s, p, o in zip(batch["source"], batch["path"], batch["output"],
@@ -125,8 +125,7 @@ def run_ray(job: Job, model_path: Path, limits: images.Limits, fmt: str, quality
                             fn_constructor_kwargs={"model_bytes": model_path.read_bytes(),
                                                    "model_name": model_path.name, "providers": providers,
                                                    "fmt": fmt, "quality": quality, "size": size,
-                                                   "output": job.store.uri, "max_bytes": limits.max_bytes,
-                                                   "max_pixels": limits.max_pixels})
+                                                   "output": job.store.uri, "limits": limits})
         for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
             n = len(out["source"])
             job.add_entries((str(out["source"][i]), str(out["output"][i]) or None, str(out["shard"][i]),

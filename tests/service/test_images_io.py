@@ -10,7 +10,7 @@ from PIL import Image, ImageOps
 
 from service import images
 
-LIMITS = images.Limits(max_bytes=1 << 20, max_pixels=1_000_000)
+LIMITS = images.Limits(max_bytes=1 << 20, max_pixels=1_000_000, formats=images.FORMATS)  # TIFF opted in
 
 
 def encode_pil(img: Image.Image, fmt: str, **kw: object) -> bytes:

@@ -120,7 +120,7 @@ def test_tps_geometry_control_points(runtimes: dict) -> None:
     src = smooth_image(80, 120, 3)
     [r] = pipeline.rectify_images(rt, [("t.png", png(src))], images.Limits(), (40, 60))
     geo = pipeline.geometry("tps", r.theta, r.input_size, r.output_size, rt.info.tps_grid)
-    assert set(geo) == {"control_points", "source_points_px", "target_points_px"}
+    assert set(geo) == {"control_points", "source_points_px", "target_points_px", "coverage"}
     k = rt.info.tps_grid[0] * rt.info.tps_grid[1]
     assert np.asarray(geo["control_points"]).shape == (k, 2)
     # the source points, in input pixels, are the normalized theta mapped by the pixel convention

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
-from service import images, pipeline
+from service import geometry, images, pipeline
 from service.api.admission import Ticket, image_cost
 from service.api.batcher import QueueFullError, QueueTimeoutError
 from service.api.errors import Problem
@@ -40,6 +40,8 @@ def parse_size(size: str | None, max_pixels: int) -> tuple[int, int] | None:
 
 
 def _too_large(e: images.ImageError) -> Problem:
+    if isinstance(e, images.UnsupportedFormatError):
+        return Problem(415, str(e))
     return Problem(413 if isinstance(e, images.ImageTooLargeError) else 400, str(e))
 
 
@@ -122,10 +124,12 @@ async def read_uploads(request: Request, state: ServiceState) -> list[tuple[str,
                        "`file` parts, or a raw body with an image/* content type (e.g. image/jpeg)")
 
 
-def image_headers(model: ModelRuntime, result: pipeline.Rectified) -> dict[str, str]:
+def image_headers(model: ModelRuntime, result: pipeline.Rectified,
+                  query: geometry.Query | None = None) -> dict[str, str]:
     """The X-STN-* headers of a ``format=png|jpeg`` response (the JSON fields, JSON-encoded)."""
     info = model.info
-    geo = pipeline.geometry(info.transform, result.theta, result.input_size, result.output_size, info.tps_grid)
+    geo = pipeline.geometry(info.transform, result.theta, result.input_size, result.output_size, info.tps_grid,
+                            query)
     return {
         "X-STN-Model": model.name,
         "X-STN-Model-Version": info.version,
@@ -136,7 +140,8 @@ def image_headers(model: ModelRuntime, result: pipeline.Rectified) -> dict[str, 
 
 
 async def rectify_uploads(state: ServiceState, model: ModelRuntime, uploads: list[tuple[str, bytes]],
-                          output_size: tuple[int, int] | None, fmt: str, ticket: Ticket) -> list[Any]:
+                          output_size: tuple[int, int] | None, fmt: str, ticket: Ticket,
+                          query: geometry.Query | None = None) -> list[Any]:
     """Decode in parallel, localise through the dynamic batcher, then sample, encode and describe in parallel.
 
     Returns per image the ``results[i]`` JSON object (``fmt="json"``), else ``(encoded, headers)``;
@@ -155,7 +160,8 @@ async def rectify_uploads(state: ServiceState, model: ModelRuntime, uploads: lis
     def finish(item: pipeline.Prepared, theta: np.ndarray) -> Any:
         t0 = time.perf_counter()
         r = pipeline.finish(model, item, theta, output_size, "png" if fmt == "json" else fmt)
-        out = pipeline.result_json(model, r) if fmt == "json" else (r.encoded, image_headers(model, r))
+        out = (pipeline.result_json(model, r, query=query) if fmt == "json"
+               else (r.encoded, image_headers(model, r, query)))
         rectify_time.observe(time.perf_counter() - t0)
         return out
 
@@ -193,11 +199,21 @@ _RECTIFY_PARAMETERS = [  # documented here, read by hand below (see rectify's do
     {"name": "format", "in": "query", "required": False,
      "schema": {"type": "string", "enum": ["json", "png", "jpeg", "webp"], "default": "json"},
      "description": "json (default), or png/jpeg/webp: one rectified image as the body, the transform in X-STN-* headers"},
+    {"name": "points", "in": "query", "required": False, "schema": {"type": "string"},
+     "description": f"JSON [[x, y], ...], at most {geometry.MAX_POINTS}: pixel points of `points_frame` to map into "
+                    "the other frame of every result (`points_output_px` or `points_input_px`, `points_status`)"},
+    {"name": "boxes", "in": "query", "required": False, "schema": {"type": "string"},
+     "description": f"JSON [[x0, y0, x1, y1], ...], at most {geometry.MAX_BOXES}: pixel boxes of `points_frame` to "
+                    "map (`boxes_output_px` or `boxes_input_px`: corners, bounding box, status)"},
+    {"name": "points_frame", "in": "query", "required": False,
+     "schema": {"type": "string", "enum": list(geometry.POINT_FRAMES), "default": "input"},
+     "description": "input (the upload, after EXIF orientation; the default) or output (the rectified image): "
+                    "the frame `points` and `boxes` are given in"},
 ]
 _RECTIFY_BODY = {"content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
         "file": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"},
-                 "description": "images (JPEG, PNG, WebP, BMP, TIFF)"}}}},
+                 "description": "images (JPEG, PNG, WebP, BMP; TIFF when STN_IMAGE_FORMATS lists it)"}}}},
     "image/*": {"schema": {"type": "string", "format": "binary"}},
 }}
 FORMATS = ("json", *images.ENCODINGS)
@@ -218,6 +234,10 @@ async def rectify(request: Request, state: StateDep) -> Response:
         raise Problem(400, f"format must be one of {', '.join(FORMATS)}; got {format!r}")
     runtime = state.get_model(model)
     output_size = parse_size(size, state.settings.max_output_pixels)
+    try:
+        points = geometry.parse_query(query.get("points"), query.get("boxes"), query.get("points_frame"))
+    except ValueError as e:
+        raise Problem(400, str(e)) from None
     # admission before the body is read: a full queue, memory budget or upload count answers 503 at once
     async with state.admission.admit(runtime.name, body_bytes=body_cap(request, state)) as ticket:
         async with ticket.reading():
@@ -230,7 +250,7 @@ async def rectify(request: Request, state: StateDep) -> Response:
         ticket.grow(len(uploads), cost, f"{len(uploads)} image(s) at size {out[1]}x{out[0]}")
         try:
             async with ticket.watch(request), asyncio.timeout(state.settings.request_timeout_s):
-                results = await rectify_uploads(state, runtime, uploads, output_size, format, ticket)
+                results = await rectify_uploads(state, runtime, uploads, output_size, format, ticket, points)
         except (TimeoutError, QueueTimeoutError):
             raise Problem(503, f"no result within {state.settings.request_timeout_s:g}s (STN_REQUEST_TIMEOUT_S); "
                                "the server is overloaded, retry later", {"Retry-After": "1"}) from None

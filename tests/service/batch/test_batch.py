@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[3]
 CPU = ("CPUExecutionProvider",)
 
 GOOD = ["a0.jpg", "a1.jpg", "gray.png", "rgba.png", "palette.png", "sub/b0.png", "sub/b1.jpg", "sub/same.jpg",
-        "sub/same.png", "sub/deep/c0.webp", "sub/deep/c1.bmp", "sub/deep/c2.tiff", "alias.jpg"]
-BAD = ["bad.jpg", "empty.jpg", "sub/trunc.png", "link_out.jpg", "linkdir"]
+        "sub/same.png", "sub/deep/c0.webp", "sub/deep/c1.bmp", "alias.jpg"]
+BAD = ["bad.jpg", "empty.jpg", "sub/trunc.png", "link_out.jpg", "linkdir", "sub/deep/c2.tiff"]  # TIFF: opt-in
 
 
 def _img(rng: np.random.Generator, h: int, w: int, c: int = 3) -> np.ndarray:
@@ -109,7 +109,7 @@ def test_folder_job_outputs_reports_and_errors(local_run, tree, rgb_model, model
     src, outside = tree
     expected_outputs = {"a0.png", "a1.png", "gray.png", "rgba.png", "palette.png", "sub/b0.png", "sub/b1.png",
                         "sub/same.jpg.png", "sub/same.png.png", "sub/deep/c0.png", "sub/deep/c1.png",
-                        "sub/deep/c2.png", "alias.png"}
+                        "alias.png"}  # not sub/deep/c2.tiff: TIFF is opt-in (STN_IMAGE_FORMATS)
     assert set(files_of(out)) == expected_outputs | {"results.jsonl", "errors.jsonl", "skipped.jsonl"}
     h, w = rgb_model.info.output_size
     for rel in expected_outputs:
@@ -126,6 +126,7 @@ def test_folder_job_outputs_reports_and_errors(local_run, tree, rgb_model, model
         assert (out / r["output"]).is_file()
         with Image.open(src / r["source"]) as im:
             assert (r["input_width"], r["input_height"]) == im.size
+        assert 0.0 <= r["coverage"] <= 1.0  # service.geometry.describe, as the server's results
         m = np.array(r["input_px_from_output_px"]) @ np.array(r["output_px_from_input_px"])
         np.testing.assert_allclose(m / m[2, 2], np.eye(3), atol=1e-9)
 
@@ -133,6 +134,7 @@ def test_folder_job_outputs_reports_and_errors(local_run, tree, rgb_model, model
     assert sorted(errors) == sorted(BAD)
     assert "not a supported image" in errors["bad.jpg"] and "empty" in errors["empty.jpg"]
     assert "outside the input root" in errors["link_out.jpg"] and "not followed" in errors["linkdir"]
+    assert "STN_IMAGE_FORMATS" in errors["sub/deep/c2.tiff"]  # the server's setting: TIFF only when listed
     assert sorted(p.name for p in outside.iterdir()) == ["secret.jpg"]  # nothing written outside OUTPUT
 
     assert (summary.ok, summary.failed, summary.processed, summary.skipped) == (len(GOOD), len(BAD), 16, 0)
@@ -152,7 +154,8 @@ def test_same_implementation_as_the_server(local_run, tree, rgb_model) -> None: 
         [res] = pipeline.rectify_images(rgb_model, [(name, (src / name).read_bytes())], images.Limits())
         assert (out / records[name]["output"]).read_bytes() == images.encode(res.image, "png")
         server = pipeline.result_json(rgb_model, res)
-        for key in ("theta", "input_px_from_output_px", "output_px_from_input_px", "width", "input_height"):
+        for key in ("theta", "input_px_from_output_px", "output_px_from_input_px", "width", "input_height",
+                    "coverage"):
             assert records[name][key] == server[key], key
 
 
@@ -164,6 +167,20 @@ def test_rerun_skips_everything_and_changes_nothing(local_run, tree, model_dir) 
     assert (summary.processed, summary.skipped) == (len(BAD) - 2, len(GOOD))  # failures are retried (not symlinks)
     assert files_of(out) == before
     assert mtimes == {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+
+
+def test_tiff_when_stn_image_formats_lists_it(tree, model_dir, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """The batch job reads STN_IMAGE_FORMATS as the server does: TIFF is decoded once listed."""
+    import shutil
+
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(tree[0] / "sub" / "deep" / "c2.tiff", src / "c2.tiff")
+    monkeypatch.setenv("STN_IMAGE_FORMATS", "jpeg,png,webp,bmp,tiff")
+    summary = run_job(config(src, tmp_path / "out", model_dir))
+    assert (summary.ok, summary.failed) == (1, 0)
+    [record] = read_jsonl(tmp_path / "out" / "results.jsonl")
+    assert record["source"] == "c2.tiff" and (record["input_width"], record["input_height"]) == (52, 28)
 
 
 def test_other_settings_in_the_same_output_are_refused(local_run, tree, model_dir, tmp_path) -> None:  # noqa: ANN001
@@ -181,7 +198,7 @@ def test_other_settings_in_the_same_output_are_refused(local_run, tree, model_di
 def test_formats_and_size(tree, model_dir, tmp_path, fmt, size, pil_format) -> None:  # noqa: ANN001
     out = tmp_path / "out"
     s = run_job(config(tree[0] / "sub", out, model_dir, format=fmt, size=size))
-    assert s.ok == 7 and s.failed == 1
+    assert s.ok == 6 and s.failed == 2  # trunc.png, and c2.tiff (TIFF is opt-in)
     suffix = images.suffix(fmt)
     for r in read_jsonl(out / "results.jsonl"):
         assert r["output"].endswith(suffix)
@@ -195,7 +212,10 @@ def test_gray_model_and_cli_size(tree, model_dir, tmp_path) -> None:  # noqa: AN
     out = tmp_path / "out"
     rc = cli.main([str(tree[0] / "sub" / "deep"), str(out), "--model", str(model_dir / "affine.onnx"),
                      "--size", "33x21", "--providers", "CPUExecutionProvider", "--no-progress", "--workers", "1"])
-    assert rc == 0
+    assert rc == 1  # some failed: c2.tiff (TIFF is opt-in, STN_IMAGE_FORMATS)
+    [error] = read_jsonl(out / "errors.jsonl")
+    assert error["source"].endswith("c2.tiff") and "TIFF" in error["error"]
+    assert len(read_jsonl(out / "results.jsonl")) == 2
     for r in read_jsonl(out / "results.jsonl"):
         with Image.open(out / r["output"]) as im:  # colour uploads stay colour with a gray localiser
             assert im.mode == "RGB" and im.size == (33, 21)
@@ -361,7 +381,7 @@ def test_batch_never_imports_torch(tree, model_dir, tmp_path) -> None:  # noqa: 
             "assert rc == 1, rc; assert 'torch' not in sys.modules, 'torch was imported'")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert len(read_jsonl(tmp_path / "o" / "results.jsonl")) == 7
+    assert len(read_jsonl(tmp_path / "o" / "results.jsonl")) == 6  # and c2.tiff refused: TIFF is opt-in
 
 
 @pytest.mark.slow
@@ -415,8 +435,8 @@ def test_output_inside_input_is_not_read_back(tree, model_dir, tmp_path) -> None
     out = src / "rectified"
     first = run_job(config(src, out, model_dir))
     again = run_job(config(src, out, model_dir))
-    assert first.ok == 3 and (again.total, again.skipped, again.processed) == (3, 3, 0)
-    assert [r["source"] for r in read_jsonl(out / "results.jsonl")] == ["c0.webp", "c1.bmp", "c2.tiff"]
+    assert first.ok == 2 and (again.total, again.skipped, again.processed) == (3, 2, 1)  # c2.tiff: TIFF is opt-in
+    assert [r["source"] for r in read_jsonl(out / "results.jsonl")] == ["c0.webp", "c1.bmp"]
     with pytest.raises(BatchError, match="inside it"):
         run_job(config(src, src, model_dir))
 
@@ -504,8 +524,9 @@ def test_ray_engine_refuses_memory_uris(tree, model_dir) -> None:  # noqa: ANN00
         run_job(config("memory://job/in", "memory://job/ray", model_dir, engine="ray"))
 
 
-def test_exit_codes(tree, model_dir, tmp_path, capsys) -> None:  # noqa: ANN001
+def test_exit_codes(tree, model_dir, tmp_path, capsys, monkeypatch) -> None:  # noqa: ANN001
     """0: all rectified; 1: some failed (counted in the summary); 2: bad arguments."""
+    monkeypatch.setenv("STN_IMAGE_FORMATS", "JPEG,PNG,WEBP,BMP,TIFF")  # sub/deep/c2.tiff decodes
     args = ["--model", str(model_dir / "projective.onnx"), "--providers", "CPUExecutionProvider", "--no-progress"]
     assert cli.main([str(tree[0] / "sub" / "deep"), str(tmp_path / "ok"), *args]) == 0
     assert cli.main([str(tree[0] / "sub"), str(tmp_path / "some"), *args]) == 1
