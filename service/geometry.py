@@ -125,7 +125,7 @@ class Mapping:
         else:
             self.input_px_from_output_px = frames.input_px_from_output_px(self.theta, input_size, output_size)
             try:
-                self.output_px_from_input_px = frames.output_px_from_input_px(self.theta, input_size, output_size)
+                self.output_px_from_input_px = frames.inverse_px(self.input_px_from_output_px)
             except np.linalg.LinAlgError:  # singular: the output collapsed onto a line or a point of the input
                 self.output_px_from_input_px = None
         self._lookup: tuple[np.ndarray, np.ndarray] | None = None

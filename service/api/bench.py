@@ -180,12 +180,6 @@ async def closed_loop(host: str, port: int, path: str, bodies: list[bytes], conc
     measure_from, stop_at = start + warmup, start + warmup + duration
     cpu_marks: list[float] = []
 
-    async def mark_cpu() -> None:
-        await asyncio.sleep(max(0.0, measure_from - time.perf_counter()))
-        cpu_marks.append(process_cpu_seconds(server_pid))
-        await asyncio.sleep(max(0.0, stop_at - time.perf_counter()))
-        cpu_marks.append(process_cpu_seconds(server_pid))
-
     async def client(k: int) -> None:
         reader, writer = await asyncio.open_connection(host, port)
         i = k
@@ -210,7 +204,7 @@ async def closed_loop(host: str, port: int, path: str, bodies: list[bytes], conc
         finally:
             writer.close()
 
-    await asyncio.gather(mark_cpu(), *(client(k) for k in range(concurrency)))
+    await asyncio.gather(mark_cpu(server_pid, measure_from, stop_at, cpu_marks), *(client(k) for k in range(concurrency)))
     return Level(concurrency, counts["ok"], duration, counts["err"], lat, cpu_marks[1] - cpu_marks[0])
 
 
@@ -265,15 +259,9 @@ async def open_loop(host: str, port: int, path: str, bodies: list[bytes], rate: 
 
     cpu_marks: list[float] = []
 
-    async def mark_cpu() -> None:
-        await asyncio.sleep(max(0.0, measure_from - time.perf_counter()))
-        cpu_marks.append(process_cpu_seconds(server_pid))
-        await asyncio.sleep(max(0.0, stop_at - time.perf_counter()))
-        cpu_marks.append(process_cpu_seconds(server_pid))
-
     tasks, i = [], 0
     prober = asyncio.create_task(probe())
-    marker = asyncio.create_task(mark_cpu()) if server_pid is not None else None
+    marker = asyncio.create_task(mark_cpu(server_pid, measure_from, stop_at, cpu_marks)) if server_pid is not None else None
     while (now := time.perf_counter()) < stop_at:
         tasks.append(asyncio.create_task(one(i)))
         i += 1
@@ -299,6 +287,14 @@ def process_cpu_seconds(pid: int) -> float:
             continue
         total += int(fields[11]) + int(fields[12])
     return total / os.sysconf("SC_CLK_TCK")
+
+
+async def mark_cpu(pid: int, measure_from: float, stop_at: float, marks: list[float]) -> None:
+    """Append the process's CPU seconds at ``measure_from`` and at ``stop_at`` (perf_counter times) to ``marks``."""
+    await asyncio.sleep(max(0.0, measure_from - time.perf_counter()))
+    marks.append(process_cpu_seconds(pid))
+    await asyncio.sleep(max(0.0, stop_at - time.perf_counter()))
+    marks.append(process_cpu_seconds(pid))
 
 
 # ---- servers ----------------------------------------------------------------------------------------
