@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")  # what PIL may decode; anything else is refused
+from service.settings import DEFAULT_FORMATS
+
 # output formats: name -> (PIL format, media type, file suffix); the server's `format` and `stn batch --format`
 ENCODINGS = {"png": ("PNG", "image/png", ".png"), "jpeg": ("JPEG", "image/jpeg", ".jpg"),
              "webp": ("WEBP", "image/webp", ".webp")}
@@ -32,9 +33,6 @@ log = logging.getLogger(__name__)
 # Pillow's decompression-bomb check (a warning on stderr above its limit, an error quoting twice it above
 # that) is replaced by open_checked's own, same check of the header's size against STN_MAX_IMAGE_PIXELS.
 Image.MAX_IMAGE_PIXELS = None
-# Of FORMATS, the ones decoded unless STN_IMAGE_FORMATS says otherwise: TIFF is opt-in, its decoder (codecs,
-# compressions, tags) being Pillow's largest attack surface.
-DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
 _FORMAT_NAMES = {"JPEG": "JPEG", "PNG": "PNG", "WEBP": "WebP", "BMP": "BMP", "TIFF": "TIFF"}
 
 
@@ -55,7 +53,7 @@ class UnsupportedFormatError(BadImageError):
 
 
 def sniff_format(data: bytes) -> str | None:
-    """The format of ``FORMATS`` that the leading bytes announce (magic numbers only: no decoder runs)."""
+    """The format of ``service.settings.FORMATS`` that the leading bytes announce (magic numbers only: no decoder runs)."""
     if data[:4] in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):
         return "TIFF"
     if data[:8] == b"\x89PNG\r\n\x1a\n":
@@ -73,7 +71,7 @@ def sniff_format(data: bytes) -> str | None:
 class Limits:
     max_bytes: int = 20 * 1024 * 1024  # encoded size of one image
     max_pixels: int = 40_000_000  # width x height declared in the header
-    formats: tuple[str, ...] = DEFAULT_FORMATS  # of FORMATS, the ones decoded (STN_IMAGE_FORMATS)
+    formats: tuple[str, ...] = DEFAULT_FORMATS  # of settings.FORMATS, the ones decoded (STN_IMAGE_FORMATS)
 
 
 def check_bytes(n: int, limits: Limits, what: str = "image") -> None:

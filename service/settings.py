@@ -15,10 +15,15 @@ from typing import TYPE_CHECKING, Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from service.images import Limits
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # heavy (numpy, Pillow, onnxruntime): imported where those objects are built, so that the
+    # settings schema loads with pydantic-settings alone (the compose file's check reads it so)
+    from service.images import Limits
     from service.runtime import SessionConfig
+
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")  # what the image decoder (PIL) may decode; anything else: 415
+# Of FORMATS, the ones decoded unless STN_IMAGE_FORMATS says otherwise: TIFF is opt-in, its decoder (codecs,
+# compressions, tags) being Pillow's largest attack surface.
+DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
 
 
 def default_model_dir() -> Path:
@@ -96,8 +101,6 @@ class Settings(BaseSettings):
     @field_validator("image_formats", mode="before")
     @classmethod
     def _formats(cls, value: object) -> object:
-        from service.images import FORMATS
-
         value = _split_csv(value)
         if not isinstance(value, list):
             return value
@@ -129,6 +132,8 @@ class Settings(BaseSettings):
     @property
     def limits(self) -> Limits:
         """The image limits (STN_MAX_UPLOAD_BYTES, STN_MAX_IMAGE_PIXELS, STN_IMAGE_FORMATS)."""
+        from service.images import Limits
+
         return Limits(max_bytes=self.max_upload_bytes, max_pixels=self.max_image_pixels,
                       formats=tuple(self.image_formats))
 

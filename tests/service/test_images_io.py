@@ -9,8 +9,9 @@ import pytest
 from PIL import Image, ImageOps
 
 from service import images
+from service.settings import FORMATS
 
-LIMITS = images.Limits(max_bytes=1 << 20, max_pixels=1_000_000, formats=images.FORMATS)  # TIFF opted in
+LIMITS = images.Limits(max_bytes=1 << 20, max_pixels=1_000_000, formats=FORMATS)  # TIFF opted in
 
 
 def encode_pil(img: Image.Image, fmt: str, **kw: object) -> bytes:
