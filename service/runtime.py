@@ -189,8 +189,7 @@ GRID_CACHE_BYTES = 64 * 1024 * 1024  # per model: base grids kept for reuse, lea
 def base_grid_bytes(transform: str, output_size: tuple[int, int], tps_grid: tuple[int, int] = (4, 4)) -> int:
     """float32 bytes of models.frames.base_grid for ``output_size`` (without computing it)."""
     h, w = output_size
-    cols = tps_grid[0] * tps_grid[1] if transform == "tps" else 3  # [h, w, K] or [h, w, 3]
-    return 4 * h * w * cols
+    return 4 * h * w * frames.base_grid_depth(transform, tps_grid)  # [h, w, 3] or [h, w, K]
 
 
 class ModelRuntime:
