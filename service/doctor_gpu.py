@@ -12,14 +12,17 @@ Checks (the numbers of issue 15):
    of the 224x224 affine bench model runs on the provider alone: a session with
    ``session.disable_cpu_ep_fallback`` (GPU providers) must be created, and onnxruntime's
    verbose node-placement log must list no node on another provider (the check names them).
-2. ``parity``: each model's outputs on the provider equal the CPU provider's within 1e-4, and
-   the IO-binding path equals the plain path.
-3. ``sampler_parity``: onnxruntime's GridSample (standard and ``com.microsoft``) on the
-   provider equals torch ``grid_sample`` on the matching device; the native sampler too when
-   its package is built with CUDA kernels.
-4. ``throughput``: images/s side by side in one run: onnxruntime on the provider (plain, IO
-   binding) vs torch eager on the device, bundled checkpoints and the 224x224 affine model,
-   batch 1, 32, 256.
+   When the native sampler library is usable on the provider, the native sampler sub-model
+   (what the service runs) is checked too, with the library registered.
+2. ``parity``: each model's outputs on the provider (the sampler the service picks: native
+   when usable) equal the CPU provider's with the exported lowering within 1e-4, the
+   IO-binding path equals the plain path, and the provider's exported lowering too.
+3. ``sampler_parity``: onnxruntime's GridSample (standard and ``com.microsoft``) and the native
+   ``ai.stn`` ops (``GridSample``, and ``Warp`` for affine and projective theta) on the
+   provider equal torch ``grid_sample`` on the matching device.
+4. ``throughput``: images/s side by side in one run: onnxruntime on the provider (exported
+   lowering and the native one, each plain and with IO binding) vs torch eager on the device,
+   bundled checkpoints and the 224x224 affine model, batch 1, 32, 256.
 5. ``serve``: ``stn serve`` on the provider answers, ``/v1/models`` shows the provider, device
    memory before and after a burst of large images; then a short ``stn bench serve``.
 6. ``batch``: ``stn batch`` with the provider; ``train``: ``stn train --device`` for a few
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import importlib.util
 import io
 import json
@@ -54,6 +58,7 @@ from typing import Any
 
 import numpy as np
 
+import native
 from service.settings import available_cpus
 
 log = logging.getLogger(__name__)
@@ -138,6 +143,16 @@ _PLACED = re.compile(r"(?:All nodes|Node\(s\)) placed on \[(\w+)\]\. Number of n
 _NODE = re.compile(r"^\s+(\S+) \((.*)\)\s*$")
 
 
+def native_usable(ctx: GpuContext) -> str:
+    """'' when the native sampler library can run on ``ctx``'s provider, else why not."""
+    st = native.status()
+    if not st["available"]:
+        return f"the native sampler library is not usable: {st['reason']}"
+    if ctx.ort_device != "cpu" and not st["cuda"]:
+        return f"the native library has no CUDA kernels here: {st['cuda_reason']}"
+    return ""
+
+
 def parse_placements(text: str) -> dict[str, list[str]]:
     """onnxruntime's verbose "Node placements" log -> {provider: ["OpType (node name)", ...]}.
 
@@ -181,14 +196,17 @@ def _capture_stderr_fd() -> Iterator[io.StringIO]:
             buffer.write(tmp.read().decode(errors="replace"))
 
 
-def node_placement(model: bytes, provider: str) -> dict[str, Any]:
+def node_placement(model: bytes, provider: str, with_native: bool = False) -> dict[str, Any]:
     """Create a session on ``provider`` alone (CPU fallback disabled for GPU providers) and read where nodes went.
 
+    ``with_native`` registers the native sampler library (its CUDA build on a GPU provider).
     Returns {"session": "ok" | error text, "placements": {provider: [nodes]}, "elsewhere": [nodes not on it]}.
     """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    if with_native:
+        native.register(so, [provider])
     so.log_severity_level = 0
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     providers = [provider]
@@ -211,16 +229,25 @@ def node_placement(model: bytes, provider: str) -> dict[str, Any]:
 def check_node_placement(ctx: GpuContext) -> dict[str, Any]:
     import onnx
 
+    from export import native_sampler
     from export.contract import split
     from export.metadata import ModelInfo
 
     details: dict[str, Any] = {}
     problems = []
+    no_native = native_usable(ctx)
+    if no_native:
+        details["native"] = f"skipped: {no_native}"
     for name, path in ctx.model_files():
         proto = onnx.load(str(path))
-        subs = split(proto, ModelInfo.from_proto(proto))
-        for part in ("resize", "localiser", "sampler"):
-            found = node_placement(getattr(subs, part).SerializeToString(), ctx.provider)
+        info = ModelInfo.from_proto(proto)
+        subs = split(proto, info)
+        parts = [(part, getattr(subs, part), False) for part in ("resize", "localiser", "sampler")]
+        if not no_native:
+            opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 18)
+            parts.append(("sampler-native", native_sampler.sampler_model(info, opset, proto.ir_version), True))
+        for part, sub, with_native in parts:
+            found = node_placement(sub.SerializeToString(), ctx.provider, with_native)
             details[f"{name}/{part}"] = found
             if found["session"] != "ok":
                 problems.append(f"{name}/{part}: {found['session'][:300]}")
@@ -235,7 +262,17 @@ def check_node_placement(ctx: GpuContext) -> dict[str, Any]:
 
 
 def _test_image(channels: int, size: tuple[int, int], seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).random((1, channels, *size), dtype=np.float32)
+    """A smooth random image [1, C, H, W]: 9x9 random values, interpolated linearly.
+
+    Smooth, because samplers that compute the same coordinate in another order (a matmul, the native
+    Warp's per-row pass, a GPU's fused multiply-add) differ by an ulp of it, and on pixel noise an
+    ulp of a coordinate is a visible difference of value.
+    """
+    def ramp(n: int) -> np.ndarray:  # [n, 9]: linear interpolation weights from 9 knots to n points
+        return np.maximum(0.0, 1.0 - np.abs(np.linspace(0, 8, n)[:, None] - np.arange(9)[None, :]))
+
+    coarse = np.random.default_rng(seed).random((channels, 9, 9))
+    return (ramp(size[0]) @ coarse @ ramp(size[1]).T)[None].astype(np.float32)
 
 
 def check_parity(ctx: GpuContext) -> dict[str, Any]:
@@ -244,17 +281,20 @@ def check_parity(ctx: GpuContext) -> dict[str, Any]:
     details: dict[str, Any] = {}
     problems = []
     for name, path in ctx.model_files():
-        ref = load_model(path, SessionConfig(providers=(CPU,), io_binding=False))
+        # the reference: the CPU provider with the sampler the file was exported with
+        ref = load_model(path, SessionConfig(providers=(CPU,), io_binding=False, native_sampler="off"))
         runs = {}
-        for binding in (False, True):
-            rt = load_model(path, SessionConfig(providers=tuple(ctx.providers()), io_binding=binding))
+        for key, binding, sampler in (("plain", False, "auto"), ("io_binding", True, "auto"),
+                                      ("exported", False, "off")):
+            rt = load_model(path, SessionConfig(providers=tuple(ctx.providers()), io_binding=binding,
+                                                native_sampler=sampler))
             if rt.providers[0] != ctx.provider:
                 raise CheckFailed(f"{name}: sessions run on {rt.providers}, not on {ctx.provider}")
-            runs[binding] = rt
+            runs[key] = rt
         lh, lw = ref.info.loc_size
         image = _test_image(ref.info.in_channels, (lh * 3 // 2 + 1, lw * 2 + 3))
         out = {}
-        for key, rt in (("cpu", ref), ("plain", runs[False]), ("io_binding", runs[True])):
+        for key, rt in (("cpu", ref), *runs.items()):
             dev = rt.upload(image)
             theta = rt.localise(rt.normalize(rt.resize(dev)))
             out[key] = (theta, rt.sample(dev, theta))
@@ -263,8 +303,9 @@ def check_parity(ctx: GpuContext) -> dict[str, Any]:
             "rectified_vs_cpu": float(np.abs(out["plain"][1] - out["cpu"][1]).max()),
             "theta_io_vs_plain": float(np.abs(out["io_binding"][0] - out["plain"][0]).max()),
             "rectified_io_vs_plain": float(np.abs(out["io_binding"][1] - out["plain"][1]).max()),
+            "rectified_exported_vs_cpu": float(np.abs(out["exported"][1] - out["cpu"][1]).max()),
         }
-        details[name] = diffs
+        details[name] = {**diffs, "sampler": runs["plain"].sampler["implementation"]}
         bad = [f"{k} {v:.2e}" for k, v in diffs.items() if not v <= PARITY_ATOL]
         if bad:
             problems.append(f"{name}: max abs difference above {PARITY_ATOL}: {', '.join(bad)}")
@@ -276,16 +317,33 @@ def check_parity(ctx: GpuContext) -> dict[str, Any]:
 # ---------------------------------------------------------------------- 3. sampler parity
 
 
-def _grid_sample_model(domain: str, mode: str, padding: str) -> bytes:
+def _grid_sample_model(domain: str, mode: str, padding: str, op: str = "GridSample") -> bytes:
+    """One sampling node: ``GridSample(x, grid)``, or the native ``Warp(x, grid=theta, size)``."""
     from onnx import TensorProto, helper
 
     attrs = {"mode": mode, "padding_mode": padding, "align_corners": 0}
-    node = helper.make_node("GridSample", ["x", "grid"], ["y"], domain=domain, **attrs)
-    graph = helper.make_graph([node], "gs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None),
-                                             helper.make_tensor_value_info("grid", TensorProto.FLOAT, None)],
+    inputs = ["x", "grid", "size"] if op == native.WARP else ["x", "grid"]
+    node = helper.make_node(op, inputs, ["y"], domain=domain, **attrs)
+    graph = helper.make_graph([node], "gs", [helper.make_tensor_value_info(i, TensorProto.FLOAT, None) for i in inputs],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
     opsets = [helper.make_opsetid("", 16)] + ([helper.make_opsetid(domain, 1)] if domain else [])
     return helper.make_model(graph, opset_imports=opsets, ir_version=8).SerializeToString()
+
+
+def _compare(label: str, mode: str, got: np.ndarray, want: np.ndarray, providers: list[str],
+             details: dict[str, Any], problems: list[str]) -> None:
+    """Record ``got`` vs ``want``; nearest: a point exactly between two pixels may round either way, so count those."""
+    diff = float(np.abs(got - want).max())
+    if mode == "nearest":
+        frac = float((np.abs(got - want) > PARITY_ATOL).mean())
+        details[label] = {"max_abs": diff, "mismatch_fraction": frac}
+        ok = frac < 1e-3
+    else:
+        details[label] = {"max_abs": diff}
+        ok = diff <= PARITY_ATOL
+    details[label]["providers"] = providers[:1]
+    if not ok:
+        problems.append(f"{label} vs torch: max abs {diff:.2e}")
 
 
 def check_sampler_parity(ctx: GpuContext) -> dict[str, Any]:
@@ -295,44 +353,52 @@ def check_sampler_parity(ctx: GpuContext) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
-    from service.doctor import native_sampler
+    from models.transforms import make_transform
 
     if ctx.torch_device == "cuda" and not torch.cuda.is_available():
         raise Skip(f"torch {torch.__version__} has no CUDA device (the reference is torch CUDA grid_sample)")
     g = torch.Generator().manual_seed(0)
-    x = torch.rand(2, 3, 97, 131, generator=g)
+    # a smooth image: the native Warp computes coordinates per row, which rounds differently from a matmul by an ulp
+    x = F.interpolate(torch.rand(2, 3, 9, 11, generator=g), size=(97, 131), mode="bilinear")
     grid = torch.rand(2, 61, 83, 2, generator=g) * 2.4 - 1.2  # some points outside the input
-    details: dict[str, Any] = {}
-    problems = []
+    thetas = {"affine": torch.tensor([[[0.9, -0.3, 0.1], [0.35, 1.1, -0.2]], [[1.2, 0.1, 0.3], [-0.1, 0.8, 0.0]]]),
+              "projective": torch.tensor([[[0.9, -0.2, 0.1], [0.3, 1.0, -0.1], [0.15, -0.1, 1.0]],
+                                          [[1.1, 0.1, 0.0], [0.0, 0.9, 0.2], [-0.1, 0.2, 1.0]]])}
+    dev = ctx.torch_device
+    no_native = native_usable(ctx)
+    details: dict[str, Any] = {"native": f"skipped: {no_native}" if no_native else native.status()["info"]}
+    problems: list[str] = []
+
+    def session(model: bytes, with_native: bool = False) -> ort.InferenceSession:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if with_native:
+            native.register(so, ctx.providers())
+        return ort.InferenceSession(model, so, providers=ctx.providers())
+
     for mode in ("bilinear", "nearest"):
         for padding in ("zeros", "border"):
-            want = F.grid_sample(x.to(ctx.torch_device), grid.to(ctx.torch_device), mode=mode, padding_mode=padding,
+            want = F.grid_sample(x.to(dev), grid.to(dev), mode=mode, padding_mode=padding,
                                  align_corners=False).cpu().numpy()
-            for label, domain in (("onnx", ""), ("contrib", "com.microsoft")):
-                so = ort.SessionOptions()
-                so.log_severity_level = 3
-                sess = ort.InferenceSession(_grid_sample_model(domain, mode, padding), so, providers=ctx.providers())
+            contenders = [("onnx", "", False), ("contrib", "com.microsoft", False)]
+            contenders += [] if no_native else [("native", native.DOMAIN, True)]
+            for label, domain, with_native in contenders:
+                sess = session(_grid_sample_model(domain, mode, padding), with_native)
                 got = sess.run(None, {"x": x.numpy(), "grid": grid.numpy()})[0]
-                diff = float(np.abs(got - want).max())
-                # nearest: a point exactly between two pixels may round either way; count those, not their size
-                if mode == "nearest":
-                    frac = float((np.abs(got - want) > PARITY_ATOL).mean())
-                    details[f"{label}/{mode}/{padding}"] = {"max_abs": diff, "mismatch_fraction": frac}
-                    ok = frac < 1e-3
-                else:
-                    details[f"{label}/{mode}/{padding}"] = {"max_abs": diff}
-                    ok = diff <= PARITY_ATOL
-                details[f"{label}/{mode}/{padding}"]["providers"] = sess.get_providers()[:1]
-                if not ok:
-                    problems.append(f"onnxruntime {label} GridSample {mode}/{padding} vs torch: max abs {diff:.2e}")
-    native = native_sampler()
-    if not native.get("available"):
-        details["native"] = f"skipped: {native.get('reason')}"
-    elif ctx.torch_device == "cuda" and not native.get("cuda"):
-        details["native"] = "skipped: the native library has no CUDA kernels in this build"
-    else:
-        details["native"] = ("skipped: export has no 'native' lowering on this branch; compare the native kernels "
-                             "with native's own tests")
+                _compare(f"{label}/{mode}/{padding}", mode, got, want, sess.get_providers(), details, problems)
+            if no_native:
+                continue
+            # the fused op: theta in, the sampling coordinates computed inside the kernel
+            sess = session(_grid_sample_model(native.DOMAIN, mode, padding, native.WARP), True)
+            for family, theta in thetas.items():
+                transform = make_transform(family)
+                ref_grid = transform.grid(theta, transform.base_grid((61, 83)))
+                want = F.grid_sample(x.to(dev), ref_grid.to(dev), mode=mode, padding_mode=padding,
+                                     align_corners=False).cpu().numpy()
+                got = sess.run(None, {"x": x.numpy(), "grid": theta.numpy(),
+                                      "size": np.zeros((61, 83, 3), np.float32)})[0]
+                _compare(f"native-warp-{family}/{mode}/{padding}", mode, got, want, sess.get_providers(), details,
+                         problems)
     if problems:
         raise CheckFailed("; ".join(problems))
     return details
@@ -361,16 +427,23 @@ def check_throughput(ctx: GpuContext) -> dict[str, Any]:
     if ckpt is not None:
         models.append(("default", load_checkpoint(ckpt).build_stn(), None))
     models.append(("affine224", synthetic_affine224(), (224, 224)))
+    no_native = native_usable(ctx)
+    lowerings = {"ort": "onnx"} if no_native else {"ort": "onnx", "ort-native": "native"}
     rows = []
     for name, stn, size in models:
-        stn = stn.to(device).eval()
-        path = ctx.workdir / f"tp-{name}.onnx"
-        export_onnx(stn.cpu(), path, info_for(stn, {}, "onnx", name, "bench", "stn doctor --gpu"), lowering="onnx")
+        stn = stn.eval()
+        sessions = {}
+        for label, lowering in lowerings.items():
+            path = ctx.workdir / f"tp-{name}-{lowering}.onnx"
+            export_onnx(stn.cpu(), path, info_for(stn, {}, lowering, name, "bench", "stn doctor --gpu"),
+                        lowering=lowering)
+            so = ort.SessionOptions()
+            so.log_severity_level = 3
+            if lowering == "native":
+                native.register(so, ctx.providers())
+            sessions[label] = ort.InferenceSession(str(path), so, providers=ctx.providers())
         stn = stn.to(device)
         h, w = size or stn.config.output_size
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        sess = ort.InferenceSession(str(path), so, providers=ctx.providers())
         for batch in ctx.batches:
             x = torch.rand(batch, stn.config.in_channels, h, w, generator=torch.Generator().manual_seed(batch))
             x_np, x_dev = x.numpy(), x.to(device)
@@ -381,18 +454,20 @@ def check_throughput(ctx: GpuContext) -> dict[str, Any]:
                     stn(x_dev)
                 sync()
 
-            def ort_plain(x_np: np.ndarray = x_np, sess: ort.InferenceSession = sess) -> None:
+            def ort_plain(sess: ort.InferenceSession, x_np: np.ndarray = x_np) -> None:
                 sess.run(None, {"image": x_np})
 
-            def ort_bound(value: ort.OrtValue = value, sess: ort.InferenceSession = sess) -> None:
+            def ort_bound(sess: ort.InferenceSession, value: ort.OrtValue = value) -> None:
                 binding = sess.io_binding()
                 binding.bind_ortvalue_input("image", value)
                 binding.bind_output("rectified", ctx.ort_device)
                 binding.bind_output("theta", ctx.ort_device)
                 sess.run_with_iobinding(binding)
 
-            contenders: dict[str, Callable[[], None]] = {"torch-eager": torch_run, "ort-plain": ort_plain,
-                                                         "ort-iobinding": ort_bound}
+            contenders: dict[str, Callable[[], None]] = {"torch-eager": torch_run}
+            for label, sess in sessions.items():
+                contenders[f"{label}-plain"] = functools.partial(ort_plain, sess)
+                contenders[f"{label}-iobinding"] = functools.partial(ort_bound, sess)
             per: dict[str, list[float]] = {k: [] for k in contenders}
             for _ in range(rounds):
                 for k, fn in contenders.items():
@@ -404,13 +479,13 @@ def check_throughput(ctx: GpuContext) -> dict[str, Any]:
                 ips = statistics.median(v)
                 rows.append({"model": name, "batch": batch, "contender": k, "images_per_s": round(ips, 1),
                              "vs_torch": round(ips / base, 3)})
-    native = "skipped: no native lowering in this build (stock GridSample only)"
+    native_note = f"skipped: {no_native}" if no_native else "ort-native: exported with --grid-sample native"
     b32 = [r for r in rows if r["model"] == "affine224" and r["batch"] == 32 and r["contender"].startswith("ort")]
     if b32:
         best = max(r["vs_torch"] for r in b32)
         ctx.goal("onnxruntime vs torch eager, affine224 batch 32", best, GOAL_ORT_VS_TORCH_B32,
                  best >= GOAL_ORT_VS_TORCH_B32, "stn doctor --gpu (throughput)")
-    return {"rows": rows, "native": native, "device": str(device), "provider": ctx.provider}
+    return {"rows": rows, "native": native_note, "device": str(device), "provider": ctx.provider}
 
 
 # -------------------------------------------------------------------------------- 5. serve

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import native
 from service import doctor
 from service import doctor_gpu as G
 from service.runtime import model_files
@@ -114,13 +115,56 @@ def test_gpu_checks_rehearsed_on_the_cpu_provider(cpu_context: G.GpuContext, che
     assert entry["status"] == "pass", entry["reason"]
     names = {name for name, _ in cpu_context.model_files()}
     assert names == {p.stem for p in model_files(DEFAULT_DIR)}
+    native_here = native.available()  # built wherever the test command ran (it fetches the headers first)
     if check == "node_placement":
-        for sub, found in entry["details"].items():
+        details = dict(entry["details"])
+        assert ("native" in details) != native_here  # a reason only when it is not checked
+        details.pop("native", None)
+        for sub, found in details.items():
             assert found["session"] == "ok" and found["elsewhere"] == [], sub
             assert found["placements"]["CPUExecutionProvider"] >= 1
-        assert len(entry["details"]) == 3 * len(names)
+        parts = {sub.split("/")[1] for sub in details}
+        assert parts == {"resize", "localiser", "sampler"} | ({"sampler-native"} if native_here else set())
+        assert len(details) == len(parts) * len(names)
     if check == "parity":
-        assert all(v <= G.PARITY_ATOL for d in entry["details"].values() for v in d.values())
+        for d in entry["details"].values():
+            assert d.pop("sampler") == ("native" if native_here else "exported")
+            assert all(v <= G.PARITY_ATOL for v in d.values())
+    if check == "sampler_parity":
+        labels = set(entry["details"]) - {"native"}
+        assert {"onnx/bilinear/zeros", "contrib/nearest/border"} <= labels
+        natives = {k for k in labels if k.startswith("native")}
+        assert len(natives) == (3 * 4 if native_here else 0)  # GridSample and Warp (affine, projective) x 4 modes
+        assert all(entry["details"][k]["max_abs"] <= G.PARITY_ATOL for k in labels if "bilinear" in k)
+
+
+def test_the_native_sampler_is_checked_against_torch_and_named_when_wrong(
+        cpu_context: G.GpuContext, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sampler check fails, naming the op, when the native library samples something else."""
+    if not native.available():
+        pytest.skip(f"native sampler not built here: {native.status()['reason']}")
+    real = G._grid_sample_model
+
+    def off_by_a_pixel(domain: str, mode: str, padding: str, op: str = "GridSample") -> bytes:
+        # the native contenders get a model whose sampler reads one pixel further right: what a wrong kernel would do
+        if domain != native.DOMAIN:
+            return real(domain, mode, padding, op)
+        from onnx import TensorProto, helper, load_from_string
+
+        model = load_from_string(real(domain, mode, padding, op))
+        shift = helper.make_tensor("shift", TensorProto.FLOAT, [1], [0.05])
+        first = "grid" if op == "GridSample" else "x"
+        shifted = helper.make_node("Add", [first, "shift"], [first + "_shifted"])
+        for node in model.graph.node:
+            node.input[1 if op == "GridSample" else 0] = first + "_shifted"
+        model.graph.initializer.append(shift)
+        model.graph.node.insert(0, shifted)
+        return model.SerializeToString()
+
+    monkeypatch.setattr(G, "_grid_sample_model", off_by_a_pixel)
+    entry = G.run_check("sampler_parity", G.CHECKS["sampler_parity"], cpu_context)
+    assert entry["status"] == "fail"
+    assert "native/bilinear/zeros vs torch" in entry["reason"] and "onnx/" not in entry["reason"]
 
 
 def test_node_placement_reports_a_session_it_cannot_create() -> None:
@@ -159,6 +203,11 @@ def test_full_gpu_check_run_rehearsed_on_the_cpu(tmp_path: Path) -> None:
     assert {"affine224/resize", "affine224/localiser", "affine224/sampler"} <= set(placed)
     for c in record["checks"]:
         assert set(c) == {"name", "status", "reason", "details", "seconds"}
+    rows = next(c for c in record["checks"] if c["name"] == "throughput")["details"]["rows"]
+    contenders = {r["contender"] for r in rows if r["model"] == "affine224" and r["batch"] == 4}
+    assert contenders == {"torch-eager", "ort-plain", "ort-iobinding"} | (
+        {"ort-native-plain", "ort-native-iobinding"} if native.available() else set())
+    assert all(r["images_per_s"] > 0 for r in rows)
     serve = next(c for c in record["checks"] if c["name"] == "serve")["details"]
     assert serve["memory"]["before"] > 0 and "throughput_service_vs_bare" in serve["bench_serve"]
     train = next(c for c in record["checks"] if c["name"] == "train")["details"]
