@@ -346,10 +346,13 @@ extern "C" {
 // What this build is (read by native/__init__.py with ctypes).
 __attribute__((visibility("default"))) const char* stn_native_info() {
 #ifdef STN_WITH_CUDA
-  return "stn native sampler: ai.stn GridSample, Warp; CPU + CUDA; onnxruntime C API " STN_STR(ORT_API_VERSION);
+  static const std::string info = std::string("stn native sampler: ai.stn GridSample, Warp; CPU + CUDA; onnxruntime C API "
+                                              STN_STR(ORT_API_VERSION) "; CPU bilinear path ") + stn::cpu_path();
 #else
-  return "stn native sampler: ai.stn GridSample, Warp; CPU; onnxruntime C API " STN_STR(ORT_API_VERSION);
+  static const std::string info = std::string("stn native sampler: ai.stn GridSample, Warp; CPU; onnxruntime C API "
+                                              STN_STR(ORT_API_VERSION) "; CPU bilinear path ") + stn::cpu_path();
 #endif
+  return info.c_str();
 }
 
 __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,

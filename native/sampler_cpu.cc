@@ -9,12 +9,23 @@
 // whatever the split, so results do not depend on the thread count.
 //
 // Runtime dispatch: the row functions are built for AVX-512, AVX2+FMA and baseline x86-64
-// (GCC target_clones; no -march=native), the loader picks one at run time.
+// (GCC target_clones; no -march=native), the loader picks one at run time. Bilinear rows have
+// an explicit AVX2 path on x86-64 CPUs that have AVX2 (bilinear_row_avx2): taps computed in
+// registers 8 pixels at a time, each pixel's horizontal tap pairs read as one 64-bit load;
+// STN_NATIVE_ISA=baseline turns it off (tests compare the two). Every path computes each value
+// with the same float operations in the same order (no FMA: -ffp-contract=off), so all give
+// the same bits.
 #include "sampler_cpu.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define STN_AVX2_PATH 1
+#endif
 
 namespace stn {
 
@@ -199,12 +210,119 @@ void bicubic_channels(const float* img, int C, int64_t plane, int W, float* out,
   }
 }
 
+// A bilinear pixel whose taps may be outside: missing taps read zero (the checked path).
+inline void bilinear_checked_pixel(const float* img, int C, int64_t plane, int W, float* out, int64_t out_plane, int j,
+                                   float a00, float a01, float a10, float a11, int32_t off, int32_t m) {
+  for (int c = 0; c < C; ++c) {
+    float* o = out + c * out_plane + j;
+    if (m == 0) {  // all outside: the weights may be NaN/inf, as in torch the sum is 0 * w
+      *o = 0.f * a00 + 0.f * a01 + 0.f * a10 + 0.f * a11;
+      continue;
+    }
+    const float* t = img + c * plane + off;
+    float v00 = (m & 1) ? t[0] : 0.f, v01 = (m & 2) ? t[1] : 0.f;
+    float v10 = (m & 4) ? t[W] : 0.f, v11 = (m & 8) ? t[W + 1] : 0.f;
+    *o = v00 * a00 + v01 * a01 + v10 * a10 + v11 * a11;
+  }
+}
+
+#ifdef STN_AVX2_PATH
+// The AVX2 bilinear row: blocks of 8 pixels; taps in registers (bilinear_taps' formulas); a block
+// whose 32 taps are all inside reads each pixel's (x0, x0+1) pairs of the two rows as 64-bit loads,
+// a block with any tap outside goes through bilinear_taps and the checked path pixel by pixel.
+// CC: the channel count when known at compile time (1, 3: the channel loop unrolled), else 0.
+template <int CC>
+__attribute__((target("avx2"))) void bilinear_row_avx2(const float* img, int channels, int64_t plane, int W, int H,
+                                                       float* out, int64_t out_plane, int w, const float* ix,
+                                                       const float* iy) {
+  const int C = CC ? CC : channels;
+  const __m256 one = _mm256_set1_ps(1.f), lo = _mm256_set1_ps(-2.f);
+  const __m256 xmax = _mm256_set1_ps(static_cast<float>(W) + 1.f), ymax = _mm256_set1_ps(static_cast<float>(H) + 1.f);
+  const __m256i minus1 = _mm256_set1_epi32(-1), wlast = _mm256_set1_epi32(W - 1), hlast = _mm256_set1_epi32(H - 1);
+  const __m256i wv = _mm256_set1_epi32(W);
+  alignas(32) int32_t o[8];
+  float a00[8], a01[8], a10[8], a11[8];
+  int32_t offs[8], masks[8];
+  int q = 0;
+  for (; q + 8 <= w; q += 8) {
+    const __m256 x = _mm256_loadu_ps(ix + q), y = _mm256_loadu_ps(iy + q);
+    const __m256 xf = _mm256_floor_ps(x), yf = _mm256_floor_ps(y);
+    const __m256 fw = _mm256_sub_ps(x, xf), fn = _mm256_sub_ps(y, yf);
+    const __m256 fe = _mm256_sub_ps(one, fw), fs = _mm256_sub_ps(one, fn);
+    // max/min return their second operand for NaN: NaN -> -2, as bilinear_taps' clamp
+    const __m256i x0 = _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(xf, lo), xmax));
+    const __m256i y0 = _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(yf, lo), ymax));
+    const __m256i inside = _mm256_and_si256(
+        _mm256_and_si256(_mm256_cmpgt_epi32(x0, minus1), _mm256_cmpgt_epi32(wlast, x0)),
+        _mm256_and_si256(_mm256_cmpgt_epi32(y0, minus1), _mm256_cmpgt_epi32(hlast, y0)));
+    if (_mm256_movemask_ps(_mm256_castsi256_ps(inside)) != 0xFF) {
+      bilinear_taps(ix + q, iy + q, 8, W, H, a00, a01, a10, a11, offs, masks);
+      for (int k = 0; k < 8; ++k)
+        bilinear_checked_pixel(img, C, plane, W, out, out_plane, q + k, a00[k], a01[k], a10[k], a11[k], offs[k],
+                               masks[k]);
+      continue;
+    }
+    const __m256 A00 = _mm256_mul_ps(fs, fe), A01 = _mm256_mul_ps(fs, fw);
+    const __m256 A10 = _mm256_mul_ps(fn, fe), A11 = _mm256_mul_ps(fn, fw);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(o), _mm256_add_epi32(_mm256_mullo_epi32(y0, wv), x0));
+    for (int c = 0; c < C; ++c) {
+      const float* p = img + c * plane;
+      // (p[k0], p[k0 + 1], p[k1], p[k1 + 1]): two pixels' tap pairs, two 64-bit loads
+      auto pairs = [p](int32_t k0, int32_t k1) {
+        __m128 v = _mm_loadl_pi(_mm_setzero_ps(), reinterpret_cast<const __m64*>(p + k0));
+        return _mm_loadh_pi(v, reinterpret_cast<const __m64*>(p + k1));
+      };
+      const __m256 n01 = _mm256_insertf128_ps(_mm256_castps128_ps256(pairs(o[0], o[1])), pairs(o[4], o[5]), 1);
+      const __m256 n23 = _mm256_insertf128_ps(_mm256_castps128_ps256(pairs(o[2], o[3])), pairs(o[6], o[7]), 1);
+      const __m256 s01 = _mm256_insertf128_ps(_mm256_castps128_ps256(pairs(o[0] + W, o[1] + W)),
+                                              pairs(o[4] + W, o[5] + W), 1);
+      const __m256 s23 = _mm256_insertf128_ps(_mm256_castps128_ps256(pairs(o[2] + W, o[3] + W)),
+                                              pairs(o[6] + W, o[7] + W), 1);
+      // even and odd elements: the west and east taps of pixels 0..7, in order
+      const __m256 v00 = _mm256_shuffle_ps(n01, n23, _MM_SHUFFLE(2, 0, 2, 0));
+      const __m256 v01 = _mm256_shuffle_ps(n01, n23, _MM_SHUFFLE(3, 1, 3, 1));
+      const __m256 v10 = _mm256_shuffle_ps(s01, s23, _MM_SHUFFLE(2, 0, 2, 0));
+      const __m256 v11 = _mm256_shuffle_ps(s01, s23, _MM_SHUFFLE(3, 1, 3, 1));
+      const __m256 r = _mm256_add_ps(
+          _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(v00, A00), _mm256_mul_ps(v01, A01)), _mm256_mul_ps(v10, A10)),
+          _mm256_mul_ps(v11, A11));
+      _mm256_storeu_ps(out + c * out_plane + q, r);
+    }
+  }
+  if (q < w) {  // the last pixels, fewer than 8
+    const int n = w - q;
+    bilinear_taps(ix + q, iy + q, n, W, H, a00, a01, a10, a11, offs, masks);
+    for (int k = 0; k < n; ++k)
+      bilinear_checked_pixel(img, C, plane, W, out, out_plane, q + k, a00[k], a01[k], a10[k], a11[k], offs[k],
+                             masks[k]);
+  }
+}
+
+bool avx2_enabled() {
+  static const bool enabled = [] {
+    const char* isa = std::getenv("STN_NATIVE_ISA");
+    if (isa != nullptr && std::strcmp(isa, "baseline") == 0) return false;
+    return __builtin_cpu_supports("avx2") != 0;
+  }();
+  return enabled;
+}
+#else
+bool avx2_enabled() { return false; }
+#endif
+
 // One output row from its normalized coordinates (s.gx, s.gy).
 void sample_row(const float* img, int C, int H, int W, float* out, int64_t out_plane, int w, const Options& o,
                 RowScratch& s) {
   Axis ax = make_axis(W, o.align_corners), ay = make_axis(H, o.align_corners);
   int64_t plane = static_cast<int64_t>(H) * W;
   coordinate_pass(s.gx.data(), s.gy.data(), s.ix.data(), s.iy.data(), w, ax, ay, o.padding, o.mode != kBicubic);
+#ifdef STN_AVX2_PATH
+  if (o.mode == kBilinear && avx2_enabled()) {
+    auto row = C == 3 ? bilinear_row_avx2<3> : C == 1 ? bilinear_row_avx2<1> : bilinear_row_avx2<0>;
+    row(img, C, plane, W, H, out, out_plane, w, s.ix.data(), s.iy.data());
+    return;
+  }
+#endif
   if (o.mode == kBilinear) {
     bilinear_taps(s.ix.data(), s.iy.data(), w, W, H, s.w00.data(), s.w01.data(), s.w10.data(), s.w11.data(),
                   s.off.data(), s.mask.data());
@@ -232,6 +350,8 @@ STN_CLONES void warp_row(const float* t, bool projective, const float* xb, float
 }
 
 }  // namespace
+
+const char* cpu_path() { return avx2_enabled() ? "avx2" : "baseline"; }
 
 int rows_per_task(int w, int C) {
   // About 16k output values a task: enough work to amortise a task, enough tasks to balance.

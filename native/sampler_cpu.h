@@ -19,6 +19,9 @@ struct SampleJob {
   Options opt;
 };
 
+// The bilinear path in use: "avx2" or "baseline" (STN_NATIVE_ISA=baseline forces it).
+const char* cpu_path();
+
 // Rows of one task (the band size used to split the work).
 int rows_per_task(int w, int C);
 

@@ -219,3 +219,63 @@ def test_missing_or_broken_library_says_why(tmp_path: Path) -> None:
                 del os.environ["STN_NATIVE_LIBRARY"]
             else:
                 os.environ["STN_NATIVE_LIBRARY"] = old
+
+
+# Runs every case of an .npz file on the native ops and saves the outputs; run in a subprocess, as
+# the bilinear path (AVX2 or baseline) is chosen once per process (STN_NATIVE_ISA).
+_RUN_CASES = """
+import sys, numpy as np, onnxruntime as ort, native
+from onnx import TensorProto, helper
+cases = np.load(sys.argv[1])
+out = {}
+for key in sorted({k.split(":")[0] for k in cases.files}):
+    op, padding, ac = key.split("|")[:3]
+    inputs = ["X", "G"] if op == "GridSample" else ["X", "T", "S"]
+    node = helper.make_node(op, inputs, ["Y"], domain=native.DOMAIN, mode="bilinear", padding_mode=padding,
+                            align_corners=int(ac))
+    graph = helper.make_graph([node], "t", [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in inputs],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(native.DOMAIN, 1)],
+                              ir_version=8)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    native.register(so)
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    out[key] = sess.run(None, {n: cases[key + ":" + n] for n in inputs})[0]
+np.savez(sys.argv[2], **out)
+print(native.status()["info"])
+"""
+
+
+def test_avx2_and_baseline_bilinear_paths_give_the_same_bits(tmp_path: Path) -> None:
+    """The explicit AVX2 bilinear path and the baseline one agree bit for bit, border blocks and NaN included."""
+    if not STATUS["info"].endswith("path avx2"):
+        pytest.skip(f"this CPU runs the baseline path only ({STATUS['info']})")
+    rng = np.random.default_rng(3)
+    cases: dict[str, np.ndarray] = {}
+    # (C, H, W, h, w): widths around the 8-pixel block, a large mostly-interior warp, 1-pixel images
+    shapes = [(3, 37, 53, 29, 67), (1, 20, 20, 9, 8), (4, 11, 9, 13, 7), (2, 1, 1, 3, 9), (3, 64, 80, 61, 83)]
+    for i, (c, h_in, w_in, h, w) in enumerate(shapes):
+        x = rng.random((2, c, h_in, w_in), dtype=np.float32)
+        for padding, ac in itertools.product(PADDINGS, (0, 1)):
+            grid = (rng.random((2, h, w, 2), dtype=np.float32) * 2.6 - 1.3).astype(np.float32)
+            grid[0, :, : w // 2] *= 0.5  # a run of pixels wholly inside
+            grid.reshape(-1)[rng.choice(grid.size, 5, replace=False)] = [np.nan, np.inf, -np.inf, 1e30, -1e30]
+            key = f"GridSample|{padding}|{ac}|{i}"
+            cases.update({f"{key}:X": x, f"{key}:G": grid})
+            theta = np.array([[[0.9, -0.2, 0.05], [0.25, 0.95, -0.1]], [[1.3, 0.1, 0.2], [-0.1, 1.2, 0.0]]], np.float32)
+            key = f"Warp|{padding}|{ac}|{i}"
+            cases.update({f"{key}:X": x, f"{key}:T": theta, f"{key}:S": np.zeros((h, w, 3), np.float32)})
+    np.savez(tmp_path / "cases.npz", **cases)
+    outs = {}
+    for isa in ("default", "baseline"):
+        env = {**__import__("os").environ, "PYTHONPATH": str(ROOT), "STN_NATIVE_ISA": isa}
+        proc = subprocess.run([sys.executable, "-c", _RUN_CASES, str(tmp_path / "cases.npz"), str(tmp_path / f"{isa}.npz")],
+                              capture_output=True, text=True, cwd=ROOT, timeout=120, env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip().endswith("path avx2" if isa == "default" else "path baseline"), proc.stdout
+        outs[isa] = np.load(tmp_path / f"{isa}.npz")
+    assert set(outs["default"].files) == set(outs["baseline"].files) and len(outs["default"].files) == 60
+    for key in outs["default"].files:
+        a, b = outs["default"][key], outs["baseline"][key]
+        assert a.shape == b.shape and np.array_equal(a.view(np.uint32), b.view(np.uint32)), key
