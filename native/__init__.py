@@ -50,6 +50,24 @@ def library_path(cuda: bool = False) -> Path:
     return HERE / (CUDA_LIB if cuda else LIB)
 
 
+def op_model(op: str = GRID_SAMPLE, mode: str = "bilinear", padding: str = "zeros", align_corners: bool = False,
+             domain: str = DOMAIN, opset: int = 18) -> bytes:
+    """A one-node model, any shapes: ``GridSample(X, G) -> Y`` or ``Warp(X, T, S) -> Y``.
+
+    ``domain`` ``""`` or ``"com.microsoft"`` gives onnxruntime's own GridSample, for comparisons
+    (tests, ``stn bench sampler``, ``stn doctor --gpu``).
+    """
+    from onnx import TensorProto, helper
+
+    inputs = ["X", "T", "S"] if op == WARP else ["X", "G"]
+    node = helper.make_node(op, inputs, ["Y"], domain=domain, mode=mode, padding_mode=padding,
+                            align_corners=int(align_corners))
+    graph = helper.make_graph([node], op, [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in inputs],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
+    opsets = [helper.make_opsetid("", opset)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    return helper.make_model(graph, opset_imports=opsets, ir_version=8).SerializeToString()
+
+
 def _probe_model() -> bytes:
     """A 1-image model using both ops, to prove a library really computes."""
     import onnx

@@ -36,18 +36,6 @@ def configure_bench_sampler(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-seconds", type=float, default=0.2, help="minimum time per contender per round")
 
 
-def _model(op: str, domain: str) -> bytes:
-    from onnx import TensorProto, helper
-
-    inputs = ["X", "G"] if op == "GridSample" else ["X", "T", "S"]
-    node = helper.make_node(op, inputs, ["Y"], domain=domain, mode="bilinear", padding_mode="zeros", align_corners=0)
-    graph = helper.make_graph([node], "bench", [helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
-                                                for n in inputs],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
-    opsets = [helper.make_opsetid("", 18)] + ([helper.make_opsetid(domain, 1)] if domain else [])
-    return helper.make_model(graph, opset_imports=opsets, ir_version=8).SerializeToString()
-
-
 def bench_case(size: int, batch: int, threads: int, channels: int, rounds: int, min_seconds: float) -> list[dict]:
     import cv2
     import onnxruntime as ort
@@ -82,11 +70,11 @@ def bench_case(size: int, batch: int, threads: int, channels: int, rounds: int, 
 
     contenders: dict[str, Callable[[], object]] = {}
     if native.available():
-        warp = session(_model("Warp", native.DOMAIN), True)
-        gs = session(_model("GridSample", native.DOMAIN), True)
+        warp = session(native.op_model(native.WARP), True)
+        gs = session(native.op_model(native.GRID_SAMPLE), True)
         contenders["native-warp"] = lambda: warp.run(None, {"X": x, "T": theta, "S": size_like})
         contenders["native-grid"] = lambda: gs.run(None, {"X": x, "G": grid_np})
-    ort_gs = session(_model("GridSample", ""), False)
+    ort_gs = session(native.op_model(domain=""), False)
     contenders["ort-gridsample"] = lambda: ort_gs.run(None, {"X": x, "G": grid_np})
 
     def torch_run() -> object:

@@ -317,19 +317,6 @@ def check_parity(ctx: GpuContext) -> dict[str, Any]:
 # ---------------------------------------------------------------------- 3. sampler parity
 
 
-def _grid_sample_model(domain: str, mode: str, padding: str, op: str = "GridSample") -> bytes:
-    """One sampling node: ``GridSample(x, grid)``, or the native ``Warp(x, grid=theta, size)``."""
-    from onnx import TensorProto, helper
-
-    attrs = {"mode": mode, "padding_mode": padding, "align_corners": 0}
-    inputs = ["x", "grid", "size"] if op == native.WARP else ["x", "grid"]
-    node = helper.make_node(op, inputs, ["y"], domain=domain, **attrs)
-    graph = helper.make_graph([node], "gs", [helper.make_tensor_value_info(i, TensorProto.FLOAT, None) for i in inputs],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
-    opsets = [helper.make_opsetid("", 16)] + ([helper.make_opsetid(domain, 1)] if domain else [])
-    return helper.make_model(graph, opset_imports=opsets, ir_version=8).SerializeToString()
-
-
 def _compare(label: str, mode: str, got: np.ndarray, want: np.ndarray, providers: list[str],
              details: dict[str, Any], problems: list[str]) -> None:
     """Record ``got`` vs ``want``; nearest: a point exactly between two pixels may round either way, so count those."""
@@ -383,20 +370,19 @@ def check_sampler_parity(ctx: GpuContext) -> dict[str, Any]:
             contenders = [("onnx", "", False), ("contrib", "com.microsoft", False)]
             contenders += [] if no_native else [("native", native.DOMAIN, True)]
             for label, domain, with_native in contenders:
-                sess = session(_grid_sample_model(domain, mode, padding), with_native)
-                got = sess.run(None, {"x": x.numpy(), "grid": grid.numpy()})[0]
+                sess = session(native.op_model(native.GRID_SAMPLE, mode, padding, domain=domain), with_native)
+                got = sess.run(None, {"X": x.numpy(), "G": grid.numpy()})[0]
                 _compare(f"{label}/{mode}/{padding}", mode, got, want, sess.get_providers(), details, problems)
             if no_native:
                 continue
             # the fused op: theta in, the sampling coordinates computed inside the kernel
-            sess = session(_grid_sample_model(native.DOMAIN, mode, padding, native.WARP), True)
+            sess = session(native.op_model(native.WARP, mode, padding), True)
             for family, theta in thetas.items():
                 transform = make_transform(family)
                 ref_grid = transform.grid(theta, transform.base_grid((61, 83)))
                 want = F.grid_sample(x.to(dev), ref_grid.to(dev), mode=mode, padding_mode=padding,
                                      align_corners=False).cpu().numpy()
-                got = sess.run(None, {"x": x.numpy(), "grid": theta.numpy(),
-                                      "size": np.zeros((61, 83, 3), np.float32)})[0]
+                got = sess.run(None, {"X": x.numpy(), "T": theta.numpy(), "S": np.zeros((61, 83, 3), np.float32)})[0]
                 _compare(f"native-warp-{family}/{mode}/{padding}", mode, got, want, sess.get_providers(), details,
                          problems)
     if problems:

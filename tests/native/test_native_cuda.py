@@ -13,7 +13,6 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
-from onnx import TensorProto, helper
 
 import native
 from service.runtime import resolve_providers
@@ -27,17 +26,11 @@ pytestmark = [
 
 
 def _session(op: str, mode: str, padding: str, align_corners: bool) -> ort.InferenceSession:
-    inputs = ["X", "G"] if op == "GridSample" else ["X", "T", "S"]
-    node = helper.make_node(op, inputs, ["Y"], domain=native.DOMAIN, mode=mode, padding_mode=padding,
-                            align_corners=int(align_corners))
-    graph = helper.make_graph([node], "t", [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in inputs],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(native.DOMAIN, 1)],
-                              ir_version=8)
     so = ort.SessionOptions()
     so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     assert native.register(so, [CUDA, "CPUExecutionProvider"]) == STATUS["cuda_path"]
-    return ort.InferenceSession(model.SerializeToString(), so, providers=[CUDA, "CPUExecutionProvider"])
+    return ort.InferenceSession(native.op_model(op, mode, padding, align_corners), so,
+                                providers=[CUDA, "CPUExecutionProvider"])
 
 
 @pytest.mark.parametrize("mode,padding,align_corners",

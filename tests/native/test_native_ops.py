@@ -29,13 +29,7 @@ F32 = TensorProto.FLOAT
 
 
 def _model(op: str, mode: str, padding: str, align_corners: bool) -> bytes:
-    inputs = ["X", "G"] if op == "GridSample" else ["X", "T", "S"]
-    node = helper.make_node(op, inputs, ["Y"], domain=native.DOMAIN, mode=mode, padding_mode=padding,
-                            align_corners=int(align_corners))
-    graph = helper.make_graph([node], "t", [helper.make_tensor_value_info(n, F32, None) for n in inputs],
-                              [helper.make_tensor_value_info("Y", F32, None)])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(native.DOMAIN, 1)],
-                             ir_version=8).SerializeToString()
+    return native.op_model(op, mode, padding, align_corners)
 
 
 def _session(model: bytes, threads: int = 1) -> ort.InferenceSession:
@@ -225,22 +219,16 @@ def test_missing_or_broken_library_says_why(tmp_path: Path) -> None:
 # the bilinear path (AVX2 or baseline) is chosen once per process (STN_NATIVE_ISA).
 _RUN_CASES = """
 import sys, numpy as np, onnxruntime as ort, native
-from onnx import TensorProto, helper
 cases = np.load(sys.argv[1])
 out = {}
 for key in sorted({k.split(":")[0] for k in cases.files}):
     op, padding, ac = key.split("|")[:3]
-    inputs = ["X", "G"] if op == "GridSample" else ["X", "T", "S"]
-    node = helper.make_node(op, inputs, ["Y"], domain=native.DOMAIN, mode="bilinear", padding_mode=padding,
-                            align_corners=int(ac))
-    graph = helper.make_graph([node], "t", [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in inputs],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(native.DOMAIN, 1)],
-                              ir_version=8)
     so = ort.SessionOptions()
     so.intra_op_num_threads = 2
     native.register(so)
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(native.op_model(op, "bilinear", padding, bool(int(ac))), so,
+                                providers=["CPUExecutionProvider"])
+    inputs = ["X", "T", "S"] if op == native.WARP else ["X", "G"]
     out[key] = sess.run(None, {n: cases[key + ":" + n] for n in inputs})[0]
 np.savez(sys.argv[2], **out)
 print(native.status()["info"])

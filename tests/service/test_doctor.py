@@ -143,25 +143,24 @@ def test_the_native_sampler_is_checked_against_torch_and_named_when_wrong(
     """The sampler check fails, naming the op, when the native library samples something else."""
     if not native.available():
         pytest.skip(f"native sampler not built here: {native.status()['reason']}")
-    real = G._grid_sample_model
+    real = native.op_model
 
-    def off_by_a_pixel(domain: str, mode: str, padding: str, op: str = "GridSample") -> bytes:
-        # the native contenders get a model whose sampler reads one pixel further right: what a wrong kernel would do
+    def off_by_a_pixel(op: str = native.GRID_SAMPLE, mode: str = "bilinear", padding: str = "zeros",
+                       align_corners: bool = False, domain: str = native.DOMAIN, opset: int = 18) -> bytes:
+        # the native contenders get a model whose sampler reads a shifted grid (or image): what a wrong kernel would do
         if domain != native.DOMAIN:
-            return real(domain, mode, padding, op)
+            return real(op, mode, padding, align_corners, domain, opset)
         from onnx import TensorProto, helper, load_from_string
 
-        model = load_from_string(real(domain, mode, padding, op))
-        shift = helper.make_tensor("shift", TensorProto.FLOAT, [1], [0.05])
-        first = "grid" if op == "GridSample" else "x"
-        shifted = helper.make_node("Add", [first, "shift"], [first + "_shifted"])
+        model = load_from_string(real(op, mode, padding, align_corners, domain, opset))
+        first = "G" if op == native.GRID_SAMPLE else "X"
         for node in model.graph.node:
-            node.input[1 if op == "GridSample" else 0] = first + "_shifted"
-        model.graph.initializer.append(shift)
-        model.graph.node.insert(0, shifted)
+            node.input[list(node.input).index(first)] = first + "_shifted"
+        model.graph.initializer.append(helper.make_tensor("shift", TensorProto.FLOAT, [1], [0.05]))
+        model.graph.node.insert(0, helper.make_node("Add", [first, "shift"], [first + "_shifted"]))
         return model.SerializeToString()
 
-    monkeypatch.setattr(G, "_grid_sample_model", off_by_a_pixel)
+    monkeypatch.setattr(native, "op_model", off_by_a_pixel)
     entry = G.run_check("sampler_parity", G.CHECKS["sampler_parity"], cpu_context)
     assert entry["status"] == "fail"
     assert "native/bilinear/zeros vs torch" in entry["reason"] and "onnx/" not in entry["reason"]
