@@ -48,8 +48,13 @@ def sampler_nodes(info: ModelInfo, image: str, theta: str, base_grid: str, outpu
                              **_attrs(info))]
 
 
-def sampler_model(info: ModelInfo, opset: int = 18, ir_version: int = 8) -> onnx.ModelProto:
-    """The sampler sub-model ``image [N,C,H,W], theta, base_grid [h,w,D] -> rectified [N,C,h,w]`` (any C)."""
+def sampler_model(info: ModelInfo, like: onnx.ModelProto | None = None) -> onnx.ModelProto:
+    """The sampler sub-model ``image [N,C,H,W], theta, base_grid [h,w,D] -> rectified [N,C,h,w]`` (any C).
+
+    ``like``: the exported model it stands in for; its standard opset and IR version are kept (else 18 and 8).
+    """
+    opset = next((o.version for o in like.opset_import if o.domain in ("", "ai.onnx")), 18) if like else 18
+    ir_version = like.ir_version if like else 8
     f = TensorProto.FLOAT
     base_dim = base_grid_depth(info.transform, info.tps_grid)
     graph = helper.make_graph(

@@ -346,12 +346,13 @@ extern "C" {
 // What this build is (read by native/__init__.py with ctypes).
 __attribute__((visibility("default"))) const char* stn_native_info() {
 #ifdef STN_WITH_CUDA
-  static const std::string info = std::string("stn native sampler: ai.stn GridSample, Warp; CPU + CUDA; onnxruntime C API "
-                                              STN_STR(ORT_API_VERSION) "; CPU bilinear path ") + stn::cpu_path();
+#define STN_KERNELS "CPU + CUDA"
 #else
-  static const std::string info = std::string("stn native sampler: ai.stn GridSample, Warp; CPU; onnxruntime C API "
-                                              STN_STR(ORT_API_VERSION) "; CPU bilinear path ") + stn::cpu_path();
+#define STN_KERNELS "CPU"
 #endif
+  static const std::string info = std::string("stn native sampler: ai.stn GridSample, Warp; " STN_KERNELS
+                                              "; onnxruntime C API " STN_STR(ORT_API_VERSION) "; CPU bilinear path ") +
+                                  stn::cpu_path();
   return info.c_str();
 }
 

@@ -123,6 +123,22 @@ STN_CLONES void bilinear_fast(const float* __restrict img, int C, int64_t plane,
   }
 }
 
+// A bilinear pixel whose taps may be outside: missing taps read zero (the checked path).
+inline void bilinear_checked_pixel(const float* img, int C, int64_t plane, int W, float* out, int64_t out_plane, int j,
+                                   float a00, float a01, float a10, float a11, int32_t off, int32_t m) {
+  for (int c = 0; c < C; ++c) {
+    float* o = out + c * out_plane + j;
+    if (m == 0) {  // all outside: the weights may be NaN/inf, as in torch the sum is 0 * w
+      *o = 0.f * a00 + 0.f * a01 + 0.f * a10 + 0.f * a11;
+      continue;
+    }
+    const float* t = img + c * plane + off;
+    float v00 = (m & 1) ? t[0] : 0.f, v01 = (m & 2) ? t[1] : 0.f;
+    float v10 = (m & 4) ? t[W] : 0.f, v11 = (m & 8) ? t[W + 1] : 0.f;
+    *o = v00 * a00 + v01 * a01 + v10 * a10 + v11 * a11;
+  }
+}
+
 void bilinear_channels(const float* img, int C, int64_t plane, int W, float* out, int64_t out_plane,
                        const RowScratch& s) {
   const float* w00 = s.w00.data(); const float* w01 = s.w01.data();
@@ -130,26 +146,13 @@ void bilinear_channels(const float* img, int C, int64_t plane, int W, float* out
   const int32_t* off = s.off.data(); const int32_t* mask = s.mask.data();
   const size_t nseg = s.segs.size();
   for (size_t g = 0; g < nseg; g += 3) {
-    if (s.segs[g + 2]) bilinear_fast(img, C, plane, W, out, out_plane, s.segs[g], s.segs[g + 1], w00, w01, w10, w11, off);
-  }
-  for (int c = 0; c < C; ++c) {
-    const float* p = img + c * plane;
-    float* o = out + c * out_plane;
-    for (size_t g = 0; g < nseg; g += 3) {
-      int a = s.segs[g], b = s.segs[g + 1];
-      if (s.segs[g + 2]) continue;
-      for (int j = a; j < b; ++j) {  // checked path: missing taps read zero
-        int32_t m = mask[j];
-        if (m == 0) {  // all outside: the weights may be NaN/inf, as in torch the sum is 0 * w
-          o[j] = 0.f * w00[j] + 0.f * w01[j] + 0.f * w10[j] + 0.f * w11[j];
-          continue;
-        }
-        const float* t = p + off[j];
-        float v00 = (m & 1) ? t[0] : 0.f, v01 = (m & 2) ? t[1] : 0.f;
-        float v10 = (m & 4) ? t[W] : 0.f, v11 = (m & 8) ? t[W + 1] : 0.f;
-        o[j] = v00 * w00[j] + v01 * w01[j] + v10 * w10[j] + v11 * w11[j];
-      }
+    const int a = s.segs[g], b = s.segs[g + 1];
+    if (s.segs[g + 2]) {
+      bilinear_fast(img, C, plane, W, out, out_plane, a, b, w00, w01, w10, w11, off);
+      continue;
     }
+    for (int j = a; j < b; ++j)
+      bilinear_checked_pixel(img, C, plane, W, out, out_plane, j, w00[j], w01[j], w10[j], w11[j], off[j], mask[j]);
   }
 }
 
@@ -207,22 +210,6 @@ void bicubic_channels(const float* img, int C, int64_t plane, int W, float* out,
       }
       o[j] = rows[0] * cy[0] + rows[1] * cy[1] + rows[2] * cy[2] + rows[3] * cy[3];
     }
-  }
-}
-
-// A bilinear pixel whose taps may be outside: missing taps read zero (the checked path).
-inline void bilinear_checked_pixel(const float* img, int C, int64_t plane, int W, float* out, int64_t out_plane, int j,
-                                   float a00, float a01, float a10, float a11, int32_t off, int32_t m) {
-  for (int c = 0; c < C; ++c) {
-    float* o = out + c * out_plane + j;
-    if (m == 0) {  // all outside: the weights may be NaN/inf, as in torch the sum is 0 * w
-      *o = 0.f * a00 + 0.f * a01 + 0.f * a10 + 0.f * a11;
-      continue;
-    }
-    const float* t = img + c * plane + off;
-    float v00 = (m & 1) ? t[0] : 0.f, v01 = (m & 2) ? t[1] : 0.f;
-    float v10 = (m & 4) ? t[W] : 0.f, v11 = (m & 8) ? t[W + 1] : 0.f;
-    *o = v00 * a00 + v01 * a01 + v10 * a10 + v11 * a11;
   }
 }
 

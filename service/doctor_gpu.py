@@ -244,8 +244,7 @@ def check_node_placement(ctx: GpuContext) -> dict[str, Any]:
         subs = split(proto, info)
         parts = [(part, getattr(subs, part), False) for part in ("resize", "localiser", "sampler")]
         if not no_native:
-            opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 18)
-            parts.append(("sampler-native", native_sampler.sampler_model(info, opset, proto.ir_version), True))
+            parts.append(("sampler-native", native_sampler.sampler_model(info, like=proto), True))
         for part, sub, with_native in parts:
             found = node_placement(sub.SerializeToString(), ctx.provider, with_native)
             details[f"{name}/{part}"] = found
@@ -317,6 +316,17 @@ def check_parity(ctx: GpuContext) -> dict[str, Any]:
 # ---------------------------------------------------------------------- 3. sampler parity
 
 
+def _session(ctx: GpuContext, model: bytes | str, with_native: bool = False) -> Any:
+    """An onnxruntime session on ``ctx``'s providers, quiet; ``with_native`` registers the native library."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if with_native:
+        native.register(so, ctx.providers())
+    return ort.InferenceSession(model, so, providers=ctx.providers())
+
+
 def _compare(label: str, mode: str, got: np.ndarray, want: np.ndarray, providers: list[str],
              details: dict[str, Any], problems: list[str]) -> None:
     """Record ``got`` vs ``want``; nearest: a point exactly between two pixels may round either way, so count those."""
@@ -336,7 +346,6 @@ def _compare(label: str, mode: str, got: np.ndarray, want: np.ndarray, providers
 def check_sampler_parity(ctx: GpuContext) -> dict[str, Any]:
     if not has_torch():
         raise Skip("torch is not installed (the reference is torch grid_sample)")
-    import onnxruntime as ort
     import torch
     import torch.nn.functional as F
 
@@ -356,13 +365,6 @@ def check_sampler_parity(ctx: GpuContext) -> dict[str, Any]:
     details: dict[str, Any] = {"native": f"skipped: {no_native}" if no_native else native.status()["info"]}
     problems: list[str] = []
 
-    def session(model: bytes, with_native: bool = False) -> ort.InferenceSession:
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        if with_native:
-            native.register(so, ctx.providers())
-        return ort.InferenceSession(model, so, providers=ctx.providers())
-
     for mode in ("bilinear", "nearest"):
         for padding in ("zeros", "border"):
             want = F.grid_sample(x.to(dev), grid.to(dev), mode=mode, padding_mode=padding,
@@ -370,13 +372,13 @@ def check_sampler_parity(ctx: GpuContext) -> dict[str, Any]:
             contenders = [("onnx", "", False), ("contrib", "com.microsoft", False)]
             contenders += [] if no_native else [("native", native.DOMAIN, True)]
             for label, domain, with_native in contenders:
-                sess = session(native.op_model(native.GRID_SAMPLE, mode, padding, domain=domain), with_native)
+                sess = _session(ctx, native.op_model(native.GRID_SAMPLE, mode, padding, domain=domain), with_native)
                 got = sess.run(None, {"X": x.numpy(), "G": grid.numpy()})[0]
                 _compare(f"{label}/{mode}/{padding}", mode, got, want, sess.get_providers(), details, problems)
             if no_native:
                 continue
             # the fused op: theta in, the sampling coordinates computed inside the kernel
-            sess = session(native.op_model(native.WARP, mode, padding), True)
+            sess = _session(ctx, native.op_model(native.WARP, mode, padding), True)
             for family, theta in thetas.items():
                 transform = make_transform(family)
                 ref_grid = transform.grid(theta, transform.base_grid((61, 83)))
@@ -423,11 +425,7 @@ def check_throughput(ctx: GpuContext) -> dict[str, Any]:
             path = ctx.workdir / f"tp-{name}-{lowering}.onnx"
             export_onnx(stn.cpu(), path, info_for(stn, {}, lowering, name, "bench", "stn doctor --gpu"),
                         lowering=lowering)
-            so = ort.SessionOptions()
-            so.log_severity_level = 3
-            if lowering == "native":
-                native.register(so, ctx.providers())
-            sessions[label] = ort.InferenceSession(str(path), so, providers=ctx.providers())
+            sessions[label] = _session(ctx, str(path), lowering == "native")
         stn = stn.to(device)
         h, w = size or stn.config.output_size
         for batch in ctx.batches:

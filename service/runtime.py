@@ -345,8 +345,7 @@ def load_model(path: str | Path, config: SessionConfig, name: str | None = None)
     register, use_native = _native_plan(path, proto, config)
     sampler = subs.sampler
     if use_native:
-        opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 18)
-        sampler = native_sampler.sampler_model(info, opset=opset, ir_version=proto.ir_version)
+        sampler = native_sampler.sampler_model(info, like=proto)
     sessions = {}
     library = None
     for part, sub in (("resize", subs.resize), ("localiser", subs.localiser), ("sampler", sampler)):

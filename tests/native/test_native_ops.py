@@ -28,10 +28,6 @@ PADDINGS = ("zeros", "border", "reflection")
 F32 = TensorProto.FLOAT
 
 
-def _model(op: str, mode: str, padding: str, align_corners: bool) -> bytes:
-    return native.op_model(op, mode, padding, align_corners)
-
-
 def _session(model: bytes, threads: int = 1) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
@@ -56,7 +52,7 @@ def test_grid_sample_matches_torch(mode: str, padding: str, align_corners: bool)
     """Every mode x padding x align_corners; points outside the image, NaN and +-inf in the grid;
     the same bits with one and two threads."""
     g = torch.Generator().manual_seed(0)
-    model = _model("GridSample", mode, padding, align_corners)
+    model = native.op_model("GridSample", mode, padding, align_corners)
     one, two = _session(model, 1), _session(model, 2)
     for shape in SHAPES:
         n, c, h_in, w_in, h, w = shape
@@ -88,7 +84,7 @@ def test_warp_matches_torch_grid_generator_and_sampler(family: str, mode: str, p
                                                        align_corners: bool) -> None:
     """Warp == grid_sample(image, the model's grid generator at the output's base coordinates)."""
     g = torch.Generator().manual_seed(1)
-    model = _model("Warp", mode, padding, align_corners)
+    model = native.op_model("Warp", mode, padding, align_corners)
     one, two = _session(model, 1), _session(model, 2)
     transform = make_transform(family)
     for n, c, h_in, w_in, h, w in [(1, 3, 31, 27, 17, 23), (4, 2, 9, 14, 11, 8), (2, 1, 1, 1, 3, 2)]:
@@ -149,22 +145,22 @@ def test_onnx_gridsample_conformance_cases_pass_on_the_native_op() -> None:
     ({"X": np.zeros((1, 3, 0, 4), np.float32), "G": np.zeros((1, 2, 2, 2), np.float32)}, "empty spatial size"),
 ])
 def test_bad_shapes_are_clear_errors(feeds: dict, message: str) -> None:
-    sess = _session(_model("GridSample", "bilinear", "zeros", False))
+    sess = _session(native.op_model("GridSample", "bilinear", "zeros", False))
     with pytest.raises(Exception, match=message.replace("[", r"\[").replace("]", r"\]")):
         sess.run(None, feeds)
 
 
 def test_bad_theta_and_attribute_are_clear_errors() -> None:
-    sess = _session(_model("Warp", "bilinear", "zeros", False))
+    sess = _session(native.op_model("Warp", "bilinear", "zeros", False))
     with pytest.raises(Exception, match=r"theta must be \[N, 2, 3\]"):
         sess.run(None, {"X": np.zeros((1, 1, 4, 4), np.float32), "T": np.zeros((1, 3, 2), np.float32),
                         "S": np.zeros((2, 2, 3), np.float32)})
     with pytest.raises(Exception, match="unknown mode 'area'"):
-        _session(_model("GridSample", "area", "zeros", False))
+        _session(native.op_model("GridSample", "area", "zeros", False))
 
 
 def test_empty_batch_and_empty_output() -> None:
-    sess = _session(_model("GridSample", "bilinear", "zeros", False))
+    sess = _session(native.op_model("GridSample", "bilinear", "zeros", False))
     y = sess.run(None, {"X": np.zeros((0, 3, 4, 4), np.float32), "G": np.zeros((0, 2, 2, 2), np.float32)})[0]
     assert y.shape == (0, 3, 2, 2)
     y = sess.run(None, {"X": np.ones((1, 2, 4, 4), np.float32), "G": np.zeros((1, 0, 3, 2), np.float32)})[0]
