@@ -176,13 +176,13 @@ class ModelRepository:
     # ---- polling ---------------------------------------------------------------------------------
     async def poll(self) -> None:
         """One look at the folder: load files that are new or changed and stable, unload removed ones."""
-        if not self.folder.exists():  # a missing folder (an unmounted volume) is not "every model removed"
+        files = await asyncio.to_thread(self._listing)
+        if files is None:  # a missing folder (an unmounted volume) is not "every model removed"
             if not self._missing:
                 log.warning("model folder %s is missing; models stay as they are until it is back", self.folder)
             self._missing = True
             return
         self._missing = False
-        files = await asyncio.to_thread(lambda: {n: (p, signature(p)) for n, p in self.files().items()})
         for name, (_, sig) in files.items():
             previous = self.seen.get(name)
             self.seen[name] = sig
@@ -201,6 +201,22 @@ class ModelRepository:
                 self.unloaded.discard(name)
         for name in [k for k in self.state.loaded.failures if k not in files and NAME.match(k)]:
             self.state.loaded.failures.pop(name, None)  # a failed file that was removed: nothing to report
+
+    def _listing(self) -> dict[str, tuple[Path, Signature | None]] | None:
+        """Every model file with its signature; None when the folder is missing or moved while it was listed
+        (an empty listing of a folder renamed mid-poll must not read as "every model removed")."""
+        def identity() -> tuple[int, int] | None:
+            try:
+                st = self.folder.stat()
+            except OSError:
+                return None
+            return st.st_dev, st.st_ino
+
+        before = identity()
+        files = {n: (p, signature(p)) for n, p in self.files().items()}
+        if before is None or identity() != before:
+            return None
+        return files
 
     async def poll_forever(self, interval_s: float) -> None:
         while not self.state.admission.draining:  # no new versions while the server drains

@@ -217,3 +217,34 @@ def test_polling_swaps_versions_under_traffic(tmp_path: Path, versions: dict[str
         for w in seen.values():  # one client's requests switch versions once, never back
             order = [v for _, v, _ in w]
             assert order == sorted(order)
+
+
+def test_a_folder_moved_while_it_is_listed_unloads_nothing(tmp_path: Path, versions: dict[str, bytes]) -> None:
+    """The race behind a flaky CI run: the folder was there when the poller looked, then renamed away before the
+    listing, which came back empty. That must read as "folder missing", never as "every model removed"."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    write(folder / "m.onnx", versions["1"])
+    with live_server(model_dir=folder, model_poll_s=0.05, max_queue_delay_ms=1) as srv:
+        repo = srv.state.repository
+        original = repo.files
+        moved = threading.Event()
+
+        def files_then_the_folder_moves() -> dict[str, Path]:
+            if moved.is_set():
+                return original()
+            folder.rename(tmp_path / "away")  # the unmount lands between the poller's look and its listing
+            moved.set()
+            return original()
+
+        repo.files = files_then_the_folder_moves
+        try:
+            wait_for(moved.is_set, what="a poll to list the folder")
+            time.sleep(0.3)  # several more polls with the folder gone
+            assert "m" in srv.state.models
+            assert httpx.get(srv.url + "/v2/models/m/ready").status_code == 200
+        finally:
+            repo.files = original
+            (tmp_path / "away").rename(folder)
+        time.sleep(0.3)  # back: still the same version, nothing reloaded or lost
+        assert srv.state.models["m"].info.version == "1"
