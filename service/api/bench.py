@@ -87,6 +87,8 @@ class Level:
     errors: int
     latencies: list[float]
     cpu_seconds: float  # CPU time the measured process used meanwhile (all its threads)
+    loop_cpu_seconds: float = 0.0  # of which its main thread (the event loop; -1: not measured)
+    client_cpu_seconds: float = 0.0  # CPU time of the load generator (this process) meanwhile
 
     def summary(self) -> dict:
         lat = np.asarray(self.latencies) * 1e3 if self.latencies else np.asarray([np.nan])
@@ -94,7 +96,9 @@ class Level:
                 "p50_ms": round(float(np.percentile(lat, 50)), 2), "p99_ms": round(float(np.percentile(lat, 99)), 2),
                 "errors": self.errors, "requests": self.images,
                 "img_per_cpu_s": round(self.images / max(self.cpu_seconds, 1e-9), 1),
-                "cpu_share": round(self.cpu_seconds / self.seconds, 2)}
+                "cpu_share": round(self.cpu_seconds / self.seconds, 2),
+                "loop_cpu_share": round(self.loop_cpu_seconds / self.seconds, 2),
+                "client_cpu_share": round(self.client_cpu_seconds / self.seconds, 2)}
 
 
 # ---- inputs -------------------------------------------------------------------------------------
@@ -178,7 +182,7 @@ async def closed_loop(host: str, port: int, path: str, bodies: list[bytes], conc
     counts = {"ok": 0, "err": 0}
     start = time.perf_counter()
     measure_from, stop_at = start + warmup, start + warmup + duration
-    cpu_marks: list[float] = []
+    cpu_marks: list[tuple[float, float, float]] = []
 
     async def client(k: int) -> None:
         reader, writer = await asyncio.open_connection(host, port)
@@ -205,7 +209,8 @@ async def closed_loop(host: str, port: int, path: str, bodies: list[bytes], conc
             writer.close()
 
     await asyncio.gather(mark_cpu(server_pid, measure_from, stop_at, cpu_marks), *(client(k) for k in range(concurrency)))
-    return Level(concurrency, counts["ok"], duration, counts["err"], lat, cpu_marks[1] - cpu_marks[0])
+    (cpu0, loop0, me0), (cpu1, loop1, me1) = cpu_marks
+    return Level(concurrency, counts["ok"], duration, counts["err"], lat, cpu1 - cpu0, loop1 - loop0, me1 - me0)
 
 
 async def open_loop(host: str, port: int, path: str, bodies: list[bytes], rate: float, duration: float,
@@ -214,7 +219,8 @@ async def open_loop(host: str, port: int, path: str, bodies: list[bytes], rate: 
 
     Returns goodput (200s completed in the measured window, per second), the 503s, other failures, and
     the latency of ``/healthz`` probed every 50 ms meanwhile; with ``server_pid``, also the server's CPU
-    share in the window and its goodput per CPU-second (what other load on the machine barely moves).
+    share in the window (all threads, and its event-loop thread alone), the load generator's, and the
+    server's goodput per CPU-second (what other load on the machine barely moves).
     Bounded: at most ``rate * (warmup + duration)`` requests, each with a 60 s limit.
     """
     requests = [(f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: image/jpeg\r\n"
@@ -257,7 +263,7 @@ async def open_loop(host: str, port: int, path: str, bodies: list[bytes], rate: 
                 health.append(latency)
             await asyncio.sleep(max(0.0, 0.05 - (time.perf_counter() - t0)))
 
-    cpu_marks: list[float] = []
+    cpu_marks: list[tuple[float, float, float]] = []
 
     tasks, i = [], 0
     prober = asyncio.create_task(probe())
@@ -272,15 +278,18 @@ async def open_loop(host: str, port: int, path: str, bodies: list[bytes], rate: 
            "failed": counts["other"], "health_p99_ms": round(1e3 * health[int(0.99 * (len(health) - 1))], 1),
            "health_max_ms": round(1e3 * health[-1], 1), "health_probes": len(health)}
     if len(cpu_marks) == 2:
-        cpu = cpu_marks[1] - cpu_marks[0]
-        out.update(cpu_share=round(cpu / duration, 2), goodput_per_cpu_s=round(counts["ok"] / max(cpu, 1e-9), 1))
+        (cpu0, loop0, me0), (cpu1, loop1, me1) = cpu_marks
+        cpu = cpu1 - cpu0
+        out.update(cpu_share=round(cpu / duration, 2), loop_cpu_share=round((loop1 - loop0) / duration, 2),
+                   client_cpu_share=round((me1 - me0) / duration, 2),
+                   goodput_per_cpu_s=round(counts["ok"] / max(cpu, 1e-9), 1))
     return out
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of every thread of ``pid`` so far (Linux /proc)."""
+def process_cpu_seconds(pid: int, main_thread_only: bool = False) -> float:
+    """User + system CPU seconds of every thread of ``pid`` (or of its main thread alone) so far (Linux /proc)."""
     total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
+    for tid in [str(pid)] if main_thread_only else os.listdir(f"/proc/{pid}/task"):
         try:
             fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
@@ -289,12 +298,13 @@ def process_cpu_seconds(pid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-async def mark_cpu(pid: int, measure_from: float, stop_at: float, marks: list[float]) -> None:
-    """Append the process's CPU seconds at ``measure_from`` and at ``stop_at`` (perf_counter times) to ``marks``."""
-    await asyncio.sleep(max(0.0, measure_from - time.perf_counter()))
-    marks.append(process_cpu_seconds(pid))
-    await asyncio.sleep(max(0.0, stop_at - time.perf_counter()))
-    marks.append(process_cpu_seconds(pid))
+async def mark_cpu(pid: int, measure_from: float, stop_at: float, marks: list[tuple[float, float, float]]) -> None:
+    """Append (the process's CPU seconds, its main thread's, this process's) at ``measure_from`` and at
+    ``stop_at`` (perf_counter times) to ``marks``."""
+    for at in (measure_from, stop_at):
+        await asyncio.sleep(max(0.0, at - time.perf_counter()))
+        marks.append((process_cpu_seconds(pid), process_cpu_seconds(pid, main_thread_only=True),
+                      time.process_time()))
 
 
 # ---- servers ----------------------------------------------------------------------------------------
@@ -432,12 +442,14 @@ def run(args: argparse.Namespace) -> int:
                 stop_server(proc)
             if bare is not None:
                 bare.stop()
-    print(f"{'target':8s} {'conc':>4s} {'img/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'img/cpu-s':>10s} {'cpu':>5s} errors")
+    print(f"{'target':8s} {'conc':>4s} {'img/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'img/cpu-s':>10s} {'cpu':>5s} "
+          f"{'loop':>5s} errors")
     for target in targets:
         for c in conc:
             r = best[(target, c)]
             print(f"{target:8s} {c:4d} {r['throughput']:8.1f} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} "
-                  f"{r['img_per_cpu_s']:10.1f} {r['cpu_share']:5.2f} {r['errors']}")
+                  f"{r['img_per_cpu_s']:10.1f} {r['cpu_share']:5.2f} "
+                  f"{r['loop_cpu_share'] if target != 'bare' else '-':>5} {r['errors']}")
     sat = {t: max(best[(t, c)]["throughput"] for c in conc) for t in targets}
     eff = {t: max(best[(t, c)]["img_per_cpu_s"] for c in conc) for t in targets}
     summary: dict[str, object] = {}
@@ -446,7 +458,8 @@ def run(args: argparse.Namespace) -> int:
               f"{args.duration:g}s: goodput {overload['goodput']} img/s, {overload['shed_503']} shed (503), "
               f"{overload['failed']} failed; /healthz p99 {overload['health_p99_ms']} ms, max "
               f"{overload['health_max_ms']} ms ({overload['health_probes']} probes)"
-              + (f"; server cpu share {overload['cpu_share']}, goodput {overload['goodput_per_cpu_s']} img/cpu-s"
+              + (f"; server cpu share {overload['cpu_share']} (event-loop thread {overload['loop_cpu_share']}), "
+                 f"load generator {overload['client_cpu_share']}, goodput {overload['goodput_per_cpu_s']} img/cpu-s"
                  if "cpu_share" in overload else ""))
         summary["overload_goodput_vs_saturation"] = round(overload["goodput"] / sat["service"], 3)
         if "goodput_per_cpu_s" in overload:  # the same ratio per CPU-second of the server: robust to other load
