@@ -68,6 +68,7 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1)  # most images per localisation batch
     max_queue_delay_ms: float = Field(2.0, ge=0)  # longest a queued image waits for a batch to fill
     max_queue_size: int = Field(256, ge=1)  # images waiting for localisation per model; beyond it: 503
+    work_window: int = Field(0, ge=0)  # images decoded and worked on at once, all models (0: max_batch_size); admitted images beyond it wait undecoded
     request_timeout_s: float = Field(30.0, gt=0)  # a request waiting longer gets 503
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1)  # per image (and per raw body)
     max_image_pixels: int = Field(40_000_000, ge=1)  # width x height per image, read from the header before decoding

@@ -9,11 +9,19 @@ Budgets, all checked on the event loop in O(1) (no await between check and reser
 - **uploads** (``STN_MAX_UPLOADS``): request bodies being read at once; each must arrive within
   ``STN_BODY_TIMEOUT_S`` (else 408 and the connection is closed).
 
+Admitted is not yet decoded: :class:`WorkWindow` (``STN_WORK_WINDOW``) lets only so many images
+(all models) be decoded and worked on at once; the other admitted images wait, first come first
+served, as the compressed bodies they arrived as. Decoding everything admitted at once would not
+finish sooner: a few hundred decoded images in flight no longer fit the CPU's caches, and each
+then costs over half as much CPU again (docs/BENCHMARKS.md, "Overload").
+
 Protocol (both front ends)::
 
     async with state.admission.admit(model, body_bytes=declared) as ticket:  # 503 before the body is read
         body = await ticket.read(request.stream())   # or: async with ticket.reading(): ...
-        ticket.grow(images=n, cost=...)               # 503 (413 if it can never fit) before decoding
+        ticket.grow(images=n, cost=..., preparing=False)  # 503 (413 if it can never fit) before decoding
+        async with window.hold(n):                    # wait for room to decode (first come, first served)
+            ticket.start_preparing(n)                 # the batcher now expects these images
         async with ticket.watch(request):             # the client leaves: its work is cancelled (499)
             ... work ...
     # everything released here, whatever happened
@@ -27,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
@@ -156,24 +165,34 @@ class Ticket:
         self.preparing = 0
         self.uploading = False
 
-    def _reserve(self, images: int, nbytes: int) -> None:
+    def _reserve(self, images: int, nbytes: int, preparing: bool = True) -> None:
         a = self.admission
         a.inflight[self.model] = a.inflight.get(self.model, 0) + images
-        a.preparing[self.model] = a.preparing.get(self.model, 0) + images
         a.reserved_bytes += nbytes
         self.images += images
-        self.preparing += images
         self.bytes += nbytes
+        if preparing:
+            self.start_preparing(images)
         a._changed(self.model)
 
-    def grow(self, images: int, cost: int, what: str = "the request") -> None:
-        """Reserve ``images`` more images and ``cost`` more bytes, or Problem 503/413 (nothing reserved)."""
+    def grow(self, images: int, cost: int, what: str = "the request", preparing: bool = True) -> None:
+        """Reserve ``images`` more images and ``cost`` more bytes, or Problem 503/413 (nothing reserved).
+
+        ``preparing``: the images are about to be prepared (the batcher expects them); False when they
+        first wait for the :class:`WorkWindow` (then :meth:`start_preparing` once they hold it).
+        """
         a = self.admission
         a.check_room(self.model, images, **self.extra)
         if self.bytes + cost > a.budget_bytes:  # the whole request can never fit: 413
             a.check_bytes(self.bytes + cost, what, **self.extra)
         a.check_bytes(cost, what, **self.extra)  # does not fit now: 503
-        self._reserve(images, cost)
+        self._reserve(images, cost, preparing)
+
+    def start_preparing(self, n: int) -> None:
+        """``n`` admitted images are being prepared now: the batcher waits for them as batch-mates."""
+        a = self.admission
+        a.preparing[self.model] = a.preparing.get(self.model, 0) + n
+        self.preparing += n
 
     def prepared(self, n: int | None = None) -> None:
         """``n`` (default: all) images are queued for localisation or failed: the batcher stops expecting them."""
@@ -242,3 +261,62 @@ class Ticket:
             raise
         finally:
             watcher.cancel()
+
+
+class WorkWindow:
+    """At most ``size`` images (all models) decoded and worked on at once; the rest wait in arrival order.
+
+    ``async with window.hold(n):`` waits until ``n`` more images fit (a request with more images
+    than the window takes the whole window), first come first served: a large request is not
+    overtaken by smaller ones behind it. Cancelled waiters (client gone, request timeout) leave
+    the line; room granted to a waiter cancelled at that moment is given back.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = max(1, size)
+        self.used = 0
+        self._line: deque[tuple[int, asyncio.Future]] = deque()
+
+    @property
+    def waiting(self) -> int:
+        """Images waiting for room."""
+        return sum(n for n, f in self._line if not f.done())
+
+    @asynccontextmanager
+    async def hold(self, n: int) -> AsyncIterator[None]:
+        n = max(1, min(n, self.size))
+        if not self._line and self.used + n <= self.size:
+            self.used += n
+        else:
+            granted = asyncio.get_running_loop().create_future()
+            self._line.append((n, granted))
+            try:
+                await granted
+            except BaseException:
+                if granted.done() and not granted.cancelled():  # room was given as the wait was cancelled
+                    self._give_back(n)
+                else:
+                    granted.cancel()
+                    self._admit_waiting()  # the line's head may have been this one
+                raise
+        try:
+            yield
+        finally:
+            self._give_back(n)
+
+    def _give_back(self, n: int) -> None:
+        self.used -= n
+        self._admit_waiting()
+
+    def _admit_waiting(self) -> None:
+        line = self._line
+        while line:
+            n, granted = line[0]
+            if granted.done():  # cancelled while waiting
+                line.popleft()
+                continue
+            if self.used + n > self.size:
+                return
+            line.popleft()
+            self.used += n
+            granted.set_result(None)

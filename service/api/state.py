@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import Depends, Request
 
-from service.api.admission import Admission
+from service.api.admission import Admission, WorkWindow
 from service.api.batcher import DynamicBatcher
 from service.api.errors import Problem
 from service.api.metrics import Metrics
@@ -22,6 +22,8 @@ from service.runtime import LoadedModels, ModelRuntime, choose_default, load_mod
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_TTL_S = 1.0  # how long ServiceState.default_model keeps its answer while the models stay the same
 
 
 class ServiceState:
@@ -34,6 +36,7 @@ class ServiceState:
         self.loaded = LoadedModels()
         self.batchers: dict[str, DynamicBatcher] = {}  # one per served name, across its versions (see localise)
         self.admission = Admission(settings, self.metrics)  # budgets: images, memory, uploads (service.api.admission)
+        self.window = WorkWindow(settings.work_window or settings.max_batch_size)  # images decoded at once (/v1)
         self.stats = InferenceStats()  # Triton's statistics extension (GET /v2/models/stats)
         self.admission.on_finish = self.stats.request
         self.repository = ModelRepository(self)  # load/unload while serving; STN_MODEL_POLL_S
@@ -42,6 +45,7 @@ class ServiceState:
         self.workers: CoalescingExecutor | None = None  # decode, resize, sample, encode
         self.loading = True
         self.started = time.time()
+        self._default: tuple[tuple[str, ...], float, str | None] | None = None  # (models, until, name)
 
     @property
     def inflight(self) -> dict[str, int]:
@@ -66,8 +70,19 @@ class ServiceState:
 
     @property
     def default_model(self) -> str | None:
-        """STN_DEFAULT_MODEL, else the model the folder's DEFAULT file names, else the first by name."""
-        return choose_default(self.models, self.settings.model_dir, self.settings.default_model)
+        """STN_DEFAULT_MODEL, else the model the folder's DEFAULT file names, else the first by name.
+
+        Asked by every request that names no model (the front door's 503s included), so the answer is
+        kept until the served models change or a second has passed: an edited DEFAULT file takes effect
+        within a second, without a read of it on the event loop per request.
+        """
+        key, now = tuple(self.models), time.monotonic()
+        kept = self._default
+        if kept is not None and kept[0] == key and now < kept[1]:
+            return kept[2]
+        name = choose_default(self.models, self.settings.model_dir, self.settings.default_model)
+        self._default = (key, now + DEFAULT_MODEL_TTL_S, name)
+        return name
 
     async def start(self) -> None:
         """Load every model in a thread (the loop keeps answering /healthz), then start their batchers."""

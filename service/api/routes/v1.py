@@ -142,7 +142,8 @@ def image_headers(model: ModelRuntime, result: pipeline.Rectified,
 async def rectify_uploads(state: ServiceState, model: ModelRuntime, uploads: list[tuple[str, bytes]],
                           output_size: tuple[int, int] | None, fmt: str, ticket: Ticket,
                           query: geometry.Query | None = None) -> list[Any]:
-    """Decode in parallel, localise through the dynamic batcher, then sample, encode and describe in parallel.
+    """Decode in parallel, localise through the dynamic batcher, then sample, encode and describe in parallel,
+    holding room in the server's work window (``state.window``) from the decode to the encode.
 
     Returns per image the ``results[i]`` JSON object (``fmt="json"``), else ``(encoded, headers)``;
     everything per image runs on the worker threads, the event loop only routes.
@@ -165,27 +166,30 @@ async def rectify_uploads(state: ServiceState, model: ModelRuntime, uploads: lis
         rectify_time.observe(time.perf_counter() - t0)
         return out
 
-    try:
-        if len(uploads) == 1:
-            prepared = [await workers.run(prepare, *uploads[0])]
+    async with state.window.hold(len(uploads)):  # admitted images are decoded a window at a time
+        ticket.start_preparing(len(uploads))
+        try:
+            if len(uploads) == 1:
+                prepared = [await workers.run(prepare, *uploads[0])]
+            else:
+                prepared = await asyncio.gather(*(workers.run(prepare, f, d) for f, d in uploads),
+                                                return_exceptions=True)
+                for p in prepared:
+                    if isinstance(p, BaseException):
+                        raise p
+            ticket.prepared()
+            thetas = await state.localise(model, [p.loc for p in prepared])
+        except images.ImageError as e:
+            raise _too_large(e) from None
+        except QueueFullError as e:
+            raise Problem(503, f"the queue is full ({e}); retry after a moment", {"Retry-After": "1"}) from None
+        finally:
+            ticket.prepared()
+        if len(prepared) == 1:
+            results = [await workers.run(finish, prepared[0], thetas[0])]
         else:
-            prepared = await asyncio.gather(*(workers.run(prepare, f, d) for f, d in uploads),
-                                            return_exceptions=True)
-            for p in prepared:
-                if isinstance(p, BaseException):
-                    raise p
-        ticket.prepared()
-        thetas = await state.localise(model, [p.loc for p in prepared])
-    except images.ImageError as e:
-        raise _too_large(e) from None
-    except QueueFullError as e:
-        raise Problem(503, f"the queue is full ({e}); retry after a moment", {"Retry-After": "1"}) from None
-    finally:
-        ticket.prepared()
-    if len(prepared) == 1:
-        results = [await workers.run(finish, prepared[0], thetas[0])]
-    else:
-        results = await asyncio.gather(*(workers.run(finish, p, t) for p, t in zip(prepared, thetas, strict=True)))
+            results = await asyncio.gather(*(workers.run(finish, p, t)
+                                             for p, t in zip(prepared, thetas, strict=True)))
     state.metrics.images.labels(name).inc(len(results))
     return results
 
@@ -247,7 +251,7 @@ async def rectify(request: Request, state: StateDep) -> Response:
                                f"{len(uploads)}")
         out = output_size or runtime.info.output_size
         cost = sum(upload_cost(runtime, data, f, state.limits, out) for f, data in uploads)
-        ticket.grow(len(uploads), cost, f"{len(uploads)} image(s) at size {out[1]}x{out[0]}")
+        ticket.grow(len(uploads), cost, f"{len(uploads)} image(s) at size {out[1]}x{out[0]}", preparing=False)
         try:
             async with ticket.watch(request), asyncio.timeout(state.settings.request_timeout_s):
                 results = await rectify_uploads(state, runtime, uploads, output_size, format, ticket, points)

@@ -379,3 +379,11 @@ def test_default_marker_serves_the_named_model(model_dir, tmp_path) -> None:  # 
         assert httpx.get(s.url + "/v1/models").json()["default"] == "tps"
         r = httpx.post(s.url + "/v1/rectify", content=encode(smooth_image(30, 30, 3)), headers={"content-type": "image/png"})
         assert r.status_code == 200 and r.json()["model"] == "tps"
+        # the answer is kept for a second (not read per request), so an edit takes effect within about that
+        (folder / "DEFAULT").write_text("projective\n")
+        edited = time.monotonic()
+        while httpx.get(s.url + "/v1/models").json()["default"] != "projective":
+            assert time.monotonic() - edited < 3, "an edited DEFAULT file did not take effect"
+            time.sleep(0.05)
+        r = httpx.post(s.url + "/v1/rectify", content=encode(smooth_image(30, 30, 3)), headers={"content-type": "image/png"})
+        assert r.status_code == 200 and r.json()["model"] == "projective"
