@@ -103,7 +103,7 @@ COPY --from=builder --chown=stn:stn /opt/models/ /models/
 
 # Settings: every STN_* variable of service/settings.py is read from the environment (the README
 # has the settings table). The image changes only these defaults; set any of the others with -e / environment:
-#   STN_DEFAULT_MODEL STN_PROVIDERS STN_MAX_BATCH_SIZE STN_MAX_QUEUE_DELAY_MS STN_MAX_QUEUE_SIZE
+#   STN_DEFAULT_MODEL STN_PROVIDERS STN_MAX_BATCH_SIZE STN_MAX_QUEUE_DELAY_MS STN_MAX_QUEUE_SIZE STN_WORK_WINDOW
 #   STN_REQUEST_TIMEOUT_S STN_MAX_UPLOAD_BYTES STN_MAX_IMAGE_PIXELS STN_MAX_FILES STN_MAX_OUTPUT_PIXELS
 #   STN_INTRA_OP_THREADS STN_INTER_OP_THREADS STN_WORKERS STN_MALLOC_KEEP_MB STN_NATIVE_SAMPLER STN_WARMUP
 #   STN_STRICT_READINESS
