@@ -5,8 +5,9 @@ is measured first (closed loop, 8 clients, 3 s); then requests arrive open loop 
 rate for 4 s (a few thousand requests at most, each with a 60 s limit), while /healthz is
 probed every 50 ms from a thread of its own. One run, two tests:
 
-- what must hold on any machine: only 200 and 503 come back, the 503s do come (the server
-  sheds instead of queueing without bound), and the server's memory grows by less than its budget;
+- what must hold on any machine: only 200 and 503 come back, the 503s do come unless the server
+  kept up with the offered rate (it sheds instead of queueing without bound), and the server's
+  memory grows by less than its budget;
 - the goals (issue 12): goodput >= 0.9 of saturation, /healthz p99 < 100 ms. Goodput is
   missed as measured (see docs/BENCHMARKS.md, Overload), so that test is an expected failure
   with the numbers; its bounds are unchanged.
@@ -65,7 +66,10 @@ def test_two_times_saturation_sheds_cleanly_within_the_memory_budget(overload: d
     sat, over, grown = overload["sat"], overload["over"], overload["grown"]
     assert sat["errors"] == 0 and sat["throughput"] > 0, sat
     assert over["failed"] == 0, over  # only 200 and 503: no 5xx, no reset, no timeout
-    assert over["shed_503"] > 0 and over["goodput"] > 0, over  # it sheds, and keeps serving while it does
+    assert over["goodput"] > 0, over  # it keeps serving while it sheds
+    # it sheds what it cannot serve (not queueing without bound); no 503 only if it kept up with the offered rate
+    # (saturation is measured seconds before, and a shared machine's speed moves)
+    assert over["shed_503"] > 0 or over["goodput"] >= 0.8 * over["rate"], over
     assert grown < BUDGET_MB * 1024 * 1024, f"RSS grew by {grown / 2**20:.0f} MB; budget {BUDGET_MB} MB"
 
 
