@@ -165,14 +165,12 @@ class Ticket:
         self.preparing = 0
         self.uploading = False
 
-    def _reserve(self, images: int, nbytes: int, preparing: bool = True) -> None:
+    def _reserve(self, images: int, nbytes: int) -> None:
         a = self.admission
         a.inflight[self.model] = a.inflight.get(self.model, 0) + images
         a.reserved_bytes += nbytes
         self.images += images
         self.bytes += nbytes
-        if preparing:
-            self.start_preparing(images)
         a._changed(self.model)
 
     def grow(self, images: int, cost: int, what: str = "the request", preparing: bool = True) -> None:
@@ -186,7 +184,9 @@ class Ticket:
         if self.bytes + cost > a.budget_bytes:  # the whole request can never fit: 413
             a.check_bytes(self.bytes + cost, what, **self.extra)
         a.check_bytes(cost, what, **self.extra)  # does not fit now: 503
-        self._reserve(images, cost, preparing)
+        self._reserve(images, cost)
+        if preparing:
+            self.start_preparing(images)
 
     def start_preparing(self, n: int) -> None:
         """``n`` admitted images are being prepared now: the batcher waits for them as batch-mates."""

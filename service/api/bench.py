@@ -87,7 +87,7 @@ class Level:
     errors: int
     latencies: list[float]
     cpu_seconds: float  # CPU time the measured process used meanwhile (all its threads)
-    loop_cpu_seconds: float = 0.0  # of which its main thread (the event loop; -1: not measured)
+    loop_cpu_seconds: float = 0.0  # of which its main thread (the event loop; 0 for the bare pipeline: not measured)
     client_cpu_seconds: float = 0.0  # CPU time of the load generator (this process) meanwhile
 
     def summary(self) -> dict:
