@@ -186,6 +186,40 @@ def test_encode_round_trip(fmt: str, c: int) -> None:
     assert np.abs(back.array - a).max() < (0.1 if fmt == "jpeg" else 1 / 255 + 1e-6)
 
 
+@pytest.mark.parametrize("deflater", ["installed", "zlib"])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (5, 1), (37, 53), (37, 53, 2), (37, 53, 3), (2, 3, 4), (1, 1, 3)])
+def test_png_writer_is_exact_and_valid(shape: tuple[int, ...], deflater: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import zlib
+
+    import cv2
+
+    if deflater == "zlib":
+        monkeypatch.setattr(images, "_deflate", zlib)
+    a = np.random.default_rng(len(shape) * 100 + shape[0]).integers(0, 256, shape, np.uint8)
+    data = images.png8(a)
+    with Image.open(io.BytesIO(data)) as im:  # Pillow checks the chunks' CRCs
+        assert im.format == "PNG" and im.size == (shape[1], shape[0])
+        assert np.array_equal(np.asarray(im), a)
+    back = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)  # libpng: CRCs and the zlib checksum
+    assert back is not None and back.shape[:2] == shape[:2]
+    if len(shape) == 2 or shape[2] == 1:
+        assert np.array_equal(back.reshape(a.shape), a)
+    elif shape[2] == 3:
+        assert np.array_equal(back[..., ::-1], a)
+
+
+def test_png_writer_size_on_a_real_photo() -> None:
+    """On the bundled sample photo, the PNG writer's file is within 15 % of Pillow's ``compress_level=1``."""
+    from service.settings import default_model_dir
+
+    data = (default_model_dir() / "sample.jpg").read_bytes()
+    with Image.open(io.BytesIO(data)) as im:
+        rgb = np.asarray(im.convert("RGB"))
+    ours = images.png8(rgb)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(ours))), rgb)
+    assert len(ours) <= 1.15 * len(encode_pil(Image.fromarray(rgb), "PNG", compress_level=1))
+
+
 @pytest.mark.parametrize("c", [1, 3])
 def test_encode_16_bit_png_and_8_bit_jpeg(c: int) -> None:
     a = np.random.default_rng(c).random((c, 20, 30)).astype(np.float32)
