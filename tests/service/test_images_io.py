@@ -186,6 +186,23 @@ def test_encode_round_trip(fmt: str, c: int) -> None:
     assert np.abs(back.array - a).max() < (0.1 if fmt == "jpeg" else 1 / 255 + 1e-6)
 
 
+@pytest.mark.parametrize("opencv", [True, False])
+@pytest.mark.parametrize("c", [1, 3, 4])
+def test_to_uint8_rounds_clips_and_interleaves(c: int, opencv: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    if not opencv:
+        monkeypatch.setitem(sys.modules, "cv2", None)  # `import cv2` raises ImportError: numpy's path
+    a = (np.random.default_rng(c).random((c, 37, 53), dtype=np.float32) * 1.2 - 0.1)
+    a[0, 0, :6] = [np.nan, np.inf, -np.inf, 0.5 / 255, 254.5 / 255, 1.0]
+    before = a.copy()
+    out = images.to_uint8(a)
+    with np.errstate(invalid="ignore"):
+        expected = (np.clip(a, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8).transpose(1, 2, 0)
+    assert np.array_equal(out, expected[..., 0] if c == 1 else expected) and out.flags.c_contiguous
+    assert np.array_equal(a, before, equal_nan=True)  # the caller's array is untouched
+
+
 @pytest.mark.parametrize("deflater", ["installed", "zlib"])
 @pytest.mark.parametrize("shape", [(1, 1), (1, 7), (5, 1), (37, 53), (37, 53, 2), (37, 53, 3), (2, 3, 4), (1, 1, 3)])
 def test_png_writer_is_exact_and_valid(shape: tuple[int, ...], deflater: str, monkeypatch: pytest.MonkeyPatch) -> None:
