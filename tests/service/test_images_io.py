@@ -186,19 +186,21 @@ def test_encode_round_trip(fmt: str, c: int) -> None:
     assert np.abs(back.array - a).max() < (0.1 if fmt == "jpeg" else 1 / 255 + 1e-6)
 
 
+@pytest.mark.parametrize("bits", [8, 16])
 @pytest.mark.parametrize("opencv", [True, False])
 @pytest.mark.parametrize("c", [1, 3, 4])
-def test_to_uint8_rounds_clips_and_interleaves(c: int, opencv: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_to_uint_rounds_clips_and_interleaves(c: int, opencv: bool, bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
     if not opencv:
         monkeypatch.setitem(sys.modules, "cv2", None)  # `import cv2` raises ImportError: numpy's path
     a = (np.random.default_rng(c).random((c, 37, 53), dtype=np.float32) * 1.2 - 0.1)
-    a[0, 0, :6] = [np.nan, np.inf, -np.inf, 0.5 / 255, 254.5 / 255, 1.0]
+    a[0, 0, :6] = [np.nan, np.inf, -np.inf, 0.5 / 255, 254.5 / 255, 1.0]  # halves round up at 8 bits
     before = a.copy()
-    out = images.to_uint8(a)
+    convert, top, dtype = (images.to_uint8, 255.0, np.uint8) if bits == 8 else (images.to_uint16, 65535.0, np.uint16)
+    out = convert(a)
     with np.errstate(invalid="ignore"):
-        expected = (np.clip(a, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8).transpose(1, 2, 0)
+        expected = (np.clip(a, 0.0, 1.0) * top + 0.5).astype(dtype).transpose(1, 2, 0)
     assert np.array_equal(out, expected[..., 0] if c == 1 else expected) and out.flags.c_contiguous
     assert np.array_equal(a, before, equal_nan=True)  # the caller's array is untouched
 
