@@ -3,7 +3,10 @@
 Budgets, all checked on the event loop in O(1) (no await between check and reserve):
 
 - **images in flight per model** (``STN_MAX_QUEUE_SIZE``): admitted and not finished, whether
-  decoding, queued for localisation or computing (exported as ``stn_queue_depth``);
+  decoding, queued for localisation or computing (exported as ``stn_queue_depth``). A request
+  counts as one image from its admission, while its body is read, until its images are known
+  (:meth:`Ticket.grow`): so the door's cheap check (:meth:`Admission.shed`) sees every request it
+  let through, and a full queue is shed before the body is read rather than after;
 - **memory** (``STN_MEMORY_BUDGET_MB``): the estimated bytes of every admitted request: its body
   while it is held, then per image the decoded arrays and the sampled output (:func:`image_cost`);
 - **uploads** (``STN_MAX_UPLOADS``): request bodies being read at once; each must arrive within
@@ -102,9 +105,10 @@ class Admission:
         return Problem(503, f"the queue of model {model!r} is full ({used} of {limit} images in flight; "
                             "STN_MAX_QUEUE_SIZE); retry after a moment", RETRY, **extra)
 
-    def check_room(self, model: str, n: int, **extra: object) -> None:
-        """Problem 503 at once when ``n`` more images do not fit in the model's queue."""
-        used, limit = self.inflight.get(model, 0), self.settings.max_queue_size
+    def check_room(self, model: str, n: int, held: int = 0, **extra: object) -> None:
+        """Problem 503 at once when ``n`` more images do not fit in the model's queue (``held`` of them
+        are already counted: a request's provisional image), 413 when ``n`` never fits."""
+        used, limit = self.inflight.get(model, 0) - held, self.settings.max_queue_size
         if n > limit:
             raise Problem(413, f"{n} images; the queue of a model holds {limit} (STN_MAX_QUEUE_SIZE)", **extra)
         if used + n > limit:
@@ -135,6 +139,7 @@ class Admission:
         self.check_bytes(body_bytes, "the request body", **extra)
         ticket = Ticket(self, model, extra)
         ticket._reserve(0, body_bytes)
+        ticket._hold_provisional()
         self.requests += 1
         started, ok = time.perf_counter(), False
         try:
@@ -163,6 +168,7 @@ class Ticket:
         self.images = 0
         self.bytes = 0
         self.preparing = 0
+        self.provisional = 0  # the one image a request counts for until its images are known (grow)
         self.uploading = False
 
     def _reserve(self, images: int, nbytes: int) -> None:
@@ -180,13 +186,26 @@ class Ticket:
         first wait for the :class:`WorkWindow` (then :meth:`start_preparing` once they hold it).
         """
         a = self.admission
-        a.check_room(self.model, images, **self.extra)
+        a.check_room(self.model, images, self.provisional, **self.extra)
         if self.bytes + cost > a.budget_bytes:  # the whole request can never fit: 413
             a.check_bytes(self.bytes + cost, what, **self.extra)
         a.check_bytes(cost, what, **self.extra)  # does not fit now: 503
+        self._drop_provisional()
         self._reserve(images, cost)
         if preparing:
             self.start_preparing(images)
+
+    def _hold_provisional(self) -> None:
+        self.provisional = 1
+        a = self.admission
+        a.inflight[self.model] = a.inflight.get(self.model, 0) + 1
+        a._changed(self.model)
+
+    def _drop_provisional(self) -> None:
+        if self.provisional:
+            a = self.admission
+            a.inflight[self.model] = max(0, a.inflight.get(self.model, 0) - self.provisional)
+            self.provisional = 0
 
     def start_preparing(self, n: int) -> None:
         """``n`` admitted images are being prepared now: the batcher waits for them as batch-mates."""
@@ -204,6 +223,7 @@ class Ticket:
     def _release_all(self) -> None:
         self.prepared()
         self._end_upload()
+        self._drop_provisional()
         a = self.admission
         a.inflight[self.model] = max(0, a.inflight.get(self.model, 0) - self.images)
         a.reserved_bytes = max(0, a.reserved_bytes - self.bytes)

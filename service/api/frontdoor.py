@@ -43,7 +43,8 @@ class Answer:
     route: str
     problem: bool = False
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-    close: bool = False  # Connection: close (a shed request: its body is not wanted)
+    close: bool = False  # a shed request: its body is not wanted (Connection: close from the ASGI door; stn serve's
+    # protocol reads and discards the body and keeps the connection, see service.api.server)
 
     def body(self, request_id: str = "") -> bytes:
         if self.payload is LIVE_PAYLOAD:

@@ -9,8 +9,9 @@
 - **The front door in the protocol.** :class:`CappedHttpToolsProtocol` also asks the app's
   :class:`service.api.frontdoor.FrontDoor` as soon as a request's head is parsed: health,
   readiness and 503s for work that does not fit now are written from the parser callback, with
-  no ASGI scope, task or FastAPI; a shed request's body is read and discarded (its answer says
-  ``Connection: close``), so the client reads the 503 rather than a reset.
+  no ASGI scope, task or FastAPI; a shed request's body is read and discarded (within
+  ``STN_BODY_TIMEOUT_S``), so the client reads the 503 rather than a reset, and the connection stays
+  open for its next request (a retry need not reconnect), unless the client asked for ``100 Continue``.
 - **Drain.** :class:`DrainingServer`: on SIGTERM readiness turns 503 at once, new work gets
   503 with ``Retry-After`` (``service.api.frontdoor``), admitted work finishes for
   up to ``STN_SHUTDOWN_GRACE_S`` (default: the request timeout + 5 s), then uvicorn shuts down
@@ -100,6 +101,9 @@ if HttpToolsProtocol is not None:
                 super().on_message_complete()
                 return
             keep_alive, self._answered = self._answered, None
+            if self._close_timer is not None:  # the body is in
+                self._close_timer.cancel()
+                self._close_timer = None
             if not keep_alive:  # the whole body is read: closing now sends no reset over the answer
                 self._close()
             elif not self.transport.is_closing():
@@ -124,7 +128,9 @@ if HttpToolsProtocol is not None:
                 super().on_body(body)  # else: the body of an answered request is discarded
 
         def _give(self, answer: Answer) -> None:
-            keep_alive = (not answer.close and self.parser.should_keep_alive()
+            # A shed's body is read and discarded, so its connection stays open for the client's next request,
+            # unless the client waits for 100 Continue before its body (it may never send it: close).
+            keep_alive = (not (answer.close and self.expect_100_continue) and self.parser.should_keep_alive()
                           and self.parser.get_http_version() != "1.0")
             self._answered = keep_alive
             rid = request_id(next((v for k, v in self.headers if k == b"x-request-id"), b""))
@@ -138,11 +144,10 @@ if HttpToolsProtocol is not None:
             if self.transport.is_closing():
                 return
             self.transport.write(b"".join([*head, b"\r\n", raw]))
-            if not keep_alive:
-                if self.expect_100_continue:  # the client waits for 100 before sending its body: none comes
-                    self._close()
-                else:  # close once the body is in (on_message_complete), or after the body timeout
-                    self._close_timer = self.loop.call_later(self.body_timeout_s, self._close)
+            if not keep_alive and self.expect_100_continue:  # the client waits for 100 before its body: none comes
+                self._close()
+            else:  # the body (if any) is discarded as it arrives; it must be in within the body timeout
+                self._close_timer = self.loop.call_later(self.body_timeout_s, self._close)
 
         def _close(self) -> None:
             if self._close_timer is not None:

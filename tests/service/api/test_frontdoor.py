@@ -78,7 +78,7 @@ def test_health_and_readiness_keep_the_connection_and_the_app_answers_after(mode
 
 
 @pytest.mark.parametrize("http", ["httptools", "h11"])
-def test_shed_answers_503_before_the_body_and_closes_cleanly(model_dir: Path, http: str) -> None:
+def test_shed_answers_503_before_the_body_and_the_connection_survives(model_dir: Path, http: str) -> None:
     with live_server(model_dir=model_dir, max_uploads=1,
                      uvicorn={"http": "h11"} if http == "h11" else None) as srv:
         holder = hold_upload_slot(srv.url)
@@ -89,14 +89,20 @@ def test_shed_answers_503_before_the_body_and_closes_cleanly(model_dir: Path, ht
             try:  # the head alone: the 503 comes before any of the body is sent
                 sock.sendall(f"POST {PATH} HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
                              f"Content-Length: {len(body)}\r\nX-Request-ID: shed-1\r\n\r\n".encode())
-                status, headers, raw = read_response(sock.makefile("rb"))
+                reader = sock.makefile("rb")
+                status, headers, raw = read_response(reader)
                 sock.sendall(body)
                 sock.settimeout(5)
-                if http == "httptools":  # stn serve's protocol reads and discards the body, then closes: no reset
-                    assert sock.recv(100) == b""
+                if http == "httptools":  # stn serve's protocol discards the body and keeps the connection:
+                    assert "connection" not in headers  # the client's next request (a retry) needs no new one
+                    sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+                    again, _, listing = read_response(reader)
+                    assert again == 200 and "affine" in listing.decode()
+                else:  # the ASGI door (any server) cannot discard a body: it closes
+                    assert headers["connection"] == "close"
             finally:
                 sock.close()
-            assert status == 503 and headers["retry-after"] == "1" and headers["connection"] == "close"
+            assert status == 503 and headers["retry-after"] == "1"
             assert headers["content-type"].startswith("application/problem+json")
             problem = json.loads(raw)
             assert "STN_MAX_UPLOADS" in problem["detail"] and problem["request_id"] == "shed-1"
@@ -112,6 +118,35 @@ def test_shed_answers_503_before_the_body_and_closes_cleanly(model_dir: Path, ht
         assert r.status_code == 200, r.text
         text = httpx.get(srv.url + "/metrics").text
         assert metric(text, "stn_requests_total", route="/v1/rectify", status="503") >= 1
+
+
+def test_a_shed_request_waiting_for_100_continue_is_closed_and_a_stalled_body_times_out(model_dir: Path) -> None:
+    with live_server(model_dir=model_dir, max_uploads=1, body_timeout_s=1.0) as srv:
+        holder = hold_upload_slot(srv.url)
+        try:
+            assert_wait(lambda: srv.state.admission.uploads == 1)
+            head = f"POST {PATH} HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 5000\r\n"
+            waiting = connect(srv.url)  # it sends no body until 100 Continue, which a shed never gets
+            stalled = connect(srv.url)  # it sends a piece of its body, then nothing
+            try:
+                waiting.sendall((head + "Expect: 100-continue\r\n\r\n").encode())
+                stalled.sendall((head + "\r\n").encode() + b"\x89PNG")
+                status, headers, _ = read_response(waiting.makefile("rb"))
+                assert status == 503 and headers["connection"] == "close"
+                waiting.settimeout(5)
+                assert waiting.recv(100) == b""  # closed at once, not after the body timeout
+                reader = stalled.makefile("rb")
+                status, headers, _ = read_response(reader)
+                assert status == 503 and "connection" not in headers
+                started = time.monotonic()
+                stalled.settimeout(10)
+                assert reader.read(1) == b""  # closed by the body timeout (1 s), not held open
+                assert time.monotonic() - started < 5
+            finally:
+                waiting.close()
+                stalled.close()
+        finally:
+            holder.close()
 
 
 def test_a_full_queue_is_shed_at_the_door_for_that_model_only(model_dir: Path) -> None:
@@ -134,6 +169,33 @@ def test_a_full_queue_is_shed_at_the_door_for_that_model_only(model_dir: Path) -
         finally:
             t.join(60)
         assert slow["r"].status_code == 200, slow["r"].text
+
+
+def test_requests_still_uploading_count_so_the_door_sheds_before_the_next_body(model_dir: Path) -> None:
+    """Two requests admitted and still sending their bodies fill a queue of 2: the third is shed at the door,
+    from its head alone (before: admission counted images only once a body was in, so the third got through
+    the door, was read, and only then answered 503 from the route)."""
+    with live_server(model_dir=model_dir, max_queue_size=2, max_uploads=8) as srv:
+        holders = [hold_upload_slot(srv.url) for _ in range(2)]
+        try:
+            assert_wait(lambda: srv.state.admission.uploads == 2)
+            assert metric(httpx.get(srv.url + "/metrics").text, "stn_queue_depth", model="affine") == 2
+            sock = connect(srv.url)
+            try:
+                sock.sendall(f"POST {PATH} HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                             "Content-Length: 100000\r\n\r\n".encode())  # no body is ever sent
+                status, headers, raw = read_response(sock.makefile("rb"))
+            finally:
+                sock.close()
+            assert status == 503 and "queue of model 'affine' is full (2 of 2" in json.loads(raw)["detail"]
+            assert srv.state.admission.uploads == 2  # it never became an upload
+        finally:
+            for h in holders:
+                h.close()
+        assert_wait(lambda: srv.state.inflight.get("affine", 0) == 0 and srv.state.admission.uploads == 0)
+        r = httpx.post(srv.url + "/v1/rectify", params={"model": "affine"}, content=png(16, 16),
+                       headers={"content-type": "image/png"}, timeout=60)
+        assert r.status_code == 200, r.text
 
 
 def assert_wait(cond, timeout: float = 10.0) -> None:  # noqa: ANN001
