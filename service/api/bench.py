@@ -173,6 +173,21 @@ def _bare_level(one, jpegs: list[bytes], c: int, duration: float, warmup: float)
 
 # ---- load generator ---------------------------------------------------------------------------------
 
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
+    """Read one HTTP/1.1 response with a Content-Length body: (status, whether the server keeps the connection)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length, keep = 0, True
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            length = int(value)
+        elif name == b"connection" and value.strip().lower() == b"close":
+            keep = False
+    await reader.readexactly(length)
+    return int(head[9:12]), keep
+
+
 async def closed_loop(host: str, port: int, path: str, bodies: list[bytes], concurrency: int, duration: float,
                 warmup: float, server_pid: int) -> Level:
     """Keep-alive HTTP/1.1 clients on raw sockets (a Python HTTP client library would be the bottleneck)."""
@@ -194,13 +209,7 @@ async def closed_loop(host: str, port: int, path: str, bodies: list[bytes], conc
                     return
                 writer.write(requests[i % len(requests)])
                 i += concurrency
-                head = await reader.readuntil(b"\r\n\r\n")
-                status = int(head[9:12])
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line[:15].lower() == b"content-length:":
-                        length = int(line[15:])
-                await reader.readexactly(length)
+                status, _ = await read_response(reader)
                 t1 = time.perf_counter()
                 if t0 >= measure_from and t1 <= stop_at:
                     lat.append(t1 - t0)
@@ -214,8 +223,13 @@ async def closed_loop(host: str, port: int, path: str, bodies: list[bytes], conc
 
 
 async def open_loop(host: str, port: int, path: str, bodies: list[bytes], rate: float, duration: float,
-                    warmup: float, server_pid: int | None = None) -> dict:
-    """Open-loop load: a new request every 1/``rate`` s (each on its own connection), whatever the answers.
+                    warmup: float, server_pid: int | None = None, connections: str = "new") -> dict:
+    """Open-loop load: a new request every 1/``rate`` s, whatever the answers.
+
+    ``connections``: ``"new"`` sends each request on a connection of its own (``Connection: close``:
+    a client that connects per request); ``"pool"`` sends it on an idle keep-alive connection when
+    there is one and opens one otherwise (what HTTP client libraries and load balancers do), closing
+    a connection the server marks ``Connection: close``.
 
     Returns goodput (200s completed in the measured window, per second), the 503s, other failures, and
     the latency of ``/healthz`` probed every 50 ms meanwhile; with ``server_pid``, also the server's CPU
@@ -223,26 +237,35 @@ async def open_loop(host: str, port: int, path: str, bodies: list[bytes], rate: 
     server's goodput per CPU-second (what other load on the machine barely moves).
     Bounded: at most ``rate * (warmup + duration)`` requests, each with a 60 s limit.
     """
+    if connections not in ("new", "pool"):
+        raise ValueError(f"connections must be 'new' or 'pool', not {connections!r}")
+    close = b"Connection: close\r\n" if connections == "new" else b""
     requests = [(f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: image/jpeg\r\n"
-                 f"Content-Length: {len(b)}\r\nConnection: close\r\n\r\n").encode() + b for b in bodies]
+                 f"Content-Length: {len(b)}\r\n").encode() + close + b"\r\n" + b for b in bodies]
     counts = {"ok": 0, "shed": 0, "other": 0}
     health: list[float] = []
+    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []  # pool mode: most recently used last
+    opened = [0]
     start = time.perf_counter()
     measure_from, stop_at = start + warmup, start + warmup + duration
 
     async def one(i: int) -> None:
+        status, keep, conn = 0, False, None
         try:
             async with asyncio.timeout(60):
-                reader, writer = await asyncio.open_connection(host, port)
-                try:
-                    writer.write(requests[i % len(requests)])
-                    head = await reader.readuntil(b"\r\n\r\n")
-                    status = int(head[9:12])
-                    await reader.read()
-                finally:
-                    writer.close()
-        except (OSError, TimeoutError, asyncio.IncompleteReadError):
-            status = 0
+                conn = idle.pop() if idle else None
+                if conn is None:
+                    conn = await asyncio.open_connection(host, port)
+                    opened[0] += 1
+                conn[1].write(requests[i % len(requests)])
+                status, keep = await read_response(conn[0])
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError):
+            status, keep = 0, False
+        if conn is not None:
+            if keep and connections == "pool" and time.perf_counter() < stop_at:
+                idle.append(conn)
+            else:
+                conn[1].close()
         t1 = time.perf_counter()
         if measure_from <= t1 <= stop_at:  # answers completed in the window (the queue is full by then)
             counts["ok" if status == 200 else "shed" if status == 503 else "other"] += 1
@@ -257,9 +280,11 @@ async def open_loop(host: str, port: int, path: str, bodies: list[bytes], rate: 
         i += 1
         await asyncio.sleep(max(0.0, start + i / rate - now))
     await asyncio.gather(*tasks, prober, *([marker] if marker else []))
+    for _, writer in idle:
+        writer.close()
     health.sort()
-    out = {"rate": round(rate, 1), "goodput": round(counts["ok"] / duration, 1), "shed_503": counts["shed"],
-           "failed": counts["other"], "health_p99_ms": round(1e3 * health[int(0.99 * (len(health) - 1))], 1),
+    out = {"rate": round(rate, 1), "connections": connections, "opened": opened[0],
+           "goodput": round(counts["ok"] / duration, 1), "shed_503": counts["shed"], "failed": counts["other"], "health_p99_ms": round(1e3 * health[int(0.99 * (len(health) - 1))], 1),
            "health_max_ms": round(1e3 * health[-1], 1), "health_probes": len(health)}
     if len(cpu_marks) == 2:
         (cpu0, loop0, me0), (cpu1, loop1, me1) = cpu_marks
@@ -388,10 +413,13 @@ def run(args: argparse.Namespace) -> int:
     unknown = set(targets) - {"bare", "service", "naive"}
     if unknown:
         raise SystemExit(f"unknown targets {sorted(unknown)}; choose from bare, service, naive")
+    modes = [m.strip() for m in str(getattr(args, "connections", "new")).split(",") if m.strip()]
+    if not modes or set(modes) - {"new", "pool"}:
+        raise SystemExit(f"--connections takes new and/or pool, not {args.connections!r}")
     taskset = ["taskset", "-c", args.server_cpus]
     py = sys.executable
     best: dict[tuple[str, int], dict] = {}
-    overload: dict | None = None
+    overloads: dict[str, dict] = {}  # connection mode -> open_loop's figures
     with tempfile.TemporaryDirectory(prefix="stn-bench-") as tmp:
         work = Path(tmp)
         model_dir, model, ckpt, desc = resolve_model(args.model_dir, work)
@@ -442,8 +470,9 @@ def run(args: argparse.Namespace) -> int:
             if args.overload and "service" in servers:  # 2x the best throughput measured above, open loop
                 proc, port = servers["service"]
                 rate = 2 * max(best[("service", c)]["throughput"] for c in conc)
-                overload = asyncio.run(open_loop("127.0.0.1", port, query, jpegs, rate, args.duration, args.warmup,
-                                                 proc.pid))
+                for mode in modes:
+                    overloads[mode] = asyncio.run(open_loop("127.0.0.1", port, query, jpegs, rate, args.duration,
+                                                            args.warmup, proc.pid, connections=mode))
         finally:
             for proc, _ in servers.values():
                 stop_server(proc)
@@ -460,19 +489,21 @@ def run(args: argparse.Namespace) -> int:
     sat = {t: max(best[(t, c)]["throughput"] for c in conc) for t in targets}
     eff = {t: max(best[(t, c)]["img_per_cpu_s"] for c in conc) for t in targets}
     summary: dict[str, object] = {}
-    if overload is not None:
-        print(f"overload: open-loop {overload['rate']} req/s (2x the service's saturation throughput) for "
+    for mode, overload in overloads.items():
+        how = "a new connection per request" if mode == "new" else "keep-alive connections reused"
+        print(f"overload ({how}): open-loop {overload['rate']} req/s (2x the service's saturation throughput) for "
               f"{args.duration:g}s: goodput {overload['goodput']} img/s, {overload['shed_503']} shed (503), "
-              f"{overload['failed']} failed; /healthz p99 {overload['health_p99_ms']} ms, max "
-              f"{overload['health_max_ms']} ms ({overload['health_probes']} probes)"
+              f"{overload['failed']} failed, {overload['opened']} connections opened; /healthz p99 "
+              f"{overload['health_p99_ms']} ms, max {overload['health_max_ms']} ms ({overload['health_probes']} probes)"
               + (f"; server cpu share {overload['cpu_share']} (event-loop thread {overload['loop_cpu_share']}), "
                  f"load generator {overload['client_cpu_share']}, goodput {overload['goodput_per_cpu_s']} img/cpu-s"
                  if "cpu_share" in overload else ""))
-        summary["overload_goodput_vs_saturation"] = round(overload["goodput"] / sat["service"], 3)
+        suffix = "" if mode == "new" else "_pool"  # the unsuffixed keys keep their meaning from earlier runs
+        summary[f"overload_goodput_vs_saturation{suffix}"] = round(overload["goodput"] / sat["service"], 3)
         if "goodput_per_cpu_s" in overload:  # the same ratio per CPU-second of the server: robust to other load
-            summary["overload_goodput_per_cpu_s_vs_saturation"] = round(
+            summary[f"overload_goodput_per_cpu_s_vs_saturation{suffix}"] = round(
                 overload["goodput_per_cpu_s"] / eff["service"], 3)
-        summary["overload"] = overload
+        summary[f"overload{suffix}"] = overload
     top = max(conc)
     for other in ("bare", "naive"):
         if "service" in sat and other in sat:
@@ -481,7 +512,7 @@ def run(args: argparse.Namespace) -> int:
             summary[f"throughput_service_vs_{other}_at_c{top}"] = round(
                 best[("service", top)]["throughput"] / best[(other, top)]["throughput"], 3)
     summary.update({f"{t}_img_per_s": v for t, v in sat.items()})
-    summary["goals"] = {"overload_goodput_vs_saturation": 0.9,
+    summary["goals"] = {"overload_goodput_vs_saturation": 0.9, "overload_goodput_vs_saturation_pool": 0.9,
                         "throughput_service_vs_bare": GOALS["service_vs_bare"],
                         "throughput_service_vs_naive": GOALS["service_vs_naive"]}
     print(json.dumps(summary))

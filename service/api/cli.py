@@ -64,6 +64,10 @@ def configure_bench_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overload", action="store_true", help="then offer the service 2x its saturation throughput, "
                                                           "open loop: goodput / saturation (goal >= 0.9) and "
                                                           "/healthz latency")
+    p.add_argument("--connections", default="new,pool",
+                   help="with --overload, comma-separated: new (a connection per request) and/or pool (keep-alive "
+                        "connections reused, as client libraries and load balancers do); one open-loop run each "
+                        "(default new,pool)")
 
 
 def run_bench_serve(args: argparse.Namespace) -> int:
