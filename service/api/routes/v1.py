@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -66,8 +67,17 @@ def upload_cost(model: ModelRuntime, data: bytes, filename: str, limits: images.
     return image_cost(info.in_channels, (h, w), output_size, grid)
 
 
-async def read_uploads(request: Request, state: ServiceState) -> list[tuple[str, bytes]]:
-    """(filename, bytes) of each image: multipart ``file`` parts or a raw ``image/*`` body; limits first."""
+PEEKS = (64 * 1024, 256 * 1024, 1024 * 1024, 4 * 1024 * 1024)  # bytes of a raw body at which its header is tried
+
+
+async def read_uploads(request: Request, state: ServiceState,
+                       header: Callable[[str, bytes], bool] | None = None) -> list[tuple[str, bytes]]:
+    """(filename, bytes) of each image: multipart ``file`` parts or a raw ``image/*`` body; limits first.
+
+    ``header(name, start)``: for a raw body still arriving, called with its first bytes once they
+    pass each of :data:`PEEKS` (at most four times) until it returns True: the image's header is in
+    them (sizes known), so admission can answer before the rest of the body is read.
+    """
     s = state.settings
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     length = request.headers.get("content-length")
@@ -112,13 +122,18 @@ async def read_uploads(request: Request, state: ServiceState) -> list[tuple[str,
                 images.check_bytes(int(length), state.limits, "the body")
             except images.ImageError as e:
                 raise _too_large(e) from None
-        chunks, total = [], 0
+        name = request.headers.get("x-filename") or "image"
+        chunks, total, peeks = [], 0, list(PEEKS) if header is not None else []
         async for chunk in request.stream():
             total += len(chunk)
             if total > s.max_upload_bytes:
                 raise Problem(413, f"the body exceeds {s.max_upload_bytes} bytes (STN_MAX_UPLOAD_BYTES)")
             chunks.append(chunk)
-        name = request.headers.get("x-filename") or "image"
+            if peeks and total >= peeks[0]:
+                while peeks and total >= peeks[0]:
+                    peeks.pop(0)
+                if header(name, b"".join(chunks)):
+                    peeks = []
         return [(name, b"".join(chunks))]
     raise Problem(415, f"content type {ctype or '(none)'!r} is not accepted: send multipart/form-data with "
                        "`file` parts, or a raw body with an image/* content type (e.g. image/jpeg)")
@@ -242,16 +257,36 @@ async def rectify(request: Request, state: StateDep) -> Response:
         points = geometry.parse_query(query.get("points"), query.get("boxes"), query.get("points_frame"))
     except ValueError as e:
         raise Problem(400, str(e)) from None
+    out = output_size or runtime.info.output_size
+
+    def what(n: int) -> str:
+        return f"{n} image(s) at size {out[1]}x{out[0]}"
+
     # admission before the body is read: a full queue, memory budget or upload count answers 503 at once
     async with state.admission.admit(runtime.name, body_bytes=body_cap(request, state)) as ticket:
+        grown = False
+
+        def header(name: str, start: bytes) -> bool:
+            """A raw body's image header is in: reserve its cost now (503/413 before the rest is read)."""
+            nonlocal grown
+            try:
+                cost = upload_cost(runtime, start, name, state.limits, out)
+            except Problem as e:
+                if e.status == 400:  # perhaps only the header's end is missing: decided once the body is in
+                    return False
+                raise
+            ticket.grow(1, cost, what(1), preparing=False)
+            grown = True
+            return True
+
         async with ticket.reading():
-            uploads = await read_uploads(request, state)
+            uploads = await read_uploads(request, state, header)
         if format != "json" and len(uploads) != 1:
             raise Problem(400, f"format={format} returns one image; send one file, or use format=json for "
                                f"{len(uploads)}")
-        out = output_size or runtime.info.output_size
-        cost = sum(upload_cost(runtime, data, f, state.limits, out) for f, data in uploads)
-        ticket.grow(len(uploads), cost, f"{len(uploads)} image(s) at size {out[1]}x{out[0]}", preparing=False)
+        if not grown:
+            cost = sum(upload_cost(runtime, data, f, state.limits, out) for f, data in uploads)
+            ticket.grow(len(uploads), cost, what(len(uploads)), preparing=False)
         try:
             async with ticket.watch(request), asyncio.timeout(state.settings.request_timeout_s):
                 results = await rectify_uploads(state, runtime, uploads, output_size, format, ticket, points)

@@ -90,6 +90,66 @@ def test_held_uploads_count_against_the_budget_503_not_413(model_dir: Path) -> N
         assert wait_for(lambda: srv.state.admission.reserved_bytes == 0)
 
 
+def noise_png(w: int, h: int) -> bytes:
+    """An RGB PNG of noise: about 3 bytes a pixel, so its body is much longer than its header."""
+    import numpy as np
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, "PNG",
+                                                                                               compress_level=1)
+    return buf.getvalue()
+
+
+def read_head_and_body(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    reader = sock.makefile("rb")
+    status = int(reader.readline().split()[1])
+    headers = {}
+    while (line := reader.readline()) not in (b"\r\n", b""):
+        k, v = line.decode("latin-1").split(":", 1)
+        headers[k.strip().lower()] = v.strip()
+    return status, headers, reader.read(int(headers["content-length"]))
+
+
+def test_a_raw_body_is_sized_from_its_header_503_and_413_before_the_rest_arrives(model_dir: Path) -> None:
+    """The memory an image will cost is reserved as soon as its header is in, not after the whole body."""
+    big = noise_png(1000, 1000)  # about 3 MB; decoded for the gray model, about 12 MB (image_cost)
+    head = ("POST /v1/rectify?model=affine{} HTTP/1.1\nHost: x\nContent-Type: image/png\n"
+            f"Content-Length: {len(big)}\n")
+    start, rest = big[:200_000], big[200_000:]
+    with live_server(model_dir=model_dir, memory_budget_mb=20, body_timeout_s=30) as srv:
+        first = raw_request(srv.url, head.format(""), start)  # fits alone: 3 MB of body + 12 MB of image
+        try:
+            assert wait_for(lambda: srv.state.admission.reserved_bytes > 12 * 2**20), srv.state.admission.reserved_bytes
+            second = raw_request(srv.url, head.format(""), start)  # its body fits, its image does not: 503
+            try:
+                second.settimeout(10)
+                status, headers, body = read_head_and_body(second)
+                assert status == 503 and "memory budget" in json.loads(body)["detail"], body
+                assert headers["retry-after"] == "1"
+                second.sendall(rest + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # the rest is discarded
+                assert read_head_and_body(second)[0] == 200  # and the connection serves the next request
+            finally:
+                second.close()
+            third = raw_request(srv.url, head.format("&size=2000x2000"), start)  # can never fit: 413
+            try:
+                third.settimeout(10)
+                status, _, body = read_head_and_body(third)
+                assert status == 413 and "STN_MEMORY_BUDGET_MB" in json.loads(body)["detail"], body
+            finally:
+                third.close()
+            first.sendall(rest)
+            first.settimeout(30)
+            status, headers, body = read_head_and_body(first)
+            assert status == 200, body[:300]
+        finally:
+            first.close()
+        assert wait_for(lambda: srv.state.admission.reserved_bytes == 0 and srv.state.admission.uploads == 0)
+        # a body too short to hold the whole header is decided once it is in, as before
+        r = httpx.post(srv.url + "/v1/rectify", params={"model": "affine"}, content=b"\x89PNG\r\n\x1a\n" + b"x" * 70_000,
+                       headers={"content-type": "image/png"}, timeout=30)
+        assert_problem(r, 400, "could not be read")
+
+
 def test_base_grid_cache_is_bounded_in_bytes(model_dir: Path) -> None:
     from service.runtime import GRID_CACHE_BYTES, SessionConfig, load_model_dir
 
