@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -18,7 +17,7 @@ from service import geometry, images, pipeline
 from service.api.admission import Ticket, image_cost
 from service.api.batcher import QueueFullError, QueueTimeoutError
 from service.api.errors import Problem
-from service.api.multipart import parse_form
+from service.api.multipart import HeaderCallback, parse_form
 from service.api.state import AuthDep, ServiceState, StateDep
 from service.runtime import ModelRuntime
 
@@ -71,12 +70,13 @@ PEEKS = (64 * 1024, 256 * 1024, 1024 * 1024, 4 * 1024 * 1024)  # bytes of a raw 
 
 
 async def read_uploads(request: Request, state: ServiceState,
-                       header: Callable[[str, bytes], bool] | None = None) -> list[tuple[str, bytes]]:
+                       header: HeaderCallback | None = None) -> list[tuple[str, bytes]]:
     """(filename, bytes) of each image: multipart ``file`` parts or a raw ``image/*`` body; limits first.
 
-    ``header(name, start)``: for a raw body still arriving, called with its first bytes once they
-    pass each of :data:`PEEKS` (at most four times) until it returns True: the image's header is in
-    them (sizes known), so admission can answer before the rest of the body is read.
+    ``header(index, name, start)``: for each image still arriving (the ``index``-th of the
+    returned list), called with its first bytes once they pass each of :data:`PEEKS` (at most
+    four times) until it returns True: the image's header is in them (sizes known), so admission
+    can answer before the rest of the body is read. What it raises ends the read.
     """
     s = state.settings
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -87,8 +87,8 @@ async def read_uploads(request: Request, state: ServiceState,
             raise Problem(413, f"the request is {length} bytes; at most {s.max_files} files of "
                                f"{s.max_upload_bytes} bytes each are accepted")
         try:
-            form = await parse_form(request, max_files=s.max_files + 1, max_fields=100)
-        except ClientDisconnect:
+            form = await parse_form(request, max_files=s.max_files + 1, max_fields=100, header=header, peeks=PEEKS)
+        except (ClientDisconnect, Problem):
             raise
         except Exception as e:  # noqa: BLE001 (multipart parse errors)
             detail = getattr(e, "detail", str(e))
@@ -132,7 +132,7 @@ async def read_uploads(request: Request, state: ServiceState,
             if peeks and total >= peeks[0]:
                 while peeks and total >= peeks[0]:
                     peeks.pop(0)
-                if header(name, b"".join(chunks)):
+                if header(0, name, b"".join(chunks)):
                     peeks = []
         return [(name, b"".join(chunks))]
     raise Problem(415, f"content type {ctype or '(none)'!r} is not accepted: send multipart/form-data with "
@@ -264,19 +264,18 @@ async def rectify(request: Request, state: StateDep) -> Response:
 
     # admission before the body is read: a full queue, memory budget or upload count answers 503 at once
     async with state.admission.admit(runtime.name, body_bytes=body_cap(request, state)) as ticket:
-        grown = False
+        grown: set[int] = set()  # uploads whose cost is reserved while the body arrived
 
-        def header(name: str, start: bytes) -> bool:
-            """A raw body's image header is in: reserve its cost now (503/413 before the rest is read)."""
-            nonlocal grown
+        def header(index: int, name: str, start: bytes) -> bool:
+            """An image's header is in: reserve its cost now (503/413 before the rest of the body is read)."""
             try:
                 cost = upload_cost(runtime, start, name, state.limits, out)
             except Problem as e:
                 if e.status == 400:  # perhaps only the header's end is missing: decided once the body is in
                     return False
                 raise
-            ticket.grow(1, cost, what(1), preparing=False)
-            grown = True
+            ticket.grow(1, cost, what(len(grown) + 1), preparing=False)
+            grown.add(index)
             return True
 
         async with ticket.reading():
@@ -284,9 +283,10 @@ async def rectify(request: Request, state: StateDep) -> Response:
         if format != "json" and len(uploads) != 1:
             raise Problem(400, f"format={format} returns one image; send one file, or use format=json for "
                                f"{len(uploads)}")
-        if not grown:
-            cost = sum(upload_cost(runtime, data, f, state.limits, out) for f, data in uploads)
-            ticket.grow(len(uploads), cost, what(len(uploads)), preparing=False)
+        rest = [(f, data) for i, (f, data) in enumerate(uploads) if i not in grown]
+        if rest:
+            cost = sum(upload_cost(runtime, data, f, state.limits, out) for f, data in rest)
+            ticket.grow(len(rest), cost, what(len(uploads)), preparing=False)
         try:
             async with ticket.watch(request), asyncio.timeout(state.settings.request_timeout_s):
                 results = await rectify_uploads(state, runtime, uploads, output_size, format, ticket, points)

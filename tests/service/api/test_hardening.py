@@ -110,11 +110,16 @@ def read_head_and_body(sock: socket.socket) -> tuple[int, dict[str, str], bytes]
     return status, headers, reader.read(int(headers["content-length"]))
 
 
-def test_a_raw_body_is_sized_from_its_header_503_and_413_before_the_rest_arrives(model_dir: Path) -> None:
+@pytest.mark.parametrize("kind", ["raw", "multipart"])
+def test_a_body_is_sized_from_its_image_header_503_and_413_before_the_rest_arrives(model_dir: Path,
+                                                                                    kind: str) -> None:
     """The memory an image will cost is reserved as soon as its header is in, not after the whole body."""
     big = noise_png(1000, 1000)  # about 3 MB; decoded for the gray model, about 12 MB (image_cost)
-    head = ("POST /v1/rectify?model=affine{} HTTP/1.1\nHost: x\nContent-Type: image/png\n"
-            f"Content-Length: {len(big)}\n")
+    if kind == "multipart":
+        big = (b'--BOUNDARY\r\nContent-Disposition: form-data; name="file"; filename="noise.png"\r\n'
+               b"Content-Type: image/png\r\n\r\n" + big + b"\r\n--BOUNDARY--\r\n")
+    ctype = "image/png" if kind == "raw" else "multipart/form-data; boundary=BOUNDARY"
+    head = f"POST /v1/rectify?model=affine{{}} HTTP/1.1\nHost: x\nContent-Type: {ctype}\nContent-Length: {len(big)}\n"
     start, rest = big[:200_000], big[200_000:]
     with live_server(model_dir=model_dir, memory_budget_mb=20, body_timeout_s=30) as srv:
         first = raw_request(srv.url, head.format(""), start)  # fits alone: 3 MB of body + 12 MB of image
@@ -148,6 +153,18 @@ def test_a_raw_body_is_sized_from_its_header_503_and_413_before_the_rest_arrives
         r = httpx.post(srv.url + "/v1/rectify", params={"model": "affine"}, content=b"\x89PNG\r\n\x1a\n" + b"x" * 70_000,
                        headers={"content-type": "image/png"}, timeout=30)
         assert_problem(r, 400, "could not be read")
+
+
+def test_images_sized_early_and_at_the_end_are_each_reserved_once(model_dir: Path) -> None:
+    """A small file (sized once the body is in) and a large one (sized from its first bytes) in one request:
+    each image's cost is reserved once (twice would not fit the budget: 413)."""
+    big = noise_png(1000, 1000)  # 3 MB body + 12 MB decoded (15e6 bytes); with the image twice (27e6) over 24 MiB
+    with live_server(model_dir=model_dir, memory_budget_mb=24) as srv:
+        r = httpx.post(srv.url + "/v1/rectify", params={"model": "affine"}, timeout=60,
+                       files=[("file", ("small.png", png(8, 8), "image/png")), ("file", ("big.png", big, "image/png"))])
+        assert r.status_code == 200, r.text
+        assert [(res["filename"], res["input_width"]) for res in r.json()["results"]] == [("small.png", 8), ("big.png", 1000)]
+        assert wait_for(lambda: srv.state.admission.reserved_bytes == 0 and srv.state.inflight.get("affine") == 0)
 
 
 def test_base_grid_cache_is_bounded_in_bytes(model_dir: Path) -> None:
