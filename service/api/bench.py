@@ -284,7 +284,8 @@ async def open_loop(host: str, port: int, path: str, bodies: list[bytes], rate: 
         writer.close()
     health.sort()
     out = {"rate": round(rate, 1), "connections": connections, "opened": opened[0],
-           "goodput": round(counts["ok"] / duration, 1), "shed_503": counts["shed"], "failed": counts["other"], "health_p99_ms": round(1e3 * health[int(0.99 * (len(health) - 1))], 1),
+           "goodput": round(counts["ok"] / duration, 1), "shed_503": counts["shed"], "failed": counts["other"],
+           "health_p99_ms": round(1e3 * health[int(0.99 * (len(health) - 1))], 1),
            "health_max_ms": round(1e3 * health[-1], 1), "health_probes": len(health)}
     if len(cpu_marks) == 2:
         (cpu0, loop0, me0), (cpu1, loop1, me1) = cpu_marks

@@ -66,7 +66,7 @@ def upload_cost(model: ModelRuntime, data: bytes, filename: str, limits: images.
     return image_cost(info.in_channels, (h, w), output_size, grid)
 
 
-PEEKS = (64 * 1024, 256 * 1024, 1024 * 1024, 4 * 1024 * 1024)  # bytes of a raw body at which its header is tried
+PEEKS = (64 * 1024, 256 * 1024, 1024 * 1024, 4 * 1024 * 1024)  # bytes of an image arriving at which its header is tried
 
 
 async def read_uploads(request: Request, state: ServiceState,
