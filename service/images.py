@@ -74,6 +74,77 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
+_JPEG_SOF = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
+_JPEG_STANDALONE = frozenset((0x01, *range(0xD0, 0xD9)))  # TEM, RSTn, SOI: no length
+MAX_JPEG_SEGMENTS = 1024  # segments read before the scan; beyond them the header is left to Pillow
+_BMP_INFO_SIZES = frozenset((40, 52, 56, 64, 108, 124))
+
+
+def declared_size(data: bytes, fmt: str) -> tuple[int, int] | None:
+    """(width, height) as the header of a ``fmt`` image (:func:`sniff_format`) declares it, read in bounded
+    time, or None when this reader cannot tell (a layout it does not know, or ``data`` cut short):
+    then Pillow's header reader decides. The same size Pillow reports (tests compare them).
+
+    Pillow reads every PNG chunk and every JPEG segment before the image data in Python: 19 MB of
+    empty PNG chunks held the server's event loop for 4.3 s (docs/BENCHMARKS.md, "Sizing images without stalling the event loop").
+    This reads a fixed place (PNG's IHDR, WebP's VP8/VP8L/VP8X, BMP's info header) or walks at most
+    :data:`MAX_JPEG_SEGMENTS` JPEG segments to the scan, keeping the last frame header, as Pillow does.
+    """
+    n = len(data)
+    if fmt == "PNG":
+        if n >= 24 and data[12:16] == b"IHDR":
+            return struct.unpack(">II", data[16:24])
+        return None
+    if fmt == "WEBP":
+        kind = data[12:16]
+        if kind == b"VP8 " and n >= 30 and data[23:26] == b"\x9d\x01\x2a":
+            w, h = struct.unpack("<HH", data[26:30])
+            return w & 0x3FFF, h & 0x3FFF
+        if kind == b"VP8L" and n >= 25 and data[20] == 0x2F:
+            bits = int.from_bytes(data[21:25], "little")
+            return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+        if kind == b"VP8X" and n >= 30:
+            return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
+        return None
+    if fmt == "BMP":
+        if n < 26:
+            return None
+        info = int.from_bytes(data[14:18], "little")
+        if info == 12:
+            return struct.unpack("<HH", data[18:22])
+        if info in _BMP_INFO_SIZES:
+            w, h = struct.unpack("<ii", data[18:26])
+            return (w, abs(h)) if w > 0 and h not in (0, -(2**31)) else None
+        return None
+    if fmt == "JPEG":
+        pos, size = 2, None
+        for _ in range(MAX_JPEG_SEGMENTS):
+            if pos + 4 > n or data[pos] != 0xFF:
+                return None
+            marker = data[pos + 1]
+            if marker == 0xFF:  # a fill byte before the marker
+                pos += 1
+                continue
+            if marker in _JPEG_STANDALONE:
+                pos += 2
+                continue
+            if marker == 0xDA:  # start of scan: the last frame header before it is the size
+                return size
+            if marker == 0xD9:
+                return None
+            length = (data[pos + 2] << 8) | data[pos + 3]
+            if length < 2:
+                return None
+            if marker in _JPEG_SOF:
+                if pos + 9 > n:
+                    return None
+                h, w = struct.unpack(">HH", data[pos + 5:pos + 9])
+                size = (w, h) if h else None  # height 0: defined later (DNL); Pillow decides
+            pos += 2 + length
+        return None
+    return None
+
+
 @dataclass(frozen=True)
 class Limits:
     max_bytes: int = 20 * 1024 * 1024  # encoded size of one image
@@ -84,6 +155,45 @@ class Limits:
 def check_bytes(n: int, limits: Limits, what: str = "image") -> None:
     if n > limits.max_bytes:
         raise ImageTooLargeError(f"{what} is {n} bytes; the limit is {limits.max_bytes} bytes (STN_MAX_UPLOAD_BYTES)")
+
+
+def _format_error(data: bytes, limits: Limits, filename: str) -> ImageError:
+    """UnsupportedFormatError (415) for a known format the settings leave out, else BadImageError."""
+    accepted = ", ".join(_FORMAT_NAMES.get(f, f) for f in limits.formats)
+    known = sniff_format(data)
+    if known and known not in limits.formats:
+        return UnsupportedFormatError(f"{filename} is {_FORMAT_NAMES[known]}, which this server does not accept; "
+                                      f"send {accepted} (STN_IMAGE_FORMATS)")
+    return BadImageError(f"{filename} is not a supported image; send {accepted}")
+
+
+def _accepted_format(data: bytes, limits: Limits, filename: str) -> str:
+    """The upload's format (:func:`sniff_format`) when this server accepts it, else :func:`_format_error`."""
+    known = sniff_format(data)
+    if known is None or known not in limits.formats:
+        raise _format_error(data, limits, filename)
+    return known
+
+
+def _check_size(w: int, h: int, limits: Limits, filename: str) -> None:
+    if w < 1 or h < 1:
+        raise BadImageError(f"{filename} declares an empty size {w}x{h}")
+    if w * h > limits.max_pixels:
+        raise ImageTooLargeError(
+            f"{filename} is {w}x{h} = {w * h} pixels; the limit is {limits.max_pixels} pixels (STN_MAX_IMAGE_PIXELS)")
+
+
+def header_size(data: bytes, limits: Limits, filename: str = "image") -> tuple[int, int] | None:
+    """The declared (width, height) of an upload, in bounded time (:func:`declared_size`), with the checks
+    :func:`open_checked` makes of it (bytes, format, pixel count); None when only Pillow can tell
+    (then :func:`open_checked`, off the event loop). Nothing is decoded."""
+    check_bytes(len(data), limits, filename)
+    if not data:
+        raise BadImageError(f"{filename} is empty")
+    size = declared_size(data, _accepted_format(data, limits, filename))
+    if size is not None:
+        _check_size(*size, limits, filename)
+    return size
 
 
 def open_checked(data: bytes, limits: Limits, filename: str = "image") -> Image.Image:
@@ -97,20 +207,10 @@ def open_checked(data: bytes, limits: Limits, filename: str = "image") -> Image.
         raise ImageTooLargeError(f"{filename} declares more than {limits.max_pixels} pixels, the limit "
                                  "(STN_MAX_IMAGE_PIXELS)") from None
     except UnidentifiedImageError:
-        accepted = ", ".join(_FORMAT_NAMES.get(f, f) for f in limits.formats)
-        known = sniff_format(data)
-        if known and known not in limits.formats:
-            raise UnsupportedFormatError(f"{filename} is {_FORMAT_NAMES[known]}, which this server does not accept; "
-                                         f"send {accepted} (STN_IMAGE_FORMATS)") from None
-        raise BadImageError(f"{filename} is not a supported image; send {accepted}") from None
+        raise _format_error(data, limits, filename) from None
     except Exception as e:  # truncated headers raise all sorts
         raise BadImageError(f"{filename} could not be read: {type(e).__name__}: {e}") from None
-    w, h = img.size
-    if w < 1 or h < 1:
-        raise BadImageError(f"{filename} declares an empty size {w}x{h}")
-    if w * h > limits.max_pixels:
-        raise ImageTooLargeError(
-            f"{filename} is {w}x{h} = {w * h} pixels; the limit is {limits.max_pixels} pixels (STN_MAX_IMAGE_PIXELS)")
+    _check_size(*img.size, limits, filename)
     return img
 
 
@@ -245,9 +345,16 @@ def to_channels(array: np.ndarray, channels: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([rgb, alpha], axis=-3), np.float32)
 
 
-def decode(data: bytes, limits: Limits, filename: str = "image") -> Decoded:
-    """Bytes -> :class:`Decoded` in the upload's own colour; raises BadImageError / ImageTooLargeError."""
+def decode(data: bytes, limits: Limits, filename: str = "image", declared: tuple[int, int] | None = None) -> Decoded:
+    """Bytes -> :class:`Decoded` in the upload's own colour; raises BadImageError / ImageTooLargeError.
+
+    ``declared``: the (width, height) the caller sized the image by (:func:`header_size`); Pillow's
+    header must agree before any pixel is decoded (what was reserved is what is decoded).
+    """
     img = open_checked(data, limits, filename)
+    if declared is not None and img.size != tuple(declared):
+        raise BadImageError(f"{filename}'s header declares {declared[0]}x{declared[1]} pixels where the decoder "
+                            f"reads {img.size[0]}x{img.size[1]}: a malformed image")
     try:
         return to_array(img, data)
     except ImageError:

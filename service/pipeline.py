@@ -85,9 +85,11 @@ def prepare_array(model: ModelRuntime, array: np.ndarray, filename: str = "image
     return Prepared(filename, image, loc, bits)
 
 
-def prepare(model: ModelRuntime, data: bytes, limits: images.Limits, filename: str = "image") -> Prepared:
-    """Check limits, decode in the upload's own colour, resize, convert and normalize (the CPU-heavy front half)."""
-    decoded = images.decode(data, limits, filename)
+def prepare(model: ModelRuntime, data: bytes, limits: images.Limits, filename: str = "image",
+            declared: tuple[int, int] | None = None) -> Prepared:
+    """Check limits, decode in the upload's own colour, resize, convert and normalize (the CPU-heavy front half).
+    ``declared``: see :func:`service.images.decode`."""
+    decoded = images.decode(data, limits, filename, declared)
     return prepare_array(model, decoded.array, filename, decoded.bits)
 
 

@@ -54,16 +54,28 @@ def body_cap(request: Request, state: ServiceState) -> int:
     return min(int(length), cap) if length.isdigit() else cap
 
 
-def upload_cost(model: ModelRuntime, data: bytes, filename: str, limits: images.Limits,
-                output_size: tuple[int, int]) -> int:
-    """:func:`service.api.admission.image_cost` of one upload, from its header (Problem 400/413 when bad)."""
+def declared_size(data: bytes, filename: str, limits: images.Limits) -> tuple[int, int] | None:
+    """(width, height) from an upload's header in bounded time, on the event loop (Problem 400/413/415 when
+    bad); None when only Pillow's header reader can tell: then :func:`opened_size`, on a worker thread."""
     try:
-        w, h = images.open_checked(data, limits, filename).size
+        return images.header_size(data, limits, filename)
     except images.ImageError as e:
         raise _too_large(e) from None
+
+
+def opened_size(data: bytes, filename: str, limits: images.Limits) -> tuple[int, int]:
+    """(width, height) from Pillow's header reader (Python over every chunk before the pixels: not on the loop)."""
+    try:
+        return images.open_checked(data, limits, filename).size
+    except images.ImageError as e:
+        raise _too_large(e) from None
+
+
+def size_cost(model: ModelRuntime, size: tuple[int, int], output_size: tuple[int, int]) -> int:
+    """:func:`service.api.admission.image_cost` of a (width, height) upload for ``model``."""
     info = model.info
     grid = info.tps_grid[0] * info.tps_grid[1] if info.transform == "tps" else 3
-    return image_cost(info.in_channels, (h, w), output_size, grid)
+    return image_cost(info.in_channels, (size[1], size[0]), output_size, grid)
 
 
 PEEKS = (64 * 1024, 256 * 1024, 1024 * 1024, 4 * 1024 * 1024)  # bytes of an image arriving at which its header is tried
@@ -156,7 +168,8 @@ def image_headers(model: ModelRuntime, result: pipeline.Rectified,
 
 async def rectify_uploads(state: ServiceState, model: ModelRuntime, uploads: list[tuple[str, bytes]],
                           output_size: tuple[int, int] | None, fmt: str, ticket: Ticket,
-                          query: geometry.Query | None = None) -> list[Any]:
+                          query: geometry.Query | None = None,
+                          declared: list[tuple[int, int]] | None = None) -> list[Any]:
     """Decode in parallel, localise through the dynamic batcher, then sample, encode and describe in parallel,
     holding room in the server's work window (``state.window``) from the decode to the encode.
 
@@ -167,9 +180,9 @@ async def rectify_uploads(state: ServiceState, model: ModelRuntime, uploads: lis
     prepare_time = state.metrics.compute_time.labels(name, "prepare")
     rectify_time = state.metrics.compute_time.labels(name, "rectify")
 
-    def prepare(filename: str, data: bytes) -> pipeline.Prepared:
+    def prepare(filename: str, data: bytes, size: tuple[int, int] | None) -> pipeline.Prepared:
         t0 = time.perf_counter()
-        p = pipeline.prepare(model, data, state.limits, filename)
+        p = pipeline.prepare(model, data, state.limits, filename, size)
         prepare_time.observe(time.perf_counter() - t0)
         return p
 
@@ -184,10 +197,12 @@ async def rectify_uploads(state: ServiceState, model: ModelRuntime, uploads: lis
     async with state.window.hold(len(uploads)):  # admitted images are decoded a window at a time
         ticket.start_preparing(len(uploads))
         try:
+            sizes = declared or [None] * len(uploads)
             if len(uploads) == 1:
-                prepared = [await workers.run(prepare, *uploads[0])]
+                prepared = [await workers.run(prepare, *uploads[0], sizes[0])]
             else:
-                prepared = await asyncio.gather(*(workers.run(prepare, f, d) for f, d in uploads),
+                prepared = await asyncio.gather(*(workers.run(prepare, f, d, size)
+                                                  for (f, d), size in zip(uploads, sizes, strict=True)),
                                                 return_exceptions=True)
                 for p in prepared:
                     if isinstance(p, BaseException):
@@ -264,18 +279,20 @@ async def rectify(request: Request, state: StateDep) -> Response:
 
     # admission before the body is read: a full queue, memory budget or upload count answers 503 at once
     async with state.admission.admit(runtime.name, body_bytes=body_cap(request, state)) as ticket:
-        grown: set[int] = set()  # uploads whose cost is reserved while the body arrived
+        sizes: dict[int, tuple[int, int]] = {}  # upload index -> declared (width, height), its cost reserved
 
         def header(index: int, name: str, start: bytes) -> bool:
             """An image's header is in: reserve its cost now (503/413 before the rest of the body is read)."""
             try:
-                cost = upload_cost(runtime, start, name, state.limits, out)
+                size = declared_size(start, name, state.limits)
             except Problem as e:
                 if e.status == 400:  # perhaps only the header's end is missing: decided once the body is in
                     return False
                 raise
-            ticket.grow(1, cost, what(len(grown) + 1), preparing=False)
-            grown.add(index)
+            if size is None:
+                return False
+            ticket.grow(1, size_cost(runtime, size, out), what(len(sizes) + 1), preparing=False)
+            sizes[index] = size
             return True
 
         async with ticket.reading():
@@ -283,13 +300,18 @@ async def rectify(request: Request, state: StateDep) -> Response:
         if format != "json" and len(uploads) != 1:
             raise Problem(400, f"format={format} returns one image; send one file, or use format=json for "
                                f"{len(uploads)}")
-        rest = [(f, data) for i, (f, data) in enumerate(uploads) if i not in grown]
+        rest = {i: declared_size(data, f, state.limits) for i, (f, data) in enumerate(uploads) if i not in sizes}
+        for i, size in rest.items():
+            if size is None:  # a layout the bounded reader does not know: Pillow's reader, off the event loop
+                rest[i] = await state.workers.run(opened_size, uploads[i][1], uploads[i][0], state.limits)
         if rest:
-            cost = sum(upload_cost(runtime, data, f, state.limits, out) for f, data in rest)
+            cost = sum(size_cost(runtime, size, out) for size in rest.values())
             ticket.grow(len(rest), cost, what(len(uploads)), preparing=False)
+            sizes.update(rest)
         try:
             async with ticket.watch(request), asyncio.timeout(state.settings.request_timeout_s):
-                results = await rectify_uploads(state, runtime, uploads, output_size, format, ticket, points)
+                results = await rectify_uploads(state, runtime, uploads, output_size, format, ticket, points,
+                                                [sizes[i] for i in range(len(uploads))])
         except (TimeoutError, QueueTimeoutError):
             raise Problem(503, f"no result within {state.settings.request_timeout_s:g}s (STN_REQUEST_TIMEOUT_S); "
                                "the server is overloaded, retry later", {"Retry-After": "1"}) from None

@@ -167,6 +167,39 @@ def test_images_sized_early_and_at_the_end_are_each_reserved_once(model_dir: Pat
         assert wait_for(lambda: srv.state.admission.reserved_bytes == 0 and srv.state.inflight.get("affine") == 0)
 
 
+def test_an_image_with_a_long_header_does_not_stall_the_event_loop(model_dir: Path) -> None:
+    """A valid PNG with 8 MB of empty chunks before its pixels: Pillow's header reader walks them in Python
+    for about 2 s. Sized on the event loop (as before), /healthz waited that long; now the size is read from
+    the IHDR and Pillow's walk happens on a worker thread, which the loop preempts."""
+    import threading
+
+    from test_header_size import spam_png
+
+    data = spam_png(8)
+    with live_server(model_dir=model_dir) as srv:
+        latencies: list[float] = []
+        done = threading.Event()
+
+        def probe() -> None:
+            with httpx.Client(base_url=srv.url, timeout=30) as client:
+                while not done.is_set():
+                    t0 = time.perf_counter()
+                    assert client.get("/healthz").status_code == 200
+                    latencies.append(time.perf_counter() - t0)
+                    time.sleep(0.02)
+
+        prober = threading.Thread(target=probe)
+        prober.start()
+        try:
+            r = httpx.post(srv.url + "/v1/rectify", params={"model": "affine", "format": "png"}, content=data,
+                           headers={"content-type": "image/png"}, timeout=120)
+        finally:
+            done.set()
+            prober.join(30)
+        assert r.status_code == 200, r.text
+        assert len(latencies) > 5 and max(latencies) < 1.0, f"/healthz took up to {max(latencies):.2f} s"
+
+
 def test_base_grid_cache_is_bounded_in_bytes(model_dir: Path) -> None:
     from service.runtime import GRID_CACHE_BYTES, SessionConfig, load_model_dir
 

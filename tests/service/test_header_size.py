@@ -1,0 +1,144 @@
+"""images.declared_size / header_size: the size an upload declares, read in bounded time, must be Pillow's.
+
+Admission reserves memory by this size before any pixel is decoded, and the decoder refuses an image whose
+Pillow header disagrees, so a wrong size here would be a 400 for a good image. Compared with Pillow on every
+format and variant the server accepts, on crafted layouts, and on every prefix of the files (a body still
+arriving): a prefix gives the size or None, never another size.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service import images
+from service.images import declared_size, header_size, sniff_format
+
+LIMITS = images.Limits(formats=("JPEG", "PNG", "WEBP", "BMP", "TIFF"))
+
+
+def noise(mode: str, w: int, h: int) -> Image.Image:
+    rgb = Image.fromarray(np.random.default_rng(w * h).integers(0, 256, (h, w, 3), dtype=np.uint8))
+    if mode == "RGB":
+        return rgb
+    if mode == "P":
+        return rgb.quantize(16)
+    return rgb.convert(mode)
+
+
+def save(img: Image.Image, fmt: str, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def corpus() -> dict[str, bytes]:
+    files: dict[str, bytes] = {}
+    for w, h in ((1, 1), (17, 5), (640, 480), (3, 1000)):
+        for mode in ("1", "L", "P", "RGB", "RGBA", "I;16"):
+            files[f"png-{mode}-{w}x{h}"] = save(noise(mode, w, h), "PNG")
+        for mode in ("L", "RGB", "CMYK"):
+            files[f"jpeg-{mode}-{w}x{h}"] = save(noise(mode, w, h), "JPEG")
+        files[f"jpeg-progressive-{w}x{h}"] = save(noise("RGB", w, h), "JPEG", progressive=True, quality=90)
+        exif = Image.Exif()
+        exif[0x0112] = 6  # orientation: the size is the stored one, the decoder rotates
+        files[f"jpeg-exif-icc-{w}x{h}"] = save(noise("RGB", w, h), "JPEG", exif=exif,
+                                              icc_profile=bytes(range(256)) * 600)  # 150 kB: several APP2s
+        for mode, kw in (("RGB", {}), ("RGB", {"lossless": True}), ("RGBA", {}), ("RGBA", {"lossless": True})):
+            files[f"webp-{mode}-{'lossless' if kw else 'lossy'}-{w}x{h}"] = save(noise(mode, w, h), "WEBP", **kw)
+        frames = [noise("RGB", w, h), noise("RGB", w, h).transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+        files[f"webp-animated-{w}x{h}"] = save(frames[0], "WEBP", save_all=True, append_images=frames[1:])
+        for mode in ("1", "L", "P", "RGB", "RGBA"):
+            files[f"bmp-{mode}-{w}x{h}"] = save(noise(mode, w, h), "BMP")
+        files[f"tiff-{w}x{h}"] = save(noise("RGB", w, h), "TIFF")
+    # crafted layouts
+    base = files["jpeg-RGB-17x5"]
+    sof = base.index(b"\xff\xc0")
+    fake = bytearray(base[sof:sof + 2 + int.from_bytes(base[sof + 2:sof + 4], "big")])
+    fake[5:9] = struct.pack(">HH", 4000, 3000)  # a first frame header of another size: Pillow keeps the last
+    files["jpeg-two-frame-headers"] = base[:sof] + bytes(fake) + base[sof:]
+    comment = b"\xff\xfe" + struct.pack(">H", 2 + 9) + b"\xff\xc0\x00\x11\x08\x0f\xa0\x0b\xb8"  # a SOF inside a COM
+    files["jpeg-sof-bytes-in-a-comment"] = base[:2] + comment + base[2:]
+    files["jpeg-fill-bytes"] = base[:2] + b"\xff\xff\xff" + base[2:]
+    bmp = bytearray(files["bmp-RGB-17x5"])
+    bmp[22:26] = struct.pack("<i", -5)  # top-down rows
+    files["bmp-top-down"] = bytes(bmp)
+    row = b"\x00\x00\xff" * 3 + b"\x00\x00\x00"  # OS/2 1.x core header: 3x2, 24 bits
+    files["bmp-os2-core"] = (b"BM" + struct.pack("<IHHI", 14 + 12 + 2 * len(row), 0, 0, 26)
+                             + struct.pack("<IHHHH", 12, 3, 2, 1, 24) + row * 2)
+    return files
+
+
+FILES = corpus()
+
+
+@pytest.mark.parametrize("name", sorted(FILES))
+def test_the_declared_size_is_pillows(name: str) -> None:
+    data = FILES[name]
+    with Image.open(io.BytesIO(data)) as im:
+        want = im.size
+    fmt = sniff_format(data)
+    got = declared_size(data, fmt)
+    if fmt == "TIFF":  # left to Pillow (its directory can be anywhere in the file)
+        assert got is None and header_size(data, LIMITS, name) is None
+        return
+    assert got == want, (name, got, want)
+    assert header_size(data, LIMITS, name) == want
+
+
+@pytest.mark.parametrize("name", sorted(FILES))
+def test_a_prefix_gives_the_size_or_nothing(name: str) -> None:
+    data = FILES[name]
+    with Image.open(io.BytesIO(data)) as im:
+        want = im.size
+    cuts = sorted({*range(0, min(len(data), 600), 7), *range(0, len(data), max(1, len(data) // 50)), len(data) - 1})
+    for cut in cuts:
+        try:
+            got = header_size(data[:cut], LIMITS, name)
+        except images.BadImageError:  # too short to tell the format
+            assert cut < 12 or sniff_format(data[:cut]) is None, cut
+            continue
+        assert got in (None, want), (cut, got, want)
+
+
+def test_limits_apply_to_the_declared_size() -> None:
+    ihdr = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + struct.pack(">IIBBBBB", 9000, 9000, 8, 0, 0, 0, 0)
+    with pytest.raises(images.ImageTooLargeError, match="STN_MAX_IMAGE_PIXELS"):
+        header_size(ihdr, LIMITS)
+    empty = ihdr[:16] + struct.pack(">II", 0, 7) + ihdr[24:]
+    with pytest.raises(images.BadImageError, match="empty size"):
+        header_size(empty, LIMITS)
+    with pytest.raises(images.UnsupportedFormatError, match="STN_IMAGE_FORMATS"):
+        header_size(FILES["tiff-17x5"], images.Limits())
+    with pytest.raises(images.ImageTooLargeError, match="STN_MAX_UPLOAD_BYTES"):
+        header_size(FILES["png-RGB-640x480"], images.Limits(max_bytes=1000))
+
+
+def test_a_header_that_disagrees_with_the_decoder_is_refused_before_decoding() -> None:
+    data = FILES["png-L-17x5"]
+    with pytest.raises(images.BadImageError, match="declares 17x6"):
+        images.decode(data, LIMITS, "x.png", declared=(17, 6))
+    assert images.decode(data, LIMITS, "x.png", declared=(17, 5)).array.shape == (1, 5, 17)
+
+
+def spam_png(megabytes: float) -> bytes:
+    """A valid 100x100 PNG whose IHDR is followed by ``megabytes`` of empty ancillary chunks: Pillow's header
+    reader walks each one in Python (about 0.2 s a MB)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = chunk(b"IHDR", struct.pack(">IIBBBBB", 100, 100, 8, 0, 0, 0, 0))
+    return (b"\x89PNG\r\n\x1a\n" + ihdr + chunk(b"abCd", b"") * int(megabytes * 1e6 / 12)
+            + chunk(b"IDAT", zlib.compress(b"\0" * 101 * 100)) + chunk(b"IEND", b""))
+
+
+def test_the_declared_size_reads_a_fixed_place_not_every_chunk() -> None:
+    data = spam_png(4)
+    assert header_size(data, LIMITS) == (100, 100)
+    assert header_size(data[:24], LIMITS) == (100, 100)  # nothing after the IHDR is read
+    with pytest.raises(images.BadImageError):  # where Pillow walks all 333,333 chunks first
+        images.open_checked(data[:4_000_000], LIMITS)
