@@ -86,7 +86,8 @@ def declared_size(data: bytes, fmt: str) -> tuple[int, int] | None:
     then Pillow's header reader decides. The same size Pillow reports (tests compare them).
 
     Pillow reads every PNG chunk and every JPEG segment before the image data in Python: 19 MB of
-    empty PNG chunks held the server's event loop for 4.3 s (docs/BENCHMARKS.md, "Sizing images without stalling the event loop").
+    empty PNG chunks held the server's event loop for 4.3 s (docs/BENCHMARKS.md, "Sizing images
+    without stalling the event loop").
     This reads a fixed place (PNG's IHDR, WebP's VP8/VP8L/VP8X, BMP's info header) or walks at most
     :data:`MAX_JPEG_SEGMENTS` JPEG segments to the scan, keeping the last frame header, as Pillow does.
     """
