@@ -126,6 +126,21 @@ def test_a_header_that_disagrees_with_the_decoder_is_refused_before_decoding() -
     assert images.decode(data, LIMITS, "x.png", declared=(17, 5)).array.shape == (1, 5, 17)
 
 
+def two_ihdr_png() -> bytes:
+    """A PNG whose first IHDR says 10x10 and a second one 3000x3000: Pillow reads the last."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdrs = b"".join(chunk(b"IHDR", struct.pack(">IIBBBBB", n, n, 8, 0, 0, 0, 0)) for n in (10, 3000))
+    return (b"\x89PNG\r\n\x1a\n" + ihdrs + chunk(b"IDAT", zlib.compress(b"\0" * 11 * 10)) + chunk(b"IEND", b""))
+
+
+def test_a_second_png_header_is_caught_before_decoding() -> None:
+    data = two_ihdr_png()
+    assert header_size(data, LIMITS) == (10, 10)  # what admission reserves
+    with pytest.raises(images.BadImageError, match="declares 10x10 pixels where the decoder reads 3000x3000"):
+        images.decode(data, LIMITS, "x.png", declared=(10, 10))
+
+
 def spam_png(megabytes: float) -> bytes:
     """A valid 100x100 PNG whose IHDR is followed by ``megabytes`` of empty ancillary chunks: Pillow's header
     reader walks each one in Python (about 0.2 s a MB)."""

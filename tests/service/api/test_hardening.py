@@ -173,7 +173,7 @@ def test_an_image_with_a_long_header_does_not_stall_the_event_loop(model_dir: Pa
     the IHDR and Pillow's walk happens on a worker thread, which the loop preempts."""
     import threading
 
-    from test_header_size import spam_png
+    from test_header_size import spam_png, two_ihdr_png
 
     data = spam_png(8)
     with live_server(model_dir=model_dir) as srv:
@@ -198,6 +198,10 @@ def test_an_image_with_a_long_header_does_not_stall_the_event_loop(model_dir: Pa
             prober.join(30)
         assert r.status_code == 200, r.text
         assert len(latencies) > 5 and max(latencies) < 1.0, f"/healthz took up to {max(latencies):.2f} s"
+        # sized by its first header, decoded by its last: refused before any pixel is decoded
+        r = httpx.post(srv.url + "/v1/rectify", params={"model": "affine"}, content=two_ihdr_png(),
+                       headers={"content-type": "image/png"}, timeout=30)
+        assert_problem(r, 400, "where the decoder reads 3000x3000")
 
 
 def test_base_grid_cache_is_bounded_in_bytes(model_dir: Path) -> None:
