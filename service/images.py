@@ -76,26 +76,44 @@ def sniff_format(data: bytes) -> str | None:
 
 _JPEG_SOF = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
 _JPEG_STANDALONE = frozenset((0x01, *range(0xD0, 0xD9)))  # TEM, RSTn, SOI: no length
-MAX_JPEG_SEGMENTS = 1024  # segments read before the scan; beyond them the header is left to Pillow
+MAX_JPEG_SEGMENTS = 1024  # segments before the scan; a JPEG with more is refused (real ones have a few dozen)
+MAX_PNG_CHUNKS = 1000  # chunks before the first IDAT; a PNG with more is refused (libpng's default cache limit)
+_FILL = re.compile(rb"\xff*")
 _BMP_INFO_SIZES = frozenset((40, 52, 56, 64, 108, 124))
 
 
-def declared_size(data: bytes, fmt: str) -> tuple[int, int] | None:
+def declared_size(data: bytes, fmt: str, filename: str = "image") -> tuple[int, int] | None:
     """(width, height) as the header of a ``fmt`` image (:func:`sniff_format`) declares it, read in bounded
     time, or None when this reader cannot tell (a layout it does not know, or ``data`` cut short):
     then Pillow's header reader decides. The same size Pillow reports (tests compare them).
 
     Pillow reads every PNG chunk and every JPEG segment before the image data in Python: 19 MB of
-    empty PNG chunks held the server's event loop for 4.3 s (docs/BENCHMARKS.md, "Sizing images
-    without stalling the event loop").
-    This reads a fixed place (PNG's IHDR, WebP's VP8/VP8L/VP8X, BMP's info header) or walks at most
-    :data:`MAX_JPEG_SEGMENTS` JPEG segments to the scan, keeping the last frame header, as Pillow does.
+    empty PNG chunks held the server's event loop for 4.3 s, and still cost a worker as long
+    (docs/BENCHMARKS.md, "Sizing images without stalling the event loop"). This reads a fixed place
+    (WebP's VP8/VP8L/VP8X, BMP's info header) or walks at most :data:`MAX_PNG_CHUNKS` PNG chunks to the
+    first IDAT (the size is the IHDR's; a second IHDR is refused) and at most :data:`MAX_JPEG_SEGMENTS`
+    JPEG segments to the scan (the last frame header's size, as Pillow's). An image with more is refused
+    (BadImageError), so Pillow's walk is bounded too.
     """
     n = len(data)
     if fmt == "PNG":
-        if n >= 24 and data[12:16] == b"IHDR":
-            return struct.unpack(">II", data[16:24])
-        return None
+        if n < 24 or data[12:16] != b"IHDR":
+            return None
+        pos = 8
+        for _ in range(MAX_PNG_CHUNKS):
+            if pos + 8 > n:
+                break  # cut short: the chunks seen so far are fine
+            kind = data[pos + 4:pos + 8]
+            if kind == b"IDAT":
+                break
+            if kind == b"IHDR" and pos != 8:
+                raise BadImageError(f"{filename} has a second IHDR chunk: a malformed PNG")
+            pos += 12 + int.from_bytes(data[pos:pos + 4], "big")
+        else:
+            if pos + 8 <= n and data[pos + 4:pos + 8] != b"IDAT":
+                raise BadImageError(f"{filename} has more than {MAX_PNG_CHUNKS} chunks before its image data; "
+                                    "send a PNG without so much metadata")
+        return struct.unpack(">II", data[16:24])
     if fmt == "WEBP":
         kind = data[12:16]
         if kind == b"VP8 " and n >= 30 and data[23:26] == b"\x9d\x01\x2a":
@@ -122,10 +140,10 @@ def declared_size(data: bytes, fmt: str) -> tuple[int, int] | None:
         for _ in range(MAX_JPEG_SEGMENTS):
             if pos + 4 > n or data[pos] != 0xFF:
                 return None
+            pos = _FILL.match(data, pos + 1).end() - 1  # fill bytes before the marker (any number: at C speed)
+            if pos + 4 > n:
+                return None
             marker = data[pos + 1]
-            if marker == 0xFF:  # a fill byte before the marker
-                pos += 1
-                continue
             if marker in _JPEG_STANDALONE:
                 pos += 2
                 continue
@@ -142,6 +160,9 @@ def declared_size(data: bytes, fmt: str) -> tuple[int, int] | None:
                 h, w = struct.unpack(">HH", data[pos + 5:pos + 9])
                 size = (w, h) if h else None  # height 0: defined later (DNL); Pillow decides
             pos += 2 + length
+        if pos + 4 <= n:
+            raise BadImageError(f"{filename} has more than {MAX_JPEG_SEGMENTS} segments before its image data; "
+                                "send a JPEG without so much metadata")
         return None
     return None
 
@@ -191,17 +212,21 @@ def header_size(data: bytes, limits: Limits, filename: str = "image") -> tuple[i
     check_bytes(len(data), limits, filename)
     if not data:
         raise BadImageError(f"{filename} is empty")
-    size = declared_size(data, _accepted_format(data, limits, filename))
+    size = declared_size(data, _accepted_format(data, limits, filename), filename)
     if size is not None:
         _check_size(*size, limits, filename)
     return size
 
 
 def open_checked(data: bytes, limits: Limits, filename: str = "image") -> Image.Image:
-    """Open (header only) and check format and declared pixel count; nothing is decoded yet."""
+    """Open (header only) and check format and declared pixel count; nothing is decoded yet. The metadata
+    Pillow walks first is bounded (:func:`declared_size`), for ``stn batch`` as for the server."""
     check_bytes(len(data), limits, filename)
     if not data:
         raise BadImageError(f"{filename} is empty")
+    known = sniff_format(data)
+    if known in ("PNG", "JPEG"):
+        declared_size(data, known, filename)  # raises past MAX_PNG_CHUNKS / MAX_JPEG_SEGMENTS
     try:
         img = Image.open(io.BytesIO(data), formats=limits.formats)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):

@@ -134,10 +134,11 @@ def two_ihdr_png() -> bytes:
     return (b"\x89PNG\r\n\x1a\n" + ihdrs + chunk(b"IDAT", zlib.compress(b"\0" * 11 * 10)) + chunk(b"IEND", b""))
 
 
-def test_a_second_png_header_is_caught_before_decoding() -> None:
+def test_a_second_png_header_is_refused() -> None:
     data = two_ihdr_png()
-    assert header_size(data, LIMITS) == (10, 10)  # what admission reserves
-    with pytest.raises(images.BadImageError, match="declares 10x10 pixels where the decoder reads 3000x3000"):
+    with pytest.raises(images.BadImageError, match="second IHDR"):
+        header_size(data, LIMITS, "x.png")
+    with pytest.raises(images.BadImageError, match="second IHDR"):  # Pillow would read the last: 3000x3000
         images.decode(data, LIMITS, "x.png", declared=(10, 10))
 
 
@@ -151,9 +152,25 @@ def spam_png(megabytes: float) -> bytes:
             + chunk(b"IDAT", zlib.compress(b"\0" * 101 * 100)) + chunk(b"IEND", b""))
 
 
-def test_the_declared_size_reads_a_fixed_place_not_every_chunk() -> None:
-    data = spam_png(4)
-    assert header_size(data, LIMITS) == (100, 100)
-    assert header_size(data[:24], LIMITS) == (100, 100)  # nothing after the IHDR is read
-    with pytest.raises(images.BadImageError):  # where Pillow walks all 333,333 chunks first
-        images.open_checked(data[:4_000_000], LIMITS)
+def jpeg_with_comments(n: int) -> bytes:
+    """A valid JPEG with ``n`` empty comment segments before its frame header."""
+    base = FILES["jpeg-RGB-17x5"]
+    return base[:2] + b"\xff\xfe\x00\x02" * n + base[2:]
+
+
+def test_metadata_before_the_pixels_is_bounded() -> None:
+    """Pillow walks every chunk or segment before the pixels in Python (about 0.2 s a MB); past libpng's
+    default of 1000 chunks, or 1024 JPEG segments, the image is refused before Pillow sees it."""
+    with pytest.raises(images.BadImageError, match="more than 1000 chunks before its image data"):
+        header_size(spam_png(4), LIMITS)
+    assert header_size(spam_png(4)[:24], LIMITS) == (100, 100)  # a body still arriving: sized by its IHDR
+    assert header_size(spam_png(0.0119), LIMITS) == (100, 100)  # 991 empty chunks: within the bound
+    with pytest.raises(images.BadImageError, match="more than 1024 segments before its image data"):
+        header_size(jpeg_with_comments(2000), LIMITS)
+    assert header_size(jpeg_with_comments(900), LIMITS) == (17, 5)
+    assert header_size(jpeg_with_comments(2000)[:3000], LIMITS) is None  # cut short within the bound: not yet known
+    for data in (spam_png(4), jpeg_with_comments(2000)):  # stn batch and the decoder: the same bound
+        with pytest.raises(images.BadImageError, match="before its image data"):
+            images.open_checked(data, LIMITS)
+    filled = FILES["jpeg-RGB-17x5"][:2] + b"\xff" * 100_000 + FILES["jpeg-RGB-17x5"][2:]
+    assert header_size(filled, LIMITS) == (17, 5)  # fill bytes are skipped at C speed, not counted
