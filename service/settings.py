@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     image_formats: Annotated[list[str], NoDecode] = ["JPEG", "PNG", "WEBP", "BMP"]  # comma-separated formats decoded (of JPEG, PNG, WEBP, BMP, TIFF); TIFF is opt-in; others: 415
     memory_budget_mb: int = Field(2048, ge=1)  # estimated memory of all admitted requests (bodies, decoded images, outputs); beyond it: 503
     max_uploads: int = Field(32, ge=1)  # request bodies being read at once; beyond it: 503 before the body is read
-    body_timeout_s: float = Field(20.0, gt=0)  # longest a request body may take to arrive; beyond it: 408
+    body_timeout_s: float = Field(20.0, gt=0)  # longest a request body may take to arrive (408), and a client may read nothing of its response (dropped)
     max_header_bytes: int = Field(65536, ge=1024)  # request line and headers of one request; beyond it: 431 and close
     max_headers: int = Field(100, ge=8)  # header fields of one request; beyond it: 431 and close
     shutdown_grace_s: float = Field(0.0, ge=0)  # on SIGTERM, how long work in flight may finish (0: request timeout + 5 s)

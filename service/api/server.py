@@ -12,6 +12,10 @@
   no ASGI scope, task or FastAPI; a shed request's body is read and discarded (within
   ``STN_BODY_TIMEOUT_S``), so the client reads the 503 rather than a reset, and the connection stays
   open for its next request (a retry need not reconnect), unless the client asked for ``100 Continue``.
+- **Slow readers.** A client that stops reading its response (the transport's buffer stays over its
+  high-water mark, writing paused) for ``STN_BODY_TIMEOUT_S`` has its connection aborted, which
+  drops what is buffered for it; responses count against the memory budget while they are sent
+  (:class:`service.api.admission.BudgetedResponse`).
 - **Drain.** :class:`DrainingServer`: on SIGTERM readiness turns 503 at once, new work gets
   503 with ``Retry-After`` (``service.api.frontdoor``), admitted work finishes for
   up to ``STN_SHUTDOWN_GRACE_S`` (default: the request timeout + 5 s), then uvicorn shuts down
@@ -62,6 +66,7 @@ if HttpToolsProtocol is not None:
         max_headers = 100
         front_door: FrontDoor | None = None
         body_timeout_s = 20.0  # a shed request's body must arrive within this, else the connection closes
+        # ...and a client must read: writing paused (its buffer full) this long aborts the connection
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -72,6 +77,33 @@ if HttpToolsProtocol is not None:
             self._refused = False
             self._answered: bool | None = None  # the door answered this request: True keep-alive, False close
             self._close_timer: asyncio.TimerHandle | None = None
+            self._send_timer: asyncio.TimerHandle | None = None  # running while writing is paused
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self._send_timer is None:
+                self._send_timer = self.loop.call_later(self.body_timeout_s, self._send_timed_out)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            self._cancel_send_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._cancel_send_timer()
+            super().connection_lost(exc)
+
+        def _cancel_send_timer(self) -> None:
+            if self._send_timer is not None:
+                self._send_timer.cancel()
+                self._send_timer = None
+
+        def _send_timed_out(self) -> None:
+            """The client read nothing of its response for STN_BODY_TIMEOUT_S: drop the connection and what is
+            buffered for it (close() would wait for the buffer to drain, which it never does)."""
+            self._send_timer = None
+            log.info("a client read none of its response for %.0f s (STN_BODY_TIMEOUT_S); connection aborted",
+                     self.body_timeout_s)
+            self.transport.abort()
 
         def data_received(self, data: bytes) -> None:
             if self._refused:  # answered 431; the connection closes shortly

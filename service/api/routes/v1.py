@@ -14,7 +14,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
 from service import geometry, images, pipeline
-from service.api.admission import Ticket, image_cost
+from service.api.admission import BudgetedResponse, Ticket, image_cost
 from service.api.batcher import QueueFullError, QueueTimeoutError
 from service.api.errors import Problem
 from service.api.multipart import HeaderCallback, parse_form
@@ -316,9 +316,10 @@ async def rectify(request: Request, state: StateDep) -> Response:
             raise Problem(503, f"no result within {state.settings.request_timeout_s:g}s (STN_REQUEST_TIMEOUT_S); "
                                "the server is overloaded, retry later", {"Retry-After": "1"}) from None
     if format == "json":
-        return JSONResponse({"model": runtime.name, "model_version": runtime.info.version, "results": results})
+        payload = {"model": runtime.name, "model_version": runtime.info.version, "results": results}
+        return BudgetedResponse(JSONResponse(payload).body, state.admission, media_type="application/json")
     encoded, headers = results[0]
-    return Response(encoded, media_type=images.media_type(format), headers=headers)
+    return BudgetedResponse(encoded, state.admission, media_type=images.media_type(format), headers=headers)
 
 
 @router.get("/models", summary="Served models: metadata, providers, batching settings")

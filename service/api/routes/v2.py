@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from export.metadata import INPUT_IMAGE, OUTPUT_RECTIFIED, OUTPUT_THETA
-from service.api.admission import image_cost
+from service.api.admission import BudgetedResponse, image_cost
 from service.api.batcher import QueueFullError, QueueTimeoutError
 from service.api.errors import Problem
 from service.api.state import AuthDep, ServiceState, StateDep
@@ -337,7 +337,10 @@ async def _infer(state: ServiceState, request: Request, name: str, version: str 
         except (TimeoutError, QueueTimeoutError):
             raise _problem(503, f"no result within {s.request_timeout_s:g}s", {"Retry-After": "1"}) from None
         state.metrics.images.labels(runtime.name).inc(n)
-        return await state.workers.run(_response, req, runtime, {OUTPUT_RECTIFIED: rectified, OUTPUT_THETA: theta})
+        response = await state.workers.run(_response, req, runtime, {OUTPUT_RECTIFIED: rectified, OUTPUT_THETA: theta})
+    # the tensors can be large (4 bytes a pixel and channel): counted in the budget until sent
+    return BudgetedResponse(response.body, state.admission, media_type=response.media_type,
+                            headers={k: v for k, v in response.headers.items() if k.lower() == HEADER_LENGTH.lower()})
 
 
 def _response(req: dict[str, Any], runtime: ModelRuntime, tensors: dict[str, np.ndarray]) -> Response:

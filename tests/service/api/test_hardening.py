@@ -191,18 +191,49 @@ def test_an_image_with_a_long_header_does_not_stall_the_event_loop(model_dir: Pa
         prober = threading.Thread(target=probe)
         prober.start()
         try:
+            assert wait_for(lambda: len(latencies) >= 1)
             r = httpx.post(srv.url + "/v1/rectify", params={"model": "affine", "format": "png"}, content=data,
                            headers={"content-type": "image/png"}, timeout=120)
+            seen = len(latencies)
+            assert wait_for(lambda: len(latencies) >= seen + 2)  # probes after the answer too
         finally:
             done.set()
             prober.join(30)
         assert_problem(r, 400, "more than 1000 chunks before its image data")
-        assert latencies and max(latencies) < 1.0, f"/healthz took up to {max(latencies):.2f} s"
+        assert max(latencies) < 1.0, f"/healthz took up to {max(latencies):.2f} s"
         for name, body, reason in (("two.png", two_ihdr_png(), "second IHDR"),
                                    ("notes.jpg", jpeg_with_comments(2000), "more than 1024 segments")):
             r = httpx.post(srv.url + "/v1/rectify", params={"model": "affine"}, timeout=30,
                            files={"file": (name, body, "application/octet-stream")})
             assert_problem(r, 400, reason)
+
+
+def test_a_response_nobody_reads_counts_against_the_budget_until_the_connection_is_dropped(model_dir: Path) -> None:
+    """A client that never reads its 9 MB PNG: what the kernel cannot take stays in the server's memory.
+    It counts as reserved (new work is shed while too much waits to be read), and after STN_BODY_TIMEOUT_S
+    without progress the connection is dropped with it (before: counted nowhere, held as long as the client
+    kept the connection open)."""
+    img = noise_png(200, 150)
+    with live_server(model_dir=model_dir, body_timeout_s=2.0) as srv:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the kernel holds little
+        sock.connect(("127.0.0.1", srv.port))
+        try:
+            sock.sendall(f"POST /v1/rectify?model=affine&format=png&size=4000x4000 HTTP/1.1\r\nHost: x\r\n"
+                         f"Content-Type: image/png\r\nContent-Length: {len(img)}\r\n\r\n".encode() + img)
+            assert wait_for(lambda: srv.state.admission.requests == 0 and srv.state.admission.reserved_bytes > 0,
+                            timeout=60)  # the work is done; the unread response is what is reserved
+            assert srv.state.admission.reserved_bytes > 2**20
+            assert wait_for(lambda: srv.state.admission.reserved_bytes == 0, timeout=15)
+            head, received = read_all(sock, timeout=5).split(b"\r\n\r\n", 1)
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length")))
+            assert head.startswith(b"HTTP/1.1 200") and len(received) < length  # cut off, the client can tell
+        finally:
+            sock.close()
+        r = httpx.post(srv.url + "/v1/rectify", params={"model": "affine", "size": "4000x4000", "format": "png"},
+                       content=img, headers={"content-type": "image/png"}, timeout=60)  # a reading client is served
+        assert r.status_code == 200 and r.content.startswith(b"\x89PNG")
 
 
 def test_base_grid_cache_is_bounded_in_bytes(model_dir: Path) -> None:
