@@ -78,6 +78,23 @@ if HttpToolsProtocol is not None:
             self._answered: bool | None = None  # the door answered this request: True keep-alive, False close
             self._close_timer: asyncio.TimerHandle | None = None
             self._send_timer: asyncio.TimerHandle | None = None  # running while writing is paused
+            self._body_pending = False  # a request's head is parsed, its body not yet all in
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            # Answered before its body was in: uvicorn discards the rest, but the rest's arrival cancels the
+            # keep-alive timer and nothing re-arms it. The body must be in within the body timeout.
+            if self._body_pending and self._close_timer is None and not self.transport.is_closing():
+                self._close_timer = self.loop.call_later(self.body_timeout_s, self._close)
+
+        def _idle_after_early_answer(self) -> None:
+            """The discarded body is in: the connection is idle, so uvicorn's keep-alive timeout applies again."""
+            if self._close_timer is not None:
+                self._close_timer.cancel()
+                self._close_timer = None
+            if not self.transport.is_closing() and self.timeout_keep_alive_task is None:
+                self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
+                                                                    self.timeout_keep_alive_handler)
 
         def pause_writing(self) -> None:
             super().pause_writing()
@@ -129,8 +146,12 @@ if HttpToolsProtocol is not None:
             self._head_bytes = self._head_lines = 0
             self._in_head = True
             self._tail = b""
+            self._body_pending = False
             if self._answered is None:
+                answered_early = self.cycle is not None and self.cycle.response_complete
                 super().on_message_complete()
+                if answered_early:  # the app answered before its body was in (a 503/413 from the image's header)
+                    self._idle_after_early_answer()
                 return
             keep_alive, self._answered = self._answered, None
             if self._close_timer is not None:  # the body is in
@@ -142,6 +163,7 @@ if HttpToolsProtocol is not None:
                 self.on_response_complete()  # keep-alive timer, next request
 
         def on_headers_complete(self) -> None:
+            self._body_pending = True
             door = self.front_door
             if door is not None and (self.cycle is None or self.cycle.response_complete):
                 started = time.perf_counter()

@@ -155,6 +155,30 @@ def test_a_body_is_sized_from_its_image_header_503_and_413_before_the_rest_arriv
         assert_problem(r, 400, "could not be read")
 
 
+def test_a_connection_answered_before_its_body_is_closed_when_idle_or_stalled(model_dir: Path) -> None:
+    """An answer from the image's header comes before the rest of the body; uvicorn then discards the rest,
+    but its arrival cancels the keep-alive timer and nothing re-armed it: such connections stayed open for
+    good. Now a finished one idles out like any other, and a stalled one is closed by the body timeout."""
+    big = noise_png(1000, 1000)  # 12 MB decoded: over a 1 MB budget, refused from its header (413)
+    head = (f"POST /v1/rectify?model=affine HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            f"Content-Length: {len(big)}\r\n\r\n").encode()
+    with live_server(model_dir=model_dir, memory_budget_mb=1, max_upload_bytes=8 * 2**20, body_timeout_s=2.0,
+                     uvicorn={"timeout_keep_alive": 2}) as srv:
+        finished, stalled = (socket.create_connection(("127.0.0.1", srv.port), timeout=10) for _ in range(2))
+        try:
+            for sock in (finished, stalled):
+                sock.sendall(head + big[:200_000])
+                assert read_head_and_body(sock)[0] == 413
+            finished.sendall(big[200_000:])
+            for sock in (finished, stalled):
+                t0 = time.monotonic()
+                assert read_all(sock, timeout=8) == b"", "still open"
+                assert time.monotonic() - t0 < 7
+        finally:
+            finished.close()
+            stalled.close()
+
+
 def test_images_sized_early_and_at_the_end_are_each_reserved_once(model_dir: Path) -> None:
     """A small file (sized once the body is in) and a large one (sized from its first bytes) in one request:
     each image's cost is reserved once (twice would not fit the budget: 413)."""
