@@ -140,8 +140,8 @@ class Admission:
                           RETRY, **extra)
         self.check_bytes(body_bytes, "the request body", **extra)
         ticket = Ticket(self, model, extra)
-        ticket._reserve(0, body_bytes)
         ticket._hold_provisional()
+        ticket._reserve(0, body_bytes)
         self.requests += 1
         started, ok = time.perf_counter(), False
         try:
@@ -159,12 +159,19 @@ class Admission:
             self.metrics.queue_depth.labels(model).set(self.inflight.get(model, 0))
             self.metrics.memory_reserved.set(self.reserved_bytes)
 
+    def _add_bytes(self, n: int) -> None:
+        """Reserve (n > 0) or release (n < 0) bytes that belong to no model's queue (a response being sent)."""
+        self.reserved_bytes = max(0, self.reserved_bytes + n)
+        if self.metrics is not None:
+            self.metrics.memory_reserved.set(self.reserved_bytes)
+
 
 class BudgetedResponse(Response):
     """A response whose body counts against the memory budget until it is handed to the connection.
 
     A finished result no longer belongs to its request's ticket, but a client that does not read keeps
-    it in memory: 20 such clients of 4000x4000 PNGs held 287 MB outside the budget. The body is sent in
+    what the kernel cannot take in memory: of 20 such clients of 8.8 MB PNGs, 5 held 44 MB outside the
+    budget, for as long as they kept their connections. The body is sent in
     :attr:`CHUNK` pieces, so the server's flow control (writing paused while the connection's buffer is
     full) holds back the rest, and its bytes stay reserved (``Admission.reserved_bytes``) until the last
     piece is written; new work is shed while too much waits to be read. A client that reads nothing for
@@ -178,8 +185,8 @@ class BudgetedResponse(Response):
         self.admission = admission
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        body, a = self.body, self.admission
-        a.reserved_bytes += len(body)
+        body = self.body
+        self.admission._add_bytes(len(body))
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             view = memoryview(body)
@@ -187,9 +194,7 @@ class BudgetedResponse(Response):
                 end = start + self.CHUNK
                 await send({"type": "http.response.body", "body": bytes(view[start:end]), "more_body": end < len(body)})
         finally:
-            a.reserved_bytes = max(0, a.reserved_bytes - len(body))
-            if a.metrics is not None:
-                a.metrics.memory_reserved.set(a.reserved_bytes)
+            self.admission._add_bytes(-len(body))
         if self.background is not None:
             await self.background()
 
@@ -231,11 +236,10 @@ class Ticket:
         if preparing:
             self.start_preparing(images)
 
-    def _hold_provisional(self) -> None:
+    def _hold_provisional(self) -> None:  # (metrics: the _reserve that follows in admit)
         self.provisional = 1
         a = self.admission
         a.inflight[self.model] = a.inflight.get(self.model, 0) + 1
-        a._changed(self.model)
 
     def _drop_provisional(self) -> None:
         if self.provisional:

@@ -89,9 +89,6 @@ if HttpToolsProtocol is not None:
 
         def _idle_after_early_answer(self) -> None:
             """The discarded body is in: the connection is idle, so uvicorn's keep-alive timeout applies again."""
-            if self._close_timer is not None:
-                self._close_timer.cancel()
-                self._close_timer = None
             if not self.transport.is_closing() and self.timeout_keep_alive_task is None:
                 self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
                                                                     self.timeout_keep_alive_handler)
@@ -147,6 +144,7 @@ if HttpToolsProtocol is not None:
             self._in_head = True
             self._tail = b""
             self._body_pending = False
+            self._cancel_close_timer()  # the body is in
             if self._answered is None:
                 answered_early = self.cycle is not None and self.cycle.response_complete
                 super().on_message_complete()
@@ -154,9 +152,6 @@ if HttpToolsProtocol is not None:
                     self._idle_after_early_answer()
                 return
             keep_alive, self._answered = self._answered, None
-            if self._close_timer is not None:  # the body is in
-                self._close_timer.cancel()
-                self._close_timer = None
             if not keep_alive:  # the whole body is read: closing now sends no reset over the answer
                 self._close()
             elif not self.transport.is_closing():
@@ -203,10 +198,13 @@ if HttpToolsProtocol is not None:
             else:  # the body (if any) is discarded as it arrives; it must be in within the body timeout
                 self._close_timer = self.loop.call_later(self.body_timeout_s, self._close)
 
-        def _close(self) -> None:
+        def _cancel_close_timer(self) -> None:
             if self._close_timer is not None:
                 self._close_timer.cancel()
                 self._close_timer = None
+
+        def _close(self) -> None:
+            self._cancel_close_timer()
             if not self.transport.is_closing():
                 self.transport.close()
 

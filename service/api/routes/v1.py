@@ -54,16 +54,16 @@ def body_cap(request: Request, state: ServiceState) -> int:
     return min(int(length), cap) if length.isdigit() else cap
 
 
-def declared_size(data: bytes, filename: str, limits: images.Limits) -> tuple[int, int] | None:
+def upload_size(data: bytes, filename: str, limits: images.Limits) -> tuple[int, int] | None:
     """(width, height) from an upload's header in bounded time, on the event loop (Problem 400/413/415 when
-    bad); None when only Pillow's header reader can tell: then :func:`opened_size`, on a worker thread."""
+    bad); None when only Pillow's header reader can tell: then :func:`pillow_size`, on a worker thread."""
     try:
         return images.header_size(data, limits, filename)
     except images.ImageError as e:
         raise _too_large(e) from None
 
 
-def opened_size(data: bytes, filename: str, limits: images.Limits) -> tuple[int, int]:
+def pillow_size(data: bytes, filename: str, limits: images.Limits) -> tuple[int, int]:
     """(width, height) from Pillow's header reader (Python over every chunk before the pixels: not on the loop)."""
     try:
         return images.open_checked(data, limits, filename).size
@@ -284,7 +284,7 @@ async def rectify(request: Request, state: StateDep) -> Response:
         def header(index: int, name: str, start: bytes) -> bool:
             """An image's header is in: reserve its cost now (503/413 before the rest of the body is read)."""
             try:
-                size = declared_size(start, name, state.limits)
+                size = upload_size(start, name, state.limits)
             except Problem as e:
                 if e.status == 400:  # perhaps only the header's end is missing: decided once the body is in
                     return False
@@ -300,10 +300,10 @@ async def rectify(request: Request, state: StateDep) -> Response:
         if format != "json" and len(uploads) != 1:
             raise Problem(400, f"format={format} returns one image; send one file, or use format=json for "
                                f"{len(uploads)}")
-        rest = {i: declared_size(data, f, state.limits) for i, (f, data) in enumerate(uploads) if i not in sizes}
+        rest = {i: upload_size(data, f, state.limits) for i, (f, data) in enumerate(uploads) if i not in sizes}
         for i, size in rest.items():
             if size is None:  # a layout the bounded reader does not know: Pillow's reader, off the event loop
-                rest[i] = await state.workers.run(opened_size, uploads[i][1], uploads[i][0], state.limits)
+                rest[i] = await state.workers.run(pillow_size, uploads[i][1], uploads[i][0], state.limits)
         if rest:
             cost = sum(size_cost(runtime, size, out) for size in rest.values())
             ticket.grow(len(rest), cost, what(len(uploads)), preparing=False)

@@ -337,13 +337,15 @@ async def _infer(state: ServiceState, request: Request, name: str, version: str 
         except (TimeoutError, QueueTimeoutError):
             raise _problem(503, f"no result within {s.request_timeout_s:g}s", {"Retry-After": "1"}) from None
         state.metrics.images.labels(runtime.name).inc(n)
-        response = await state.workers.run(_response, req, runtime, {OUTPUT_RECTIFIED: rectified, OUTPUT_THETA: theta})
+        body, media_type, headers = await state.workers.run(
+            _response, req, runtime, {OUTPUT_RECTIFIED: rectified, OUTPUT_THETA: theta})
     # the tensors can be large (4 bytes a pixel and channel): counted in the budget until sent
-    return BudgetedResponse(response.body, state.admission, media_type=response.media_type,
-                            headers={k: v for k, v in response.headers.items() if k.lower() == HEADER_LENGTH.lower()})
+    return BudgetedResponse(body, state.admission, media_type=media_type, headers=headers)
 
 
-def _response(req: dict[str, Any], runtime: ModelRuntime, tensors: dict[str, np.ndarray]) -> Response:
+def _response(req: dict[str, Any], runtime: ModelRuntime,
+              tensors: dict[str, np.ndarray]) -> tuple[bytes, str, dict[str, str]]:
+    """The infer response's (body, media type, headers): JSON, or JSON then the binary outputs."""
     params = req.get("parameters") or {}
     default_binary = bool(params.get("binary_data_output", False))
     wanted = req.get("outputs") or [{"name": k} for k in tensors]
@@ -366,6 +368,5 @@ def _response(req: dict[str, Any], runtime: ModelRuntime, tensors: dict[str, np.
         out["id"] = req["id"]
     header = json.dumps(out).encode()
     if not blobs:
-        return Response(header, media_type="application/json")
-    return Response(header + b"".join(blobs), media_type="application/octet-stream",
-                    headers={HEADER_LENGTH: str(len(header))})
+        return header, "application/json", {}
+    return header + b"".join(blobs), "application/octet-stream", {HEADER_LENGTH: str(len(header))}

@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
+from test_frontdoor import read_response
 from test_http_v1 import assert_problem, metric
 
 from tests.service.support import live_server
@@ -100,16 +101,6 @@ def noise_png(w: int, h: int) -> bytes:
     return buf.getvalue()
 
 
-def read_head_and_body(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    reader = sock.makefile("rb")
-    status = int(reader.readline().split()[1])
-    headers = {}
-    while (line := reader.readline()) not in (b"\r\n", b""):
-        k, v = line.decode("latin-1").split(":", 1)
-        headers[k.strip().lower()] = v.strip()
-    return status, headers, reader.read(int(headers["content-length"]))
-
-
 @pytest.mark.parametrize("kind", ["raw", "multipart"])
 def test_a_body_is_sized_from_its_image_header_503_and_413_before_the_rest_arrives(model_dir: Path,
                                                                                     kind: str) -> None:
@@ -128,23 +119,23 @@ def test_a_body_is_sized_from_its_image_header_503_and_413_before_the_rest_arriv
             second = raw_request(srv.url, head.format(""), start)  # its body fits, its image does not: 503
             try:
                 second.settimeout(10)
-                status, headers, body = read_head_and_body(second)
+                status, headers, body = read_response(second.makefile("rb"))
                 assert status == 503 and "memory budget" in json.loads(body)["detail"], body
                 assert headers["retry-after"] == "1"
                 second.sendall(rest + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # the rest is discarded
-                assert read_head_and_body(second)[0] == 200  # and the connection serves the next request
+                assert read_response(second.makefile("rb"))[0] == 200  # and the connection serves the next request
             finally:
                 second.close()
             third = raw_request(srv.url, head.format("&size=2000x2000"), start)  # can never fit: 413
             try:
                 third.settimeout(10)
-                status, _, body = read_head_and_body(third)
+                status, _, body = read_response(third.makefile("rb"))
                 assert status == 413 and "STN_MEMORY_BUDGET_MB" in json.loads(body)["detail"], body
             finally:
                 third.close()
             first.sendall(rest)
             first.settimeout(30)
-            status, headers, body = read_head_and_body(first)
+            status, headers, body = read_response(first.makefile("rb"))
             assert status == 200, body[:300]
         finally:
             first.close()
@@ -168,7 +159,7 @@ def test_a_connection_answered_before_its_body_is_closed_when_idle_or_stalled(mo
         try:
             for sock in (finished, stalled):
                 sock.sendall(head + big[:200_000])
-                assert read_head_and_body(sock)[0] == 413
+                assert read_response(sock.makefile("rb"))[0] == 413
             finished.sendall(big[200_000:])
             for sock in (finished, stalled):
                 t0 = time.monotonic()
