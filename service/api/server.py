@@ -12,6 +12,14 @@
   no ASGI scope, task or FastAPI; a shed request's body is read and discarded (within
   ``STN_BODY_TIMEOUT_S``), so the client reads the 503 rather than a reset, and the connection stays
   open for its next request (a retry need not reconnect), unless the client asked for ``100 Continue``.
+- **Pipelining.** uvicorn parses every request a read holds (a 256 KiB read holds thousands of
+  small ones) and resumes reading after each answer, so a client that pipelines without reading
+  its answers made the server parse, answer and buffer without bound (five such connections: 1.3 GB
+  and /healthz stalled for seconds). Here a read may hold at most ``STN_MAX_PIPELINED`` request
+  heads: at the next one parsing stops, the requests taken are answered, and the connection is
+  half-closed (the client retries the rest, RFC 9112 9.3.2) and closed a second later. Reading
+  stays paused while pipelined requests wait their turn and while the client reads nothing of
+  what was written (the transport's buffer over its high-water mark).
 - **Slow readers.** A client that stops reading its response (the transport's buffer stays over its
   high-water mark, writing paused) for ``STN_BODY_TIMEOUT_S`` has its connection aborted, which
   drops what is buffered for it; responses count against the memory budget while they are sent
@@ -58,6 +66,20 @@ STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in 
 
 if HttpToolsProtocol is not None:
 
+    class _PipelineFull(Exception):  # noqa: N818 (a signal, not an error)
+        """Raised from a parser callback: the read holds more pipelined requests than a connection may send."""
+
+    class _Parser(httptools.HttpRequestParser):
+        """httptools' parser, whose ``feed_data`` stops quietly (no 400) when the protocol raised
+        :class:`_PipelineFull` (the parser is done with: nothing more is fed to it)."""
+
+        def feed_data(self, data: bytes) -> None:
+            try:
+                super().feed_data(data)
+            except httptools.HttpParserCallbackError as exc:
+                if not isinstance(exc.__context__, _PipelineFull):
+                    raise
+
     class CappedHttpToolsProtocol(HttpToolsProtocol):  # type: ignore[misc,valid-type]
         """HttpToolsProtocol that refuses heads over ``max_head_bytes`` bytes or ``max_headers`` fields
         and gives the ``front_door``'s answers itself (see module docstring)."""
@@ -67,9 +89,19 @@ if HttpToolsProtocol is not None:
         front_door: FrontDoor | None = None
         body_timeout_s = 20.0  # a shed request's body must arrive within this, else the connection closes
         # ...and a client must read: writing paused (its buffer full) this long aborts the connection
+        max_pipelined = 16  # request heads one read may hold; at the next, the connection ends after answering these
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
+            self.parser = _Parser(self)
+            try:  # as uvicorn sets it on its own parser
+                self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
+            except AttributeError:  # httptools < 0.6.3
+                pass
+            self._heads_in_read = 0  # request heads parsed from the current read
+            self._pipeline_full = False  # a read held too many: answer what was taken, then end the connection
+            self._ending = False
+            self._discard_left = 65536  # bytes discarded while ending; then reading stops until the close
             self._head_bytes = 0  # bytes of the current request's head seen so far
             self._head_lines = 0
             self._in_head = True
@@ -82,9 +114,17 @@ if HttpToolsProtocol is not None:
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
+            if self.transport.is_closing():
+                return
+            # uvicorn resumes reading after every answer: keep it paused while pipelined requests wait their turn
+            # (each read would add up to max_pipelined more) or the client reads nothing of what was written
+            if self.pipeline or self.flow.write_paused:
+                self.flow.pause_reading()
+            if self._pipeline_full and not self.pipeline and (self.cycle is None or self.cycle.response_complete):
+                self._end_after_answers()
             # Answered before its body was in: uvicorn discards the rest, but the rest's arrival cancels the
             # keep-alive timer and nothing re-arms it. The body must be in within the body timeout.
-            if self._body_pending and self._close_timer is None and not self.transport.is_closing():
+            if self._body_pending and self._close_timer is None:
                 self._close_timer = self.loop.call_later(self.body_timeout_s, self._close)
 
         def _idle_after_early_answer(self) -> None:
@@ -95,12 +135,15 @@ if HttpToolsProtocol is not None:
 
         def pause_writing(self) -> None:
             super().pause_writing()
+            self.flow.pause_reading()  # the client reads nothing: parse and answer nothing more of what it sends
             if self._send_timer is None:
                 self._send_timer = self.loop.call_later(self.body_timeout_s, self._send_timed_out)
 
         def resume_writing(self) -> None:
             super().resume_writing()
             self._cancel_send_timer()
+            if not self.pipeline:
+                self.flow.resume_reading()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._cancel_send_timer()
@@ -122,6 +165,12 @@ if HttpToolsProtocol is not None:
         def data_received(self, data: bytes) -> None:
             if self._refused:  # answered 431; the connection closes shortly
                 return
+            if self._pipeline_full:  # too many pipelined: discarded unparsed while the connection ends, up to a bound
+                self._discard_left -= len(data)
+                if self._discard_left < 0:
+                    self.flow.pause_reading()
+                return
+            self._heads_in_read = 0
             if self._in_head:
                 window = self._tail + data
                 end = window.find(_END)
@@ -158,6 +207,10 @@ if HttpToolsProtocol is not None:
                 self.on_response_complete()  # keep-alive timer, next request
 
         def on_headers_complete(self) -> None:
+            self._heads_in_read += 1
+            if self._heads_in_read > self.max_pipelined:
+                self._stop_pipeline()
+                raise _PipelineFull  # stops the parser in this read: the rest is never parsed
             self._body_pending = True
             door = self.front_door
             if door is not None and (self.cycle is None or self.cycle.response_complete):
@@ -208,6 +261,27 @@ if HttpToolsProtocol is not None:
             if not self.transport.is_closing():
                 self.transport.close()
 
+        def _stop_pipeline(self) -> None:
+            """A read held more than max_pipelined request heads: answer those taken, then end the connection."""
+            self._pipeline_full = True
+            log.info("a client pipelined more than %d requests in one read (STN_MAX_PIPELINED); its connection ends "
+                     "once those are answered", self.max_pipelined)
+            if not self.pipeline and (self.cycle is None or self.cycle.response_complete):
+                self._end_after_answers()  # else on_response_complete does, after the last one
+
+        def _end_after_answers(self) -> None:
+            """Half-close once the answers are written (the client sees their end and retries the rest of its
+            pipeline), discard what still arrives, and close a second later (closing with unread data would send a
+            reset, which can destroy answers the client has not read yet)."""
+            if self._ending or self.transport.is_closing():
+                return
+            self._ending = True
+            self._cancel_close_timer()
+            self.flow.resume_reading()  # discarded unparsed (data_received): the client's next bytes are not left unread
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            self._close_timer = self.loop.call_later(1.0, self._close)
+
         def _refuse(self, detail: str) -> None:
             log.warning("refused a request head: %s", detail)
             body = json.dumps({"type": "about:blank", "title": "Request Header Fields Too Large", "status": 431,
@@ -229,7 +303,8 @@ def http_protocol(settings: Settings, front_door: FrontDoor | None = None) -> An
         return "h11"
     return type("StnHttpToolsProtocol", (CappedHttpToolsProtocol,),
                 {"max_head_bytes": settings.max_header_bytes, "max_headers": settings.max_headers,
-                 "front_door": front_door, "body_timeout_s": settings.body_timeout_s})
+                 "front_door": front_door, "body_timeout_s": settings.body_timeout_s,
+                 "max_pipelined": settings.max_pipelined})
 
 
 def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Config:

@@ -327,6 +327,65 @@ def test_oversized_heads_get_431_and_a_closed_connection(server, kind: str) -> N
     assert ok.status_code == 200
 
 
+# ---- 3b. pipelining is bounded: what one connection may have parsed, answered and unread ------------
+
+def pipelined(n: int, path: str, first: int = 0) -> bytes:
+    return b"".join(f"GET {path} HTTP/1.1\r\nHost: x\r\nX-Request-ID: p{i}\r\n\r\n".encode()
+                    for i in range(first, first + n))
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/v1/models"])  # answered at the door; through the app
+def test_pipelined_requests_beyond_the_cap_end_the_connection_after_the_answers(model_dir: Path, path: str) -> None:
+    """Up to STN_MAX_PIPELINED requests in one read are answered in order on a connection that stays open; a read
+    holding more gets the first STN_MAX_PIPELINED answered, then the end of the stream (FIN, not a reset: the
+    client retries the rest). Before, every request a read held was parsed and answered (199,399 answers in 4 s to
+    one client that read nothing)."""
+    with live_server(model_dir=model_dir, max_pipelined=4) as srv:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+            reader = sock.makefile("rb")
+            sock.sendall(pipelined(4, path))
+            assert [read_response(reader)[1]["x-request-id"] for _ in range(4)] == ["p0", "p1", "p2", "p3"]
+            sock.sendall(pipelined(1, path, first=4))
+            status, headers, _ = read_response(reader)
+            assert (status, headers["x-request-id"]) == (200, "p4") and headers.get("connection") != "close"
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+            reader = sock.makefile("rb")
+            sock.sendall(pipelined(200, path))
+            assert [read_response(reader)[1]["x-request-id"] for _ in range(4)] == ["p0", "p1", "p2", "p3"]
+            t0 = time.monotonic()
+            assert reader.read() == b""  # the end of the stream, no fifth answer
+            assert time.monotonic() - t0 < 5
+        assert httpx.get(srv.url + path).status_code == 200
+
+
+def test_a_pipelining_client_that_reads_nothing_stops_being_read(model_dir: Path) -> None:
+    """A client that pipelines requests and reads none of the answers: once the connection's send buffer is over
+    its high-water mark the server stops reading (and parsing and answering) that client, so what it holds for the
+    client stays within one read's answers. Before, it kept reading and answering: the answers piled up in the
+    transport (five such clients took the server from 125 MB to 1.3 GB, and /healthz stalled for seconds)."""
+    with live_server(model_dir=model_dir, max_pipelined=100_000) as srv:  # the cap is tested above
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", srv.port))
+        sock.setblocking(False)
+        batch, sent, buffered = pipelined(8, "/healthz"), 0, 0
+        t0 = progress = time.monotonic()
+        try:
+            while time.monotonic() - t0 < 15 and time.monotonic() - progress < 1.0:
+                try:
+                    sent += sock.send(batch)
+                    progress = time.monotonic()
+                except BlockingIOError:
+                    time.sleep(0.005)
+                buffered = max([buffered, *(p.transport.get_write_buffer_size()
+                                            for p in list(srv.server.server_state.connections))])
+            assert time.monotonic() - progress >= 1.0, f"still read after {sent / 2**20:.0f} MB"  # it stopped
+            assert buffered < 2 * 2**20, f"{buffered / 2**20:.1f} MB of answers held for one client"
+            assert httpx.get(srv.url + "/healthz", timeout=5).status_code == 200
+        finally:
+            sock.close()
+
+
 # ---- 4. /v2 infer validates its request ---------------------------------------------------------
 
 @pytest.mark.parametrize("body", [
