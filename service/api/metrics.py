@@ -38,6 +38,10 @@ class Metrics:
                                      "(STN_MEMORY_BUDGET_MB bounds it)", registry=r)
         self.images = Counter("stn_images", "Images rectified", ["model"], registry=r)
         self.ready = Gauge("stn_ready", "1 when the service is ready", registry=r)
+        self.connections_closed = Counter("stn_connections_closed", "Connections the server ended: head_timeout (no "
+                                          "complete request head in STN_HEAD_TIMEOUT_S), evicted (the oldest waiting "
+                                          "for a head, to make room under STN_MAX_CONNECTIONS), refused (no room)",
+                                          ["reason"], registry=r)
 
     def observe_batch(self, model: str, size: int, queue_seconds: Sequence[float], compute_seconds: float) -> None:
         self.batch_size.labels(model).observe(size)

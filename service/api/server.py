@@ -20,6 +20,14 @@
   half-closed (the client retries the rest, RFC 9112 9.3.2) and closed a second later. Reading
   stays paused while pipelined requests wait their turn and while the client reads nothing of
   what was written (the transport's buffer over its high-water mark).
+- **Slow senders and idle connections.** uvicorn waits for a request head without limit, and a
+  fresh connection that sends nothing is never timed out: about a thousand such connections used
+  up the process's file descriptors (limit 1024) and the service stopped accepting, probes
+  included. A request head must arrive within ``STN_HEAD_TIMEOUT_S`` of the connection's opening
+  or of its first byte (else 408, or a plain close when nothing came), and at most
+  ``STN_MAX_CONNECTIONS`` are open: the connection past it closes the oldest one waiting for a
+  head (idle keep-alive connections included), or itself when every connection is busy with a
+  request. ``stn_connections_closed_total`` counts both, by reason.
 - **Slow readers.** A client that stops reading its response (the transport's buffer stays over its
   high-water mark, writing paused) for ``STN_BODY_TIMEOUT_S`` has its connection aborted, which
   drops what is buffered for it; responses count against the memory budget while they are sent
@@ -90,6 +98,9 @@ if HttpToolsProtocol is not None:
         body_timeout_s = 20.0  # a shed request's body must arrive within this, else the connection closes
         # ...and a client must read: writing paused (its buffer full) this long aborts the connection
         max_pipelined = 16  # request heads one read may hold; at the next, the connection ends after answering these
+        head_timeout_s = 10.0  # a request head must arrive within this of the connection's opening or its first byte
+        max_connections = 10000
+        waiting: dict = {}  # noqa: RUF012 (replaced per server in http_protocol) connections waiting for a head, oldest first
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -111,6 +122,51 @@ if HttpToolsProtocol is not None:
             self._close_timer: asyncio.TimerHandle | None = None
             self._send_timer: asyncio.TimerHandle | None = None  # running while writing is paused
             self._body_pending = False  # a request's head is parsed, its body not yet all in
+            self._head_open = False  # a request's first byte is in, its head not yet complete
+            self._head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            if len(self.connections) > self.max_connections and not self._make_room():
+                self._count_closed("refused")
+                transport.abort()  # every other connection is busy with a request: this one is not taken
+                return
+            self.waiting[self] = None
+            self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+
+        def _make_room(self) -> bool:
+            """Close the oldest connection waiting for a request head (False when there is none)."""
+            for victim in self.waiting:
+                del self.waiting[victim]
+                victim._count_closed("evicted")
+                victim.transport.abort()  # nothing is owed to it: no request of it is in progress
+                return True
+            return False
+
+        def _count_closed(self, reason: str) -> None:
+            if self.front_door is not None:
+                self.front_door.state.metrics.connections_closed.labels(reason).inc()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._head_open = True
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            if self.transport.is_closing() or self._refused or self._ending:
+                return
+            self._count_closed("head_timeout")
+            if not self._head_open:  # nothing came: no request to answer
+                self.waiting.pop(self, None)
+                self.transport.close()
+                return
+            self._refuse(408, f"the request head did not arrive within {self.head_timeout_s:g}s "
+                              "(STN_HEAD_TIMEOUT_S)")
+
+        def _cancel_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
@@ -122,6 +178,8 @@ if HttpToolsProtocol is not None:
                 self.flow.pause_reading()
             if self._pipeline_full and not self.pipeline and (self.cycle is None or self.cycle.response_complete):
                 self._end_after_answers()
+            elif not self.pipeline and not self._head_open:  # idle: waits for its next head (uvicorn's keep-alive timeout)
+                self.waiting[self] = None
             # Answered before its body was in: uvicorn discards the rest, but the rest's arrival cancels the
             # keep-alive timer and nothing re-arms it. The body must be in within the body timeout.
             if self._body_pending and self._close_timer is None:
@@ -147,6 +205,8 @@ if HttpToolsProtocol is not None:
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._cancel_send_timer()
+            self._cancel_head_timer()
+            self.waiting.pop(self, None)
             super().connection_lost(exc)
 
         def _cancel_send_timer(self) -> None:
@@ -182,11 +242,13 @@ if HttpToolsProtocol is not None:
                     what = (f"more than {self.max_head_bytes} bytes (STN_MAX_HEADER_BYTES)"
                             if self._head_bytes > self.max_head_bytes
                             else f"more than {self.max_headers} fields (STN_MAX_HEADERS)")
-                    self._refuse(f"the request head has {what}; send fewer or smaller headers")
+                    self._refuse(431, f"the request head has {what}; send fewer or smaller headers")
                     return
                 if end >= 0:
                     self._in_head = False
             super().data_received(data)
+            if self._head_open and self._head_timer is None and not self._refused:  # a head is arriving in pieces
+                self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
 
         def on_message_complete(self) -> None:
             self._head_bytes = self._head_lines = 0
@@ -207,6 +269,9 @@ if HttpToolsProtocol is not None:
                 self.on_response_complete()  # keep-alive timer, next request
 
         def on_headers_complete(self) -> None:
+            self._head_open = False
+            self._cancel_head_timer()
+            self.waiting.pop(self, None)  # a request is in progress: its connection is no longer the one to close
             self._heads_in_read += 1
             if self._heads_in_read > self.max_pipelined:
                 self._stop_pipeline()
@@ -282,11 +347,13 @@ if HttpToolsProtocol is not None:
                 self.transport.write_eof()
             self._close_timer = self.loop.call_later(1.0, self._close)
 
-        def _refuse(self, detail: str) -> None:
-            log.warning("refused a request head: %s", detail)
-            body = json.dumps({"type": "about:blank", "title": "Request Header Fields Too Large", "status": 431,
-                               "detail": detail}).encode()
-            head = (f"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: {PROBLEM_JSON}\r\n"
+        def _refuse(self, status: int, detail: str) -> None:
+            """Answer a request head that will not be parsed (431 too large, 408 too slow), and close."""
+            self._cancel_head_timer()
+            (log.warning if status == 431 else log.info)("refused a request head: %s", detail)
+            title = HTTPStatus(status).phrase
+            body = json.dumps({"type": "about:blank", "title": title, "status": status, "detail": detail}).encode()
+            head = (f"HTTP/1.1 {status} {title}\r\ncontent-type: {PROBLEM_JSON}\r\n"
                     f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode()
             if not self.transport.is_closing():
                 self.transport.write(head + body)
@@ -304,7 +371,19 @@ def http_protocol(settings: Settings, front_door: FrontDoor | None = None) -> An
     return type("StnHttpToolsProtocol", (CappedHttpToolsProtocol,),
                 {"max_head_bytes": settings.max_header_bytes, "max_headers": settings.max_headers,
                  "front_door": front_door, "body_timeout_s": settings.body_timeout_s,
-                 "max_pipelined": settings.max_pipelined})
+                 "max_pipelined": settings.max_pipelined, "head_timeout_s": settings.head_timeout_s,
+                 "max_connections": max_connections(settings), "waiting": {}})
+
+
+def max_connections(settings: Settings) -> int:
+    """STN_MAX_CONNECTIONS, or (0) the process's open-file limit less 128 for models, logs and threads, at most
+    10000."""
+    if settings.max_connections:
+        return settings.max_connections
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return 10000 if soft == resource.RLIM_INFINITY else max(16, min(10000, soft - 128))
 
 
 def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Config:

@@ -8,9 +8,12 @@ cancelled; 9 queue depth counts admitted images; 10 the OpenAPI document; 11 min
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
 import socket
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -384,6 +387,88 @@ def test_a_pipelining_client_that_reads_nothing_stops_being_read(model_dir: Path
             assert httpx.get(srv.url + "/healthz", timeout=5).status_code == 200
         finally:
             sock.close()
+
+
+# ---- 3c. slow and idle connections: a head within its timeout, connections within a cap --------------
+
+def test_a_slow_request_head_gets_408_and_a_silent_connection_is_closed(model_dir: Path) -> None:
+    """A head trickled a byte at a time gets 408 naming STN_HEAD_TIMEOUT_S; a connection that sends nothing is
+    closed. Before, uvicorn waited for both without limit (see the next test for what that cost)."""
+    with live_server(model_dir=model_dir, head_timeout_s=1.0) as srv:
+        silent = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        slow = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        try:
+            t0 = time.monotonic()
+            slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            reply = b""
+            while time.monotonic() - t0 < 8 and not reply:
+                with contextlib.suppress(OSError):
+                    slow.sendall(b"X")  # one more byte of a header name, every 0.2 s
+                slow.settimeout(0.2)
+                with contextlib.suppress(TimeoutError):
+                    reply = slow.recv(65536)
+            assert reply.startswith(b"HTTP/1.1 408") and b"STN_HEAD_TIMEOUT_S" in reply, reply[:300]
+            assert time.monotonic() - t0 < 4
+            silent.settimeout(5)
+            assert silent.recv(1) == b""  # closed, no answer owed
+            text = httpx.get(srv.url + "/metrics").text
+            assert metric(text, "stn_connections_closed_total", reason="head_timeout") == 2
+        finally:
+            silent.close()
+            slow.close()
+
+
+def test_connections_past_the_cap_close_the_oldest_waiting_for_a_head(model_dir: Path) -> None:
+    """With STN_MAX_CONNECTIONS=8 and 8 connections that send nothing, each new connection closes the oldest of
+    them and is answered; the newest stay open, and so do the answered ones (kept alive, now the youngest)."""
+    with live_server(model_dir=model_dir, max_connections=8) as srv:
+        idle = [socket.create_connection(("127.0.0.1", srv.port), timeout=10) for _ in range(8)]
+        probes: list[socket.socket] = []
+        try:
+            time.sleep(0.2)
+            for i in range(3):
+                probes.append(socket.create_connection(("127.0.0.1", srv.port), timeout=10))
+                probes[-1].sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                status, _, body = read_response(probes[-1].makefile("rb"))
+                assert (status, json.loads(body)) == (200, {"status": "live"}), i
+            for sock in idle[:3]:
+                sock.settimeout(5)
+                with contextlib.suppress(ConnectionResetError):
+                    assert sock.recv(1) == b""  # evicted, oldest first
+            for sock in idle[3:] + probes:
+                sock.settimeout(0.2)
+                with pytest.raises(TimeoutError):
+                    sock.recv(1)  # still open
+            text = httpx.get(srv.url + "/metrics").text  # one more connection: a fourth is evicted
+            assert metric(text, "stn_connections_closed_total", reason="evicted") == 4
+        finally:
+            for sock in idle + probes:
+                sock.close()
+
+
+def test_connections_that_send_nothing_cannot_use_up_the_file_descriptors(model_dir: Path) -> None:
+    """`stn serve` under an open-file limit of 256, with 300 connections that send nothing: /healthz is still
+    answered (the connection cap is below the limit and closes the oldest idle ones). Before, the process ran out
+    of descriptors and reset every new connection, probes included (measured with 1,100 against a limit of 1,024)."""
+    from service.api.bench import start_server, stop_server
+    from tests.service.support import ROOT, free_port
+
+    port = free_port()
+    env = {**os.environ, "STN_MODEL_DIR": str(model_dir), "STN_PROVIDERS": "CPUExecutionProvider",
+           "STN_LOG_LEVEL": "warning", "PYTHONPATH": str(ROOT)}
+    proc = start_server(["sh", "-c", f"ulimit -n 256 && exec {sys.executable} -m stn serve --port {port}"],
+                        env, port, "/readyz")
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(300):
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        for _ in range(3):
+            r = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
+            assert r.status_code == 200
+    finally:
+        for sock in idle:
+            sock.close()
+        stop_server(proc)
 
 
 # ---- 4. /v2 infer validates its request ---------------------------------------------------------
