@@ -28,6 +28,9 @@
   ``STN_MAX_CONNECTIONS`` are open: the connection past it closes the oldest one waiting for a
   head (idle keep-alive connections included), or itself when every connection is busy with a
   request. ``stn_connections_closed_total`` counts both, by reason.
+- **Slow bodies.** Work routes answer 408 when a body misses ``STN_BODY_TIMEOUT_S``; any other
+  route's body (the repository's JSON) gets the connection closed 2 s after that (a backstop for
+  every route: uvicorn has no body timeout).
 - **Slow readers.** A client that stops reading its response (the transport's buffer stays over its
   high-water mark, writing paused) for ``STN_BODY_TIMEOUT_S`` has its connection aborted, which
   drops what is buffered for it; responses count against the memory budget while they are sent
@@ -249,6 +252,10 @@ if HttpToolsProtocol is not None:
             super().data_received(data)
             if self._head_open and self._head_timer is None and not self._refused:  # a head is arriving in pieces
                 self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+            elif self._body_pending and self._close_timer is None and not self.transport.is_closing():
+                # A body is arriving in pieces. Work routes answer 408 after STN_BODY_TIMEOUT_S themselves; this
+                # closes the connection a little later whatever the route (the app sees a disconnect: 499).
+                self._close_timer = self.loop.call_later(self.body_timeout_s + 2.0, self._close)
 
         def on_message_complete(self) -> None:
             self._head_bytes = self._head_lines = 0

@@ -280,6 +280,19 @@ def test_a_stalled_body_gets_408_and_the_connection_is_closed(model_dir: Path) -
         assert wait_for(lambda: srv.state.admission.uploads == 0 and srv.state.admission.reserved_bytes == 0)
 
 
+def test_a_stalled_body_on_any_route_loses_its_connection(model_dir: Path) -> None:
+    """A route outside admission (the repository's JSON body) has no 408 of its own: the protocol closes the
+    connection 2 s after STN_BODY_TIMEOUT_S, and the app counts a client disconnect. Before, it waited for ever."""
+    with live_server(model_dir=model_dir, body_timeout_s=1.0) as srv:
+        t0 = time.monotonic()
+        sock = raw_request(srv.url, "POST /v2/repository/index HTTP/1.1\nHost: x\nContent-Type: application/json\n"
+                                    "Content-Length: 100\n", b"{")
+        reply = read_all(sock, timeout=10)
+        sock.close()
+        assert reply == b"" and time.monotonic() - t0 < 8
+        assert wait_for(lambda: metric(httpx.get(srv.url + "/metrics").text, "stn_requests_total",
+                                       route="/v2/repository/index", status="499") == 1)
+
 def test_uploads_beyond_the_cap_get_503_before_their_body(model_dir: Path) -> None:
     with live_server(model_dir=model_dir, max_uploads=2, body_timeout_s=30) as srv:
         socks = [raw_request(srv.url, "POST /v1/rectify?model=affine HTTP/1.1\nHost: x\nContent-Type: image/png\n"
