@@ -31,6 +31,12 @@
 - **Slow bodies.** Work routes answer 408 when a body misses ``STN_BODY_TIMEOUT_S``; any other
   route's body (the repository's JSON) gets the connection closed 2 s after that (a backstop for
   every route: uvicorn has no body timeout).
+- **Upgrade headers are ignored** (RFC 9110 7.8: a server may). httptools takes a request with
+  ``Connection: Upgrade`` to have no body, so ``curl --http2`` (an ``Upgrade: h2c`` offer) had its
+  upload dropped and got 400 "image is empty", and a WebSocket offer to /healthz broke the
+  connection with a logged traceback. The header is renamed ``x-ignored-upgrade`` before the parser
+  sees it (when the whole head is in one read, as clients send it), so such requests are served as
+  HTTP/1.1; the app has no WebSocket routes.
 - **Slow readers.** A client that stops reading its response (the transport's buffer stays over its
   high-water mark, writing paused) for ``STN_BODY_TIMEOUT_S`` has its connection aborted, which
   drops what is buffered for it; responses count against the memory budget while they are sent
@@ -46,6 +52,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import signal
 import time
 from http import HTTPStatus
@@ -72,6 +79,7 @@ except ImportError:  # httptools is not installed: uvicorn uses h11, capped by i
     HttpToolsProtocol = None  # type: ignore[assignment,misc]
 
 _END = b"\r\n\r\n"
+_UPGRADE = re.compile(rb"\r\nupgrade:", re.IGNORECASE)  # renamed before parsing: the service speaks HTTP/1.1 only
 STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
 
 
@@ -249,6 +257,8 @@ if HttpToolsProtocol is not None:
                     return
                 if end >= 0:
                     self._in_head = False
+                    if self._head_bytes == len(head) and _UPGRADE.search(head):  # the whole head is in this read
+                        data = _UPGRADE.sub(b"\r\nx-ignored-upgrade:", head) + data[len(head):]
             super().data_received(data)
             if self._head_open and self._head_timer is None and not self._refused:  # a head is arriving in pieces
                 self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
@@ -285,7 +295,7 @@ if HttpToolsProtocol is not None:
                 raise _PipelineFull  # stops the parser in this read: the rest is never parsed
             self._body_pending = True
             door = self.front_door
-            if door is not None and (self.cycle is None or self.cycle.response_complete):
+            if door is not None and (self.cycle is None or self.cycle.response_complete) and not self.parser.should_upgrade():
                 started = time.perf_counter()
                 method = self.parser.get_method().decode("ascii")
                 url = httptools.parse_url(self.url)

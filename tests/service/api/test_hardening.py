@@ -343,6 +343,27 @@ def test_oversized_heads_get_431_and_a_closed_connection(server, kind: str) -> N
     assert ok.status_code == 200
 
 
+def test_upgrade_offers_are_ignored_and_served_as_http_1_1(server, caplog) -> None:  # noqa: ANN001
+    """`curl --http2` offers `Upgrade: h2c`; httptools takes such a request to have no body, so its upload was
+    dropped (400 "image is empty"). A WebSocket offer to /healthz broke the connection with a logged traceback.
+    Both are now plain HTTP/1.1 requests (RFC 9110 7.8 lets a server ignore Upgrade)."""
+    img = png(64, 48)
+    sock = raw_request(server.url, "POST /v1/rectify?model=affine&format=png HTTP/1.1\nHost: x\n"
+                                   "Connection: Upgrade, HTTP2-Settings\nUpgrade: h2c\n"
+                                   "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\nContent-Type: image/png\n"
+                                   f"Content-Length: {len(img)}\n", img)
+    with sock:
+        status, headers, body = read_response(sock.makefile("rb"))
+    assert status == 200 and body.startswith(b"\x89PNG"), body[:200]
+    with caplog.at_level("ERROR"):
+        sock = raw_request(server.url, "GET /healthz HTTP/1.1\nHost: x\nConnection: Upgrade\nUpgrade: websocket\n"
+                                       "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\nSec-WebSocket-Version: 13\n")
+        with sock:
+            status, _, body = read_response(sock.makefile("rb"))
+        assert (status, json.loads(body)) == (200, {"status": "live"})
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+
+
 # ---- 3b. pipelining is bounded: what one connection may have parsed, answered and unread ------------
 
 def pipelined(n: int, path: str, first: int = 0) -> bytes:
