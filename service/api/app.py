@@ -18,7 +18,7 @@ from fastapi_offline import FastAPIOffline
 from service.api import errors, openapi
 from service.api.frontdoor import FrontDoor, FrontDoorMiddleware
 from service.api.metrics import MetricsMiddleware
-from service.api.middleware import RequestIdMiddleware
+from service.api.middleware import HeadAsGetMiddleware, RequestIdMiddleware
 from service.api.routes import ops, page, repository, v1, v2
 from service.api.state import ServiceState
 from service.settings import Settings, get_settings
@@ -62,6 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["*"], expose_headers=["*"])
+    app.add_middleware(HeadAsGetMiddleware)  # inside the door, which answers HEAD probes itself
     app.state.front_door = FrontDoor(state)  # health, readiness and load shedding before routing and the body;
     app.add_middleware(FrontDoorMiddleware, door=app.state.front_door)  # `stn serve` answers them in its protocol
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)

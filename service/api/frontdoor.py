@@ -90,7 +90,7 @@ class FrontDoor:
 
     def answer(self, method: str, path: str, query: bytes = b"") -> Answer | None:
         """The answer to give at once, or None: the request goes on to the app."""
-        if method == "GET":
+        if method == "GET" or method == "HEAD":  # HEAD: the same answer, without its body
             if path == "/healthz":
                 return Answer(200, LIVE_PAYLOAD, "/healthz")
             if path == "/readyz":

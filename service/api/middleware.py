@@ -54,3 +54,17 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             REQUEST_ID.reset(token)
+
+
+class HeadAsGetMiddleware:
+    """``HEAD`` on any route is its ``GET`` without the body (RFC 9110 9.3.2: every general-purpose server supports
+    both; FastAPI routes list GET only, so load balancers' and monitors' HEAD probes got 405). The app sees a copy
+    of the scope saying GET; the server, whose scope still says HEAD, sends the head and drops the body."""
+
+    def __init__(self, app) -> None:  # noqa: ANN001 (ASGI app)
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            scope = {**scope, "method": "GET"}
+        await self.app(scope, receive, send)

@@ -302,7 +302,7 @@ if HttpToolsProtocol is not None:
                 path = url.path.decode("latin-1")
                 answer = door.answer(method, unquote(path) if "%" in path else path, url.query or b"")
                 if answer is not None:
-                    self._give(answer)
+                    self._give(answer, with_body=method != "HEAD")
                     door.record(answer, method, started)
                     return
             super().on_headers_complete()
@@ -311,7 +311,7 @@ if HttpToolsProtocol is not None:
             if self._answered is None:
                 super().on_body(body)  # else: the body of an answered request is discarded
 
-        def _give(self, answer: Answer) -> None:
+        def _give(self, answer: Answer, with_body: bool = True) -> None:
             # A shed's body is read and discarded, so its connection stays open for the client's next request,
             # unless the client waits for 100 Continue before its body (it may never send it: close).
             keep_alive = (not (answer.close and self.expect_100_continue) and self.parser.should_keep_alive()
@@ -327,7 +327,7 @@ if HttpToolsProtocol is not None:
                 head.append(b"connection: close\r\n")
             if self.transport.is_closing():
                 return
-            self.transport.write(b"".join([*head, b"\r\n", raw]))
+            self.transport.write(b"".join([*head, b"\r\n", raw if with_body else b""]))
             if not keep_alive and self.expect_100_continue:  # the client waits for 100 before its body: none comes
                 self._close()
             else:  # the body (if any) is discarded as it arrives; it must be in within the body timeout

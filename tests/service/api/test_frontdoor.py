@@ -46,12 +46,45 @@ def read_response(reader: io.BufferedReader) -> tuple[int, dict[str, str], bytes
     return int(status_line.split()[1]), headers, reader.read(int(headers["content-length"]))
 
 
+def read_head(reader: io.BufferedReader) -> tuple[int, dict[str, str]]:
+    """The status and headers of a response that has no body (to HEAD)."""
+    status_line = reader.readline()
+    assert status_line, "connection closed before a response"
+    headers = {}
+    while (line := reader.readline()) not in (b"\r\n", b""):
+        k, v = line.decode("latin-1").split(":", 1)
+        headers[k.strip().lower()] = v.strip()
+    return int(status_line.split()[1]), headers
+
+
 def hold_upload_slot(url: str) -> socket.socket:
     """A POST whose body never completes: it holds one of STN_MAX_UPLOADS while open."""
     sock = connect(url)
     sock.sendall(f"POST {PATH} HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n"
                  .encode() + b"\x89PNG")
     return sock
+
+
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+def test_head_is_get_without_the_body_at_the_door_and_in_the_app(model_dir: Path, http: str) -> None:
+    """Load balancers and monitors probe with HEAD: every GET route answers it with the GET's status and
+    Content-Length and no body (before, 405). The GET that follows on the same connection is framed right."""
+    with live_server(model_dir=model_dir, uvicorn={"http": "h11"} if http == "h11" else None) as srv:
+        sock = connect(srv.url)
+        try:
+            reader = sock.makefile("rb")
+            for path in ("/healthz", "/readyz", "/v1/models", "/v2/health/ready", "/"):
+                sock.sendall(f"HEAD {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                status, headers = read_head(reader)
+                assert status == 200 and int(headers["content-length"]) > 0, (path, headers)
+                sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                status, get_headers, body = read_response(reader)
+                assert status == 200 and len(body) == int(headers["content-length"]), path
+                assert get_headers["content-type"] == headers["content-type"], path
+            sock.sendall(b"HEAD /v1/rectify HTTP/1.1\r\nHost: x\r\n\r\n")  # a POST route: not a GET either
+            assert read_head(reader)[0] == 405
+        finally:
+            sock.close()
 
 
 @pytest.mark.parametrize("http", ["httptools", "h11"])
