@@ -32,7 +32,7 @@ REASONS = {
     404: "Unknown model or version",
     408: "The body did not arrive within STN_BODY_TIMEOUT_S",
     413: "Over a limit: bytes, pixels, files, memory budget",
-    415: "Content type not accepted, or an image format that STN_IMAGE_FORMATS leaves out",
+    415: "Content type or Content-Encoding not accepted, or an image format that STN_IMAGE_FORMATS leaves out",
     503: "Not ready, overloaded, or shutting down; retry after Retry-After seconds",
 }
 WORK = (400, 401, 404, 408, 413, 415, 503)  # POST /v1/rectify, POST /v2/.../infer

@@ -18,6 +18,7 @@ from service.api.admission import BudgetedResponse, Ticket, image_cost
 from service.api.batcher import QueueFullError, QueueTimeoutError
 from service.api.errors import Problem
 from service.api.multipart import HeaderCallback, parse_form
+from service.api.routes import content_encoding
 from service.api.state import AuthDep, ServiceState, StateDep
 from service.runtime import ModelRuntime
 
@@ -264,6 +265,7 @@ async def rectify(request: Request, state: StateDep) -> Response:
     """
     query = request.query_params
     model, size, format = query.get("model"), query.get("size"), query.get("format") or "json"
+    content_encoding(request)  # images are compressed already: 415 for gzip and the like
     if format not in FORMATS:
         raise Problem(400, f"format must be one of {', '.join(FORMATS)}; got {format!r}")
     runtime = state.get_model(model)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import zlib
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ from export.metadata import INPUT_IMAGE, OUTPUT_RECTIFIED, OUTPUT_THETA
 from service.api.admission import BudgetedResponse, image_cost
 from service.api.batcher import QueueFullError, QueueTimeoutError
 from service.api.errors import Problem
+from service.api.routes import content_encoding
 from service.api.state import AuthDep, ServiceState, StateDep
 from service.runtime import ModelRuntime
 
@@ -283,6 +285,23 @@ async def infer_version(name: str, version: str, request: Request, state: StateD
     return await _infer(state, request, name, version)
 
 
+ENCODINGS = ("gzip", "deflate")  # request bodies tritonclient can compress (request_compression_algorithm)
+
+
+def _inflate(body: bytes, cap: int) -> bytes:
+    """A gzip or deflate (zlib) body, inflated to at most ``cap`` bytes (Problem 413 beyond, 400 when corrupt)."""
+    d = zlib.decompressobj(32 + zlib.MAX_WBITS)  # either header, told apart by zlib
+    try:
+        out = d.decompress(body, cap + 1)
+    except zlib.error as e:
+        raise _problem(400, f"the compressed body does not inflate: {e}") from None
+    if len(out) > cap:
+        raise _problem(413, f"the request inflates to more than {cap} bytes")
+    if not d.eof:
+        raise _problem(400, "the compressed body is cut short")
+    return out
+
+
 def _body_cap(request: Request, state: ServiceState) -> tuple[int, int]:
     """(the most bytes the body may have, what to reserve for it: the body, and its parse when it is JSON)."""
     s = state.settings
@@ -290,7 +309,8 @@ def _body_cap(request: Request, state: ServiceState) -> tuple[int, int]:
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > budget:
         raise _problem(413, f"the request is {length} bytes; the limit is {budget}")
-    size = min(int(length), budget) if length.isdigit() else budget
+    # a compressed body's size says nothing of what it inflates to: reserved as a body of unknown length
+    size = min(int(length), budget) if length.isdigit() and content_encoding(request, ENCODINGS, _problem) is None else budget
     binary = request.headers.get(HEADER_LENGTH) is not None
     return budget, size if binary else 4 * size  # JSON numbers become Python objects: about 3 more bytes per byte
 
@@ -309,6 +329,8 @@ async def _infer(state: ServiceState, request: Request, name: str, version: str 
                 chunks.append(chunk)
         body = b"".join(chunks)
         del chunks
+        if content_encoding(request, ENCODINGS, _problem) is not None:
+            body = await state.workers.run(_inflate, body, budget)
         req, binary = await state.workers.run(_parse_request, body, request.headers.get(HEADER_LENGTH))
         image = await state.workers.run(_input_tensor, req, binary, runtime.info.in_channels)
         n, c, h, w = image.shape
