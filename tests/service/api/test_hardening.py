@@ -452,6 +452,22 @@ def test_a_slow_request_head_gets_408_and_a_silent_connection_is_closed(model_di
             slow.close()
 
 
+def test_the_keep_alive_timeout_is_a_setting(model_dir: Path) -> None:
+    """STN_KEEP_ALIVE_S: behind a load balancer it must outlast the balancer's idle timeout (uvicorn's 5 s was
+    fixed before)."""
+    with live_server(model_dir=model_dir, keep_alive_s=1.0) as srv:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+            reader = sock.makefile("rb")
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_response(reader)[0] == 200
+            time.sleep(0.5)
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # idle 0.5 s: still open
+            assert read_response(reader)[0] == 200
+            t0 = time.monotonic()
+            assert reader.read() == b""  # then idle: closed after the timeout
+            assert 0.8 < time.monotonic() - t0 < 3.0  # (uvicorn's fixed 5 s before)
+
+
 def test_connections_past_the_cap_close_the_oldest_waiting_for_a_head(model_dir: Path) -> None:
     """With STN_MAX_CONNECTIONS=8 and 8 connections that send nothing, each new connection closes the oldest of
     them and is answered; the newest stay open, and so do the answered ones (kept alive, now the youngest)."""
