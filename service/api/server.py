@@ -161,6 +161,9 @@ if HttpToolsProtocol is not None:
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self._head_open = True
+            # A door answer earlier in this read armed the keep-alive timer (the connection looked idle); this
+            # request begins in the same read, so nothing else cancels it and it would cut the request short.
+            self._unset_keepalive_if_required()
 
         def _head_timed_out(self) -> None:
             self._head_timer = None

@@ -468,6 +468,23 @@ def test_the_keep_alive_timeout_is_a_setting(model_dir: Path) -> None:
             assert 0.8 < time.monotonic() - t0 < 3.0  # (uvicorn's fixed 5 s before)
 
 
+def test_a_request_pipelined_behind_a_door_answer_is_not_cut_by_the_keep_alive_timeout(model_dir: Path) -> None:
+    """The door's answer to /healthz armed the keep-alive timer, and the work request parsed from the same read
+    never cancelled it: the connection closed under the work, and its result was lost."""
+    img = png(300, 200)
+    with live_server(model_dir=model_dir, keep_alive_s=0.2) as srv:
+        sock = raw_request(srv.url, "GET /healthz HTTP/1.1\nHost: x\n\nPOST /v1/rectify?model=affine&format=png"
+                                    "&size=4000x4000 HTTP/1.1\nHost: x\nContent-Type: image/png\n"
+                                    f"Content-Length: {len(img)}\n", img)
+        with sock:
+            reader = sock.makefile("rb")
+            assert read_response(reader)[0] == 200
+            t0 = time.monotonic()
+            status, _, body = read_response(reader)
+            assert status == 200 and body.startswith(b"\x89PNG")
+            assert time.monotonic() - t0 > 0.2  # the work outlasted the keep-alive timeout
+
+
 def test_connections_past_the_cap_close_the_oldest_waiting_for_a_head(model_dir: Path) -> None:
     """With STN_MAX_CONNECTIONS=8 and 8 connections that send nothing, each new connection closes the oldest of
     them and is answered; the newest stay open, and so do the answered ones (kept alive, now the youngest)."""
