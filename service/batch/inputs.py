@@ -13,6 +13,7 @@ import io
 import json
 import os
 import posixpath
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,22 +55,40 @@ def url_to_fs(uri: str) -> tuple[Any, str]:
             from None
 
 
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
 def open_binary(path: str) -> tuple[IO[bytes], int]:
-    """An open file and its size, local path or URI."""
+    """An open file and its size, local path or URI.
+
+    A local path must be a regular file (OSError naming what it is otherwise): opening a named pipe waits for a
+    writer for ever, and a device such as /dev/zero never ends. The open does not block (``O_NONBLOCK``), and the
+    kind is read from the open file, so a file swapped for a pipe after it was listed is caught too."""
     if is_uri(path):
         fs, p = url_to_fs(path)
         return fs.open(p, "rb"), int(fs.size(p))
-    path = local_path(path)
-    return open(path, "rb"), os.path.getsize(path)  # noqa: SIM115 (the caller closes it)
+    fd = os.open(local_path(path), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = next((what for test, what in _KINDS if test(st.st_mode)), "not a regular file")
+            raise OSError(f"{kind}, not a regular file; not read")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb"), st.st_size
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def read_image(path: str, limits: images.Limits, name: str) -> images.Decoded:
-    """Read and decode one file (local path or URI) in its own colour, size checked before reading;
-    ``images.ImageError`` or ``OSError`` on failure."""
+    """Read and decode one file (local path or URI) in its own colour, size checked before reading and while
+    reading (a file still being written); ``images.ImageError`` or ``OSError`` on failure."""
     f, size = open_binary(path)
     with f:
         images.check_bytes(size, limits, name)
-        data = f.read()
+        data = f.read(limits.max_bytes + 1)
+    images.check_bytes(len(data), limits, name)
     return images.decode(data, limits, name)
 
 

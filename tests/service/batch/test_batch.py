@@ -252,6 +252,29 @@ def test_manifests_refuse_traversal(tree, model_dir, tmp_path) -> None:  # noqa:
     assert outs["list.txt"] == outs["list.csv"] == outs["list.jsonl"]
 
 
+def test_pipes_and_devices_are_error_lines_not_hangs(model_dir, tmp_path) -> None:  # noqa: ANN001
+    """A named pipe among the images (open waits for a writer for ever) and /dev/zero in a manifest (never ends):
+    each is a line in errors.jsonl naming what it is, and the job ends. Before, the job hung on the pipe."""
+    import os
+
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(_img(np.random.default_rng(0), 40, 50)).save(src / "ok.png")
+    os.mkfifo(src / "pipe.jpg")
+    (src / "list.txt").write_text("ok.png\npipe.jpg\n/dev/zero\n")
+    for spec, extra in ((src, []), (src / "list.txt", ["--input-root", "/"])):
+        out = tmp_path / f"out-{len(extra)}"
+        proc = subprocess.run([sys.executable, "-m", "stn", "batch", str(spec), str(out), "--model",
+                               str(model_dir / "projective.onnx"), "--providers", "CPUExecutionProvider",
+                               "--no-progress", *extra], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1, proc.stderr
+        assert [r["source"].rsplit("/", 1)[-1] for r in read_jsonl(out / "results.jsonl")] == ["ok.png"]
+        errors = {e["source"].rsplit("/", 1)[-1]: e["error"] for e in read_jsonl(out / "errors.jsonl")}
+        assert "a named pipe (FIFO), not a regular file" in errors["pipe.jpg"], errors
+        if extra:
+            assert "a character device, not a regular file" in errors["zero"], errors
+
+
 def test_glob_input(tree, model_dir, tmp_path) -> None:  # noqa: ANN001
     out = tmp_path / "out"
     run_job(config(str(tree[0] / "sub" / "**" / "*.png"), out, model_dir))
