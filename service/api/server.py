@@ -150,7 +150,10 @@ if HttpToolsProtocol is not None:
             for victim in self.waiting:
                 del self.waiting[victim]
                 victim._count_closed("evicted")
-                victim.transport.abort()  # nothing is owed to it: no request of it is in progress
+                # No request of it is in progress. close(), not abort(): an idle connection's last answer may
+                # still be in its buffer, and is sent first (a client that reads nothing is dropped by the
+                # send timer); with nothing buffered it closes at once.
+                victim.transport.close()
                 return True
             return False
 
