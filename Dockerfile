@@ -109,7 +109,7 @@ COPY --from=builder --chown=stn:stn /opt/models/ /models/
 #   STN_STRICT_READINESS
 #   STN_ACCESS_LOG STN_API_KEYS STN_CORS_ORIGINS STN_LOG_LEVEL
 #   STN_MEMORY_BUDGET_MB STN_MAX_UPLOADS STN_BODY_TIMEOUT_S STN_MAX_HEADER_BYTES STN_MAX_HEADERS
-#   STN_MAX_PIPELINED STN_KEEP_ALIVE_S STN_HEAD_TIMEOUT_S STN_MAX_CONNECTIONS
+#   STN_ROOT_PATH STN_MAX_PIPELINED STN_KEEP_ALIVE_S STN_HEAD_TIMEOUT_S STN_MAX_CONNECTIONS
 #   STN_SHUTDOWN_GRACE_S (on SIGTERM, `stn serve` drains for up to this long: give `docker stop -t` as much)
 #   STN_MODEL_POLL_S (look at /models for new, changed and removed models every that many seconds; 0: off)
 #   STN_IMAGE_FORMATS (JPEG,PNG,WEBP,BMP; add TIFF to decode it)

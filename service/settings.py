@@ -80,6 +80,7 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(20.0, gt=0)  # longest a request body may take to arrive (408), and a client may read nothing of its response (dropped)
     max_header_bytes: int = Field(65536, ge=1024)  # request line and headers of one request; beyond it: 431 and close
     max_headers: int = Field(100, ge=8)  # header fields of one request; beyond it: 431 and close
+    root_path: str = Field("", pattern=r"^(/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)*$")  # the path prefix a reverse proxy serves the service under and strips (e.g. /stn); empty: at the root
     keep_alive_s: float = Field(5.0, gt=0)  # an idle keep-alive connection is closed after this; behind a load balancer, above its idle timeout
     head_timeout_s: float = Field(10.0, gt=0)  # longest a request head may take to arrive (from the connection's opening or the head's first byte); beyond it: 408 and close
     max_connections: int = Field(0, ge=0)  # open connections (0: the open-file limit less 128, at most 10000); beyond it the oldest waiting for a head is closed

@@ -147,7 +147,10 @@ class FrontDoorMiddleware:
 
     async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
         if scope["type"] == "http":
-            answer = self.door.answer(scope["method"], scope["path"], scope.get("query_string", b""))
+            path, root = scope["path"], scope.get("root_path", "")
+            if root and path.startswith(root):  # uvicorn puts STN_ROOT_PATH in front of the path
+                path = path[len(root):]
+            answer = self.door.answer(scope["method"], path, scope.get("query_string", b""))
             if answer is not None:
                 scope[ROUTE_KEY] = answer.route
                 raw = answer.body(scope.get("state", {}).get("request_id", ""))

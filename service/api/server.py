@@ -415,7 +415,7 @@ def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Co
     kwargs: dict[str, Any] = dict(host=settings.host, port=settings.port, log_level=settings.log_level,
                                   access_log=settings.access_log, http=http_protocol(settings, door),
                                   h11_max_incomplete_event_size=settings.max_header_bytes,
-                                  timeout_keep_alive=settings.keep_alive_s,
+                                  timeout_keep_alive=settings.keep_alive_s, root_path=settings.root_path,
                                   timeout_graceful_shutdown=max(1, round(settings.grace_s)))
     kwargs.update(overrides)
     return uvicorn.Config(app, **kwargs)

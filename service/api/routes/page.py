@@ -6,10 +6,11 @@ the user types in (kept in the tab's ``sessionStorage``, sent as ``X-API-Key``).
 
 from __future__ import annotations
 
+from html import escape
 from pathlib import Path
 
-from fastapi import APIRouter
-from fastapi.responses import FileResponse
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from service.api.errors import Problem
@@ -27,8 +28,12 @@ def sample_path() -> Path:
 
 
 @router.get("/")
-async def index() -> FileResponse:
-    return FileResponse(STATIC_DIR / "index.html", media_type="text/html; charset=utf-8",
+async def index(request: Request) -> HTMLResponse:
+    """The page, its ``<base href>`` set to where the app is served (STN_ROOT_PATH behind a proxy): every URL in
+    the page and its script is relative, so it works under any path prefix."""
+    html = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
+    root = request.scope.get("root_path", "").rstrip("/")
+    return HTMLResponse(html.replace('<base href="/">', f'<base href="{escape(root, quote=True)}/">', 1),
                         headers={"Cache-Control": "no-cache"})
 
 

@@ -91,7 +91,7 @@
     const select = $('#model');
     $('#key-form').classList.remove('needs-key');
     try {
-      const body = await (await api('/v1/models', {}, (detail, wait) => notice(`${detail} (retrying in ${wait} s)`))).json();
+      const body = await (await api('v1/models', {}, (detail, wait) => notice(`${detail} (retrying in ${wait} s)`))).json();
       models.clear();
       select.replaceChildren();
       for (const m of body.models) {
@@ -284,7 +284,7 @@
     form.append('file', file, file.name);
     setState(card, 'pending', 'rectifying…');
     try {
-      const response = await api(`/v1/rectify?${params}`, { method: 'POST', body: form }, (detail, wait, n) => {
+      const response = await api(`v1/rectify?${params}`, { method: 'POST', body: form }, (detail, wait, n) => {
         setState(card, 'retrying', `server busy: ${detail} (retry ${n} in ${wait} s)`);
       });
       const body = await response.json();
@@ -314,7 +314,7 @@
   // ---- wiring ------------------------------------------------------------------------------------
   async function offerSample() {
     try {
-      const r = await fetch('/sample.jpg', { method: 'HEAD' });
+      const r = await fetch('sample.jpg', { method: 'HEAD' });
       $('#sample').hidden = !r.ok;
     } catch (e) {
       $('#sample').hidden = true;
@@ -323,7 +323,7 @@
 
   async function useSample() {
     try {
-      const r = await fetch('/sample.jpg');
+      const r = await fetch('sample.jpg');
       if (!r.ok) throw new ApiError(r.status, await problemDetail(r));
       await processFiles([new File([await r.blob()], 'sample.jpg', { type: 'image/jpeg' })]);
     } catch (e) {

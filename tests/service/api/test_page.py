@@ -8,6 +8,7 @@ received (captured from the browser's own network responses) and against ``model
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -38,8 +39,9 @@ def test_page_and_assets_are_served_open_and_small(model_dir: Path) -> None:
         r = httpx.get(srv.url + "/")
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
         assets = ["/static/page.css", "/static/page.js"]
+        assert '<base href="/">' in r.text  # every URL of the page is relative to it (STN_ROOT_PATH)
         for a in assets:
-            assert a in r.text
+            assert f'"{a[1:]}"' in r.text
         total = len(r.content)
         for a in assets:
             ra = httpx.get(srv.url + a)  # open: the page holds no secret, the key guards /v1
@@ -308,6 +310,68 @@ def test_page_sample_button_and_drop(server, context, tmp_path: Path, monkeypatc
     }""", ["dropped.png", base64.b64encode(encode(smooth_image(20, 24, 1))).decode()])
     page.wait_for_selector("#results .card[data-filename='dropped.png'][data-state=done]")
     page.close()
+
+
+@contextlib.contextmanager
+def prefix_proxy(target_port: int, prefix: str) -> Iterator[str]:
+    """A reverse proxy on 127.0.0.1 that serves ``target_port`` under ``prefix`` and strips it, as an ingress
+    does (its URL, with the prefix)."""
+    import http.client
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def forward(self) -> None:
+            if not self.path.startswith(prefix + "/"):
+                self.send_error(404)
+                return
+            body = self.rfile.read(int(self.headers.get("content-length") or 0))
+            conn = http.client.HTTPConnection("127.0.0.1", target_port, timeout=60)
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+            conn.request(self.command, self.path[len(prefix):], body=body or None, headers=headers)
+            r = conn.getresponse()
+            data = r.read()
+            self.send_response(r.status)
+            for k, v in r.getheaders():
+                if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                    self.send_header(k, v)
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+            conn.close()
+
+        do_GET = do_POST = do_HEAD = forward  # noqa: N815
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{proxy.server_address[1]}{prefix}"
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+
+
+def test_page_and_docs_work_under_a_path_prefix(model_dir: Path, context, tmp_path: Path) -> None:  # noqa: ANN001
+    """Behind a proxy that serves the service under /stn and strips it (STN_ROOT_PATH=/stn), the page loads its
+    assets and models and rectifies an upload, and the API docs load theirs (before, every URL of the page was
+    absolute: under a prefix it lost its script and styles)."""
+    with live_server(model_dir=model_dir, root_path="/stn") as srv, prefix_proxy(srv.port, "/stn") as url:
+        errors: list[str] = []
+        page = open_page(context, url, errors=errors)
+        assert page.locator("#model option").count() >= 3
+        assert page.evaluate("getComputedStyle(document.body).margin") != "8px"  # page.css applied
+        cards = upload(page, [write(tmp_path / "up.png", smooth_image(64, 48, 3, seed=5))])
+        assert cards[0].get_attribute("data-state") == "done", cards[0].inner_text()
+        assert not errors, errors
+        page.goto(url + "/docs")
+        page.wait_for_selector(".swagger-ui .info", timeout=10_000)  # its assets and /stn/openapi.json loaded
+        page.close()
 
 
 def test_screenshot(context, tmp_path: Path) -> None:  # noqa: ANN001
