@@ -63,6 +63,7 @@ class ModelRepository:
         self.unloaded: set[str] = set()  # unloaded by request
         self.loading: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = {}
+        self._loads: dict[str, tuple[Signature | None, asyncio.Task]] = {}  # the latest load asked for, by name
         self._missing = False  # the folder was missing at the last poll (warned once)
 
     # ---- files ------------------------------------------------------------------------------------------
@@ -92,8 +93,20 @@ class ModelRepository:
 
     # ---- load and unload ------------------------------------------------------------------------------
     async def load(self, name: str) -> ModelRuntime:
-        """(Re)load ``name`` from its file; Problem 404 without a file, 400 with the reason when it fails."""
+        """(Re)load ``name`` from its file; Problem 404 without a file, 400 with the reason when it fails.
+
+        Requests for the same file while its load is waiting or running share that load and its outcome: each
+        would otherwise reload it once more, one after another (a load warms the model: seconds of CPU)."""
         path = self.path(name)
+        sig = signature(path)
+        pending = self._loads.get(name)
+        if pending is None or pending[1].done() or pending[0] != sig:
+            task = asyncio.ensure_future(self._load_file(name, path))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved even if nobody waits
+            pending = self._loads[name] = (sig, task)
+        return await asyncio.shield(pending[1])  # a client that leaves does not cancel the others' load
+
+    async def _load_file(self, name: str, path: Path) -> ModelRuntime:
         async with self._lock(name):
             if not path.is_file():
                 raise Problem(404, f"no model file {path.name} in the model folder (STN_MODEL_DIR); "

@@ -280,6 +280,43 @@ def test_a_stalled_body_gets_408_and_the_connection_is_closed(model_dir: Path) -
         assert wait_for(lambda: srv.state.admission.uploads == 0 and srv.state.admission.reserved_bytes == 0)
 
 
+def test_concurrent_loads_of_one_model_share_one_load(model_dir: Path, caplog, monkeypatch) -> None:  # noqa: ANN001
+    """Eight clients ask to reload the same model file at once: each is answered, by one load (a load warms the
+    model: seconds of CPU for a large one; here each load is made to last 0.5 s, so that all eight overlap it).
+    Before, they queued on the model's lock and reloaded it eight times, one after another."""
+    import threading
+
+    from service.api import repository
+
+    real = repository.load_and_warm
+
+    def slow_load(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        time.sleep(0.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(repository, "load_and_warm", slow_load)
+    url = "/v2/repository/models/affine/load"
+    with live_server(model_dir=model_dir) as srv, caplog.at_level("INFO", logger="service.api.repository"):
+        def reloads() -> int:
+            return sum("model affine reloaded" in r.getMessage() for r in caplog.records)
+
+        barrier, codes = threading.Barrier(8), []
+
+        def ask() -> None:
+            barrier.wait()
+            codes.append(httpx.post(srv.url + url, timeout=60).status_code)
+
+        threads = [threading.Thread(target=ask) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert codes == [200] * 8
+        assert reloads() == 1
+        assert httpx.post(srv.url + url, timeout=60).status_code == 200  # a later request reloads again
+        assert reloads() == 2
+
+
 def test_a_stalled_body_on_any_route_loses_its_connection(model_dir: Path) -> None:
     """A route outside admission (the repository's JSON body) has no 408 of its own: the protocol closes the
     connection 2 s after STN_BODY_TIMEOUT_S, and the app counts a client disconnect. Before, it waited for ever."""
