@@ -21,6 +21,17 @@ STATIC_PATH = "/static"  # where the page's assets are mounted
 
 router = APIRouter(tags=["page"], include_in_schema=False)
 
+# The page runs only its own script and styles and talks only to this server; its images are blob: URLs of the
+# uploads and results. Should anything it shows ever carry markup, the browser runs none of it: the API key the
+# user typed (sessionStorage) cannot be sent elsewhere, and no other site may frame the page.
+PAGE_HEADERS = {
+    "Cache-Control": "no-cache",
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+                               "connect-src 'self'; base-uri 'self'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
 
 def sample_path() -> Path:
     """The bundled sample photo: ``sample.jpg`` in the package's default model folder (may not exist)."""
@@ -34,7 +45,7 @@ async def index(request: Request) -> HTMLResponse:
     html = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
     root = request.scope.get("root_path", "").rstrip("/")
     return HTMLResponse(html.replace('<base href="/">', f'<base href="{escape(root, quote=True)}/">', 1),
-                        headers={"Cache-Control": "no-cache"})
+                        headers=PAGE_HEADERS)
 
 
 @router.api_route("/sample.jpg", methods=["GET", "HEAD"])
