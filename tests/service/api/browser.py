@@ -1,8 +1,8 @@
 """Drive the demo page in Debian's Chromium through Playwright (no browser download, ever).
 
-Shared by tests/service/test_page.py and by the README's screenshot, which this file makes when run:
+Shared by tests/service/api/test_page.py and by the README's screenshot, which this file makes when run:
 
-    python tests/service/browser.py docs/images/page.png
+    python tests/service/api/browser.py docs/images/page.png
 
 (a real ``stn serve`` app on 127.0.0.1 with the bundled models; the images are the bundled sample
 photo ``models/default/sample.jpg`` when it exists, else distorted inputs cut from

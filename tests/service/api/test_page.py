@@ -381,7 +381,7 @@ def test_page_and_docs_work_under_a_path_prefix(model_dir: Path, context, tmp_pa
 
 
 def test_screenshot(context, tmp_path: Path) -> None:  # noqa: ANN001
-    """The README's screenshot, made by the same code (tests/service/browser.py) on the bundled model."""
+    """The README's screenshot, made by the same code (tests/service/api/browser.py) on the bundled model."""
     if not DEFAULT_MODELS:
         pytest.skip("models/default/*.onnx is not bundled yet")
     with live_server() as srv:
