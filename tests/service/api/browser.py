@@ -2,7 +2,7 @@
 
 Shared by tests/service/api/test_page.py and by the README's screenshot, which this file makes when run:
 
-    python tests/service/api/browser.py docs/images/page.png
+    python -m tests.service.api.browser docs/images/page.png
 
 (a real ``stn serve`` app on 127.0.0.1 with the bundled models; the images are the bundled sample
 photo ``models/default/sample.jpg`` when it exists, else distorted inputs cut from
