@@ -78,8 +78,9 @@ def test_sample_photo_endpoint(server, tmp_path: Path, monkeypatch: pytest.Monke
 @pytest.fixture(scope="module")
 def context() -> Iterator[object]:
     """One Chromium for this module (each test opens its own tab: its own sessionStorage). Playwright's
-    ``wait_for_function`` evaluates strings, which the page's Content-Security-Policy forbids, so this context
-    bypasses it; ``test_page_csp.py`` runs the page with it enforced."""
+    ``wait_for_function``, while it polls, evaluates its predicate from a string, which the page's
+    Content-Security-Policy forbids, so this context bypasses it; ``test_page_csp.py`` runs the page with it
+    enforced."""
     skip_without_chromium()
     with browser_context(bypass_csp=True) as ctx:
         yield ctx

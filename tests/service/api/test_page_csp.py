@@ -1,7 +1,8 @@
 """The demo page under its own Content-Security-Policy, enforced by Chromium.
 
 Its own module: the other browser tests share one Chromium whose context bypasses the policy (Playwright's
-``wait_for_function`` evaluates strings, which the policy forbids), and Playwright's sync API runs one at a time.
+``wait_for_function``, while it polls, evaluates its predicate from a string, which the policy forbids), and
+Playwright's sync API runs one browser at a time.
 """
 
 from __future__ import annotations
