@@ -43,7 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPIOffline(  # /docs and /redoc with their assets served by the app (no CDN): /static-offline-docs
         title="stn",
         summary="Spatial Transformer Networks: upload images, get them rectified.",
-        description="Try the served models in a browser on [the demo page](/): upload images, see the "
+        description="Try the served models in a browser on [the demo page](./): upload images, see the "
                     "sampled region and the rectified result.",
         version="0.1.0",
         lifespan=lifespan,
