@@ -63,7 +63,7 @@ class ModelRepository:
         self.unloaded: set[str] = set()  # unloaded by request
         self.loading: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = {}
-        self._loads: dict[str, tuple[Signature | None, asyncio.Task]] = {}  # the latest load asked for, by name
+        self._loads: dict[str, tuple[Signature | None, asyncio.Task]] = {}  # loads waiting or running, by name
         self._missing = False  # the folder was missing at the last poll (warned once)
 
     # ---- files ------------------------------------------------------------------------------------------
@@ -100,11 +100,19 @@ class ModelRepository:
         path = self.path(name)
         sig = signature(path)
         pending = self._loads.get(name)
-        if pending is None or pending[1].done() or pending[0] != sig:
+        if pending is None or pending[0] != sig:
             task = asyncio.ensure_future(self._load_file(name, path))
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved even if nobody waits
+            task.add_done_callback(lambda t: self._load_done(name, t))
             pending = self._loads[name] = (sig, task)
         return await asyncio.shield(pending[1])  # a client that leaves does not cancel the others' load
+
+    def _load_done(self, name: str, task: asyncio.Task) -> None:
+        """A finished load is no longer shared (nor its runtime kept alive here), and its outcome is retrieved
+        even if no client waits for it."""
+        if self._loads.get(name, (None, None))[1] is task:
+            del self._loads[name]
+        if not task.cancelled():
+            task.exception()
 
     async def _load_file(self, name: str, path: Path) -> ModelRuntime:
         async with self._lock(name):

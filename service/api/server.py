@@ -374,10 +374,10 @@ if HttpToolsProtocol is not None:
             """Answer a request head that will not be parsed (431 too large, 408 too slow), and close."""
             self._cancel_head_timer()
             (log.warning if status == 431 else log.info)("refused a request head: %s", detail)
-            title = HTTPStatus(status).phrase
-            body = json.dumps({"type": "about:blank", "title": title, "status": status, "detail": detail}).encode()
-            head = (f"HTTP/1.1 {status} {title}\r\ncontent-type: {PROBLEM_JSON}\r\n"
-                    f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode()
+            body = json.dumps({"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status,
+                               "detail": detail}).encode()
+            head = STATUS_LINES[status] + (f"content-type: {PROBLEM_JSON}\r\ncontent-length: {len(body)}\r\n"
+                                           "connection: close\r\n\r\n").encode()
             if not self.transport.is_closing():
                 self.transport.write(head + body)
                 # Close after a moment, discarding what still arrives: closing with unread data would

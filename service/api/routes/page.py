@@ -6,6 +6,7 @@ the user types in (kept in the tab's ``sessionStorage``, sent as ``X-API-Key``).
 
 from __future__ import annotations
 
+import functools
 from html import escape
 from pathlib import Path
 
@@ -38,13 +39,18 @@ def sample_path() -> Path:
     return default_model_dir() / "sample.jpg"
 
 
+@functools.cache
+def _index_html() -> str:
+    """The page's HTML, read once (package data; not read on the event loop for every visit)."""
+    return (STATIC_DIR / "index.html").read_text(encoding="utf-8")
+
+
 @router.get("/")
 async def index(request: Request) -> HTMLResponse:
     """The page, its ``<base href>`` set to where the app is served (STN_ROOT_PATH behind a proxy): every URL in
     the page and its script is relative, so it works under any path prefix."""
-    html = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
     root = request.scope.get("root_path", "").rstrip("/")
-    return HTMLResponse(html.replace('<base href="/">', f'<base href="{escape(root, quote=True)}/">', 1),
+    return HTMLResponse(_index_html().replace('<base href="/">', f'<base href="{escape(root, quote=True)}/">', 1),
                         headers=PAGE_HEADERS)
 
 

@@ -302,7 +302,7 @@ def _inflate(body: bytes, cap: int) -> bytes:
     return out
 
 
-def _body_cap(request: Request, state: ServiceState) -> tuple[int, int]:
+def _body_cap(request: Request, state: ServiceState, compressed: bool) -> tuple[int, int]:
     """(the most bytes the body may have, what to reserve for it: the body, and its parse when it is JSON)."""
     s = state.settings
     budget = s.max_upload_bytes * s.max_files + 64 * 1024
@@ -310,7 +310,7 @@ def _body_cap(request: Request, state: ServiceState) -> tuple[int, int]:
     if length.isdigit() and int(length) > budget:
         raise _problem(413, f"the request is {length} bytes; the limit is {budget}")
     # a compressed body's size says nothing of what it inflates to: reserved as a body of unknown length
-    size = min(int(length), budget) if length.isdigit() and content_encoding(request, ENCODINGS, _problem) is None else budget
+    size = min(int(length), budget) if length.isdigit() and not compressed else budget
     binary = request.headers.get(HEADER_LENGTH) is not None
     return budget, size if binary else 4 * size  # JSON numbers become Python objects: about 3 more bytes per byte
 
@@ -318,7 +318,8 @@ def _body_cap(request: Request, state: ServiceState) -> tuple[int, int]:
 async def _infer(state: ServiceState, request: Request, name: str, version: str | None) -> Response:
     runtime = _model(state, name, version)
     s = state.settings
-    budget, reserve = _body_cap(request, state)
+    compressed = content_encoding(request, ENCODINGS, _problem) is not None
+    budget, reserve = _body_cap(request, state, compressed)
     async with state.admission.admit(runtime.name, body_bytes=reserve, error="queue full") as ticket:
         async with ticket.reading():
             chunks, total = [], 0
@@ -329,7 +330,7 @@ async def _infer(state: ServiceState, request: Request, name: str, version: str 
                 chunks.append(chunk)
         body = b"".join(chunks)
         del chunks
-        if content_encoding(request, ENCODINGS, _problem) is not None:
+        if compressed:
             body = await state.workers.run(_inflate, body, budget)
         req, binary = await state.workers.run(_parse_request, body, request.headers.get(HEADER_LENGTH))
         image = await state.workers.run(_input_tensor, req, binary, runtime.info.in_channels)

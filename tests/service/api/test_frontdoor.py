@@ -37,17 +37,12 @@ def connect(url: str) -> socket.socket:
 
 def read_response(reader: io.BufferedReader) -> tuple[int, dict[str, str], bytes]:
     """One HTTP/1.1 response (Content-Length framed) from a socket's ``makefile("rb")``."""
-    status_line = reader.readline()
-    assert status_line, "connection closed before a response"
-    headers = {}
-    while (line := reader.readline()) not in (b"\r\n", b""):
-        k, v = line.decode("latin-1").split(":", 1)
-        headers[k.strip().lower()] = v.strip()
-    return int(status_line.split()[1]), headers, reader.read(int(headers["content-length"]))
+    status, headers = read_head(reader)
+    return status, headers, reader.read(int(headers["content-length"]))
 
 
 def read_head(reader: io.BufferedReader) -> tuple[int, dict[str, str]]:
-    """The status and headers of a response that has no body (to HEAD)."""
+    """A response's status and headers (all of a response to HEAD, which has no body)."""
     status_line = reader.readline()
     assert status_line, "connection closed before a response"
     headers = {}

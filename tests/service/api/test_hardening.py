@@ -315,6 +315,7 @@ def test_concurrent_loads_of_one_model_share_one_load(model_dir: Path, caplog, m
         assert reloads() == 1
         assert httpx.post(srv.url + url, timeout=60).status_code == 200  # a later request reloads again
         assert reloads() == 2
+        assert not srv.state.repository._loads  # finished loads are not kept (nor the runtimes they returned)
 
 
 def test_a_stalled_body_on_any_route_loses_its_connection(model_dir: Path) -> None:
