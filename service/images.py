@@ -19,6 +19,7 @@ import logging
 import re
 import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,7 +79,21 @@ _JPEG_SOF = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xC
 _JPEG_STANDALONE = frozenset((0x01, *range(0xD0, 0xD9)))  # TEM, RSTn, SOI: no length
 MAX_JPEG_SEGMENTS = 1024  # segments before the scan; a JPEG with more is refused (real ones have a few dozen)
 MAX_PNG_CHUNKS = 1000  # chunks before the first IDAT; a PNG with more is refused (libpng's default cache limit)
+# chunks in a PNG, image data included; one with more is refused. Pillow reads each in Python (about 1 to 2 us of
+# held GIL): 20 MB of empty chunks cost it 1.4 s (as IDATs) to 3.7 s (after the image data) against about 0.01 s
+# for the image alone. Encoders write image data in chunks of 8 KB (libpng) or more: 2,500 for a 20 MB PNG.
+MAX_PNG_CHUNKS_TOTAL = 100_000
+# bytes of an RLE-compressed BMP; a larger one is refused. Pillow decodes RLE in Python, about 0.15 s a MB of
+# runs one pixel long (10 MB: 1.5 s of held GIL), where an uncompressed BMP costs it milliseconds.
+MAX_BMP_RLE_BYTES = 1 << 20
+# scans in a JPEG; one with more is refused. Each scan is a pass of the decoder over the image, however few bytes it
+# takes: 35,000 repeats of one 59-byte scan of a 6000x6000 image (2.2 MB) cost a decoder 100 s of CPU. Encoders write
+# a handful (a baseline JPEG: 1 or 3; libjpeg's progressive script: 10); libjpeg-turbo's fuzzers stop at 500.
+MAX_JPEG_SCANS = 100
 _FILL = re.compile(rb"\xff*")
+# what ends a scan's entropy-coded data: an 0xFF not followed by 0x00 (a stuffed 0xFF) or RSTn (inside the scan)
+_SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7]")
+_WINDOW = 1 << 20
 _BMP_INFO_SIZES = frozenset((40, 52, 56, 64, 108, 124))
 
 
@@ -136,35 +151,96 @@ def declared_size(data: bytes, fmt: str, filename: str = "image") -> tuple[int, 
             return (w, abs(h)) if w > 0 and h not in (0, -(2**31)) else None
         return None
     if fmt == "JPEG":
-        pos, size = 2, None
-        for _ in range(MAX_JPEG_SEGMENTS):
-            if pos + 4 > n or data[pos] != 0xFF:
-                return None
-            pos = _FILL.match(data, pos + 1).end() - 1  # fill bytes before the marker (any number: at C speed)
-            if pos + 4 > n:
-                return None
-            marker = data[pos + 1]
-            if marker in _JPEG_STANDALONE:
-                pos += 2
-                continue
+        size = None
+        for count, (pos, marker) in enumerate(_jpeg_markers(data)):
+            if count == MAX_JPEG_SEGMENTS:
+                raise BadImageError(f"{filename} has more than {MAX_JPEG_SEGMENTS} segments before its image data; "
+                                    "send a JPEG without so much metadata")
             if marker == 0xDA:  # start of scan: the last frame header before it is the size
                 return size
-            if marker == 0xD9:
-                return None
-            length = (data[pos + 2] << 8) | data[pos + 3]
-            if length < 2:
-                return None
             if marker in _JPEG_SOF:
                 if pos + 9 > n:
                     return None
                 h, w = struct.unpack(">HH", data[pos + 5:pos + 9])
                 size = (w, h) if h else None  # height 0: defined later (DNL); Pillow decides
-            pos += 2 + length
-        if pos + 4 <= n:
-            raise BadImageError(f"{filename} has more than {MAX_JPEG_SEGMENTS} segments before its image data; "
-                                "send a JPEG without so much metadata")
         return None
     return None
+
+
+def _jpeg_markers(data: bytes, scans: bool = False) -> Iterator[tuple[int, int]]:
+    """(position, marker) of a JPEG's markers in order, from its first, until EOI (not included), a malformed
+    marker or the end of ``data``. Fill bytes before a marker are skipped at C speed. With ``scans``, a scan's
+    entropy-coded data is skipped to the marker that ends it (0xFF00 is a stuffed 0xFF, RSTn is inside the
+    scan); without, the walk ends at the first scan (SOS is the last marker given)."""
+    n, pos = len(data), 2
+    while pos + 4 <= n and data[pos] == 0xFF:
+        pos = _FILL.match(data, pos + 1).end() - 1  # any number of fill bytes
+        if pos + 4 > n:
+            return
+        marker = data[pos + 1]
+        if marker == 0xD9:
+            return
+        yield pos, marker
+        if marker in _JPEG_STANDALONE:
+            pos += 2
+            continue
+        length = (data[pos + 2] << 8) | data[pos + 3]
+        if length < 2:
+            return
+        pos += 2 + length
+        if marker == 0xDA:
+            if not scans:
+                return
+            while (found := _SCAN_END.search(data, pos, min(n, pos + _WINDOW))) is None:  # linear, at C speed,
+                if pos + _WINDOW >= n:  # in windows (the GIL is not held for a whole 20 MB at once)
+                    return
+                pos += _WINDOW - 1  # (an 0xFF at the window's end pairs with the next byte)
+            pos = found.start()
+
+
+def check_jpeg_scans(data: bytes, filename: str = "image") -> None:
+    """BadImageError when a JPEG has more than :data:`MAX_JPEG_SCANS` scans (each costs the decoder a pass
+    over the image) or more than :data:`MAX_JPEG_SEGMENTS` segments after its first scan. The walk skips the
+    entropy-coded data at C speed: about 0.4 ms a MB (at most 4 ms a MB, for data made of stuffed bytes)."""
+    scans = after = 0
+    for _pos, marker in _jpeg_markers(data, scans=True):
+        if scans:
+            after += 1
+            if after > MAX_JPEG_SEGMENTS:
+                raise BadImageError(f"{filename} has more than {MAX_JPEG_SEGMENTS} segments after its first scan; "
+                                    "send a JPEG without so much metadata")
+        if marker == 0xDA:
+            scans += 1
+            if scans > MAX_JPEG_SCANS:
+                raise BadImageError(f"{filename} has more than {MAX_JPEG_SCANS} scans, each a pass of the decoder over "
+                                    "the whole image; send a baseline JPEG or one with a standard progression")
+
+
+def check_png_chunks(data: bytes, filename: str = "image") -> None:
+    """BadImageError when a PNG has more than :data:`MAX_PNG_CHUNKS_TOTAL` chunks before its IEND (Pillow reads
+    each one in Python). The walk reads each chunk's length and stops at the limit."""
+    n, pos = len(data), 8
+    for _ in range(MAX_PNG_CHUNKS_TOTAL):
+        if pos + 8 > n or data[pos + 4:pos + 8] == b"IEND":
+            return
+        pos += 12 + int.from_bytes(data[pos:pos + 4], "big")
+    if pos + 8 <= n and data[pos + 4:pos + 8] != b"IEND":
+        raise BadImageError(f"{filename} has more than {MAX_PNG_CHUNKS_TOTAL} chunks; send a PNG written in fewer, "
+                            "larger chunks")
+
+
+def check_decoding_cost(data: bytes, fmt: str | None, filename: str = "image") -> None:
+    """BadImageError for a layout whose decoding costs far more than its pixels: a JPEG with more than
+    :data:`MAX_JPEG_SCANS` scans, a PNG with more than :data:`MAX_PNG_CHUNKS_TOTAL` chunks, an RLE-compressed
+    BMP over :data:`MAX_BMP_RLE_BYTES`. Checked before Pillow decodes (:func:`open_checked`), in milliseconds."""
+    if fmt == "JPEG":
+        check_jpeg_scans(data, filename)
+    elif fmt == "PNG":
+        check_png_chunks(data, filename)
+    elif fmt == "BMP" and len(data) > MAX_BMP_RLE_BYTES and len(data) >= 34:
+        if int.from_bytes(data[14:18], "little") >= 40 and int.from_bytes(data[30:34], "little") in (1, 2):
+            raise BadImageError(f"{filename} is an RLE-compressed BMP of {len(data)} bytes, which is decoded slowly; "
+                                f"the limit for those is {MAX_BMP_RLE_BYTES} bytes: send it uncompressed or as a PNG")
 
 
 @dataclass(frozen=True)
@@ -227,6 +303,7 @@ def open_checked(data: bytes, limits: Limits, filename: str = "image") -> Image.
     known = sniff_format(data)
     if known in ("PNG", "JPEG"):
         declared_size(data, known, filename)  # raises past MAX_PNG_CHUNKS / MAX_JPEG_SEGMENTS
+    check_decoding_cost(data, known, filename)
     try:
         img = Image.open(io.BytesIO(data), formats=limits.formats)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):

@@ -99,3 +99,28 @@ def live_server(wait_ready: bool = True, uvicorn: dict | None = None, **settings
         yield server
     finally:
         server.stop()
+
+
+def progressive_jpeg(w: int, h: int, scans: int) -> bytes:
+    """A valid progressive JPEG of a flat w x h colour with ``scans`` scans: Pillow's 10, the second of them
+    (an AC scan a few bytes long) repeated. libjpeg only warns of the repeats, and each costs it a pass over
+    the image (the "scan bomb": 35,000 repeats at 6000x6000 in 2.2 MB took 100 s to decode)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (120, 130, 140)).save(buf, "JPEG", progressive=True, quality=90)
+    data = buf.getvalue()
+    pieces, pos, sos = [data[:2]], 2, []
+    while data[pos + 1] != 0xD9:  # marker segments; a scan runs to the next marker that is not 0xFF00 or RSTn
+        end = pos + 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+        if data[pos + 1] == 0xDA:
+            while not (data[end] == 0xFF and data[end + 1] not in (0, *range(0xD0, 0xD8))):
+                end += 1
+            sos.append(len(pieces))
+        pieces.append(data[pos:end])
+        pos = end
+    assert len(sos) == 10 and scans >= 10
+    pieces[sos[1]] *= scans - 9
+    return b"".join(pieces) + data[pos:]

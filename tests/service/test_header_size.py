@@ -18,6 +18,7 @@ from PIL import Image
 
 from service import images
 from service.images import declared_size, header_size, sniff_format
+from tests.service.support import progressive_jpeg
 
 LIMITS = images.Limits(formats=("JPEG", "PNG", "WEBP", "BMP", "TIFF"))
 
@@ -174,3 +175,75 @@ def test_metadata_before_the_pixels_is_bounded() -> None:
             images.open_checked(data, LIMITS)
     filled = FILES["jpeg-RGB-17x5"][:2] + b"\xff" * 100_000 + FILES["jpeg-RGB-17x5"][2:]
     assert header_size(filled, LIMITS) == (17, 5)  # fill bytes are skipped at C speed, not counted
+
+
+def test_jpeg_scans_are_bounded_and_counted_exactly() -> None:
+    """A progressive JPEG's scans each cost the decoder a pass over the image: past MAX_JPEG_SCANS the image is
+    refused before decoding. The count is exact: SOS bytes inside metadata (here an APP segment holding 300)
+    and inside a scan's entropy-coded data (stuffed 0xFF00, RSTn) are not scans, and fill bytes are skipped."""
+    limit = images.MAX_JPEG_SCANS
+    with pytest.raises(images.BadImageError, match=f"more than {limit} scans"):
+        images.open_checked(progressive_jpeg(300, 200, limit + 1), LIMITS)
+    with pytest.raises(images.BadImageError, match=f"more than {limit} scans"):
+        images.decode(progressive_jpeg(300, 200, 5000), LIMITS)
+    at_limit = progressive_jpeg(300, 200, limit)
+    assert images.decode(at_limit, LIMITS).array.shape == (3, 200, 300)
+    app = b"\xff\xe5" + (2 + 600).to_bytes(2, "big") + b"\xff\xda" * 300  # metadata that looks like 300 SOS markers
+    assert images.decode(at_limit[:2] + app + at_limit[2:], LIMITS).array.shape == (3, 200, 300)
+    noisy = save(noise("RGB", 640, 480), "JPEG", quality=100, progressive=True)  # entropy data with many 0xFF00
+    assert noisy.count(b"\xff\x00") > 100
+    images.check_jpeg_scans(noisy)
+    filled = at_limit.replace(b"\xff\xda", b"\xff\xff\xff\xda")  # fill bytes before each scan
+    assert images.decode(filled, LIMITS).array.shape == (3, 200, 300)
+    with pytest.raises(images.BadImageError, match=f"more than {limit} scans"):
+        images.check_jpeg_scans(progressive_jpeg(300, 200, limit + 1).replace(b"\xff\xda", b"\xff\xff\xda"))
+    second = at_limit.index(b"\xff\xda", at_limit.index(b"\xff\xda") + 2)
+    comments = at_limit[:second] + b"\xff\xfe\x00\x02" * 1100 + at_limit[second:]  # between the scans
+    with pytest.raises(images.BadImageError, match="more than 1024 segments after its first scan"):
+        images.open_checked(comments, LIMITS)
+    assert images.decode(at_limit[:second] + b"\xff\xfe\x00\x02" * 900 + at_limit[second:], LIMITS)
+
+
+def chunked_png(extra: int, where: str) -> bytes:
+    """A valid 100x100 gray PNG with ``extra`` more chunks: empty IDATs among its image data, or empty ancillary
+    chunks after it (Pillow reads both, one by one in Python)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = chunk(b"IHDR", struct.pack(">IIBBBBB", 100, 100, 8, 0, 0, 0, 0))
+    z = zlib.compress(b"\0" * 101 * 100)
+    if where == "idat":
+        body = chunk(b"IDAT", z[:10]) + chunk(b"IDAT", b"") * extra + chunk(b"IDAT", z[10:])
+    else:
+        body = chunk(b"IDAT", z) + chunk(b"abCd", b"") * extra
+    return b"\x89PNG\r\n\x1a\n" + ihdr + body + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("where", ["idat", "after"])
+def test_png_chunks_are_bounded_in_all(where: str) -> None:
+    """20 MB of empty chunks cost Pillow 1.4 s (IDATs) to 3.7 s (after the image data) of Python: past
+    MAX_PNG_CHUNKS_TOTAL chunks in all, the PNG is refused before decoding; below it, it decodes."""
+    limit = images.MAX_PNG_CHUNKS_TOTAL
+    with pytest.raises(images.BadImageError, match=f"more than {limit} chunks"):
+        images.decode(chunked_png(limit, where), LIMITS)
+    assert images.decode(chunked_png(limit - 10, where), LIMITS).array.shape == (1, 100, 100)
+
+
+def rle8_bmp(w: int, h: int) -> bytes:
+    """A valid RLE8 BMP (gray palette) whose every run is one pixel long: Pillow's Python decoder's worst case."""
+    palette = b"".join(bytes((i, i, i, 0)) for i in range(256))
+    body = (b"\x01\x07" * w + b"\x00\x00") * h + b"\x00\x01"
+    info = struct.pack("<IiiHHIIiiII", 40, w, h, 1, 8, 1, len(body), 2835, 2835, 256, 0)
+    offset = 14 + len(info) + len(palette)
+    return b"BM" + struct.pack("<IHHI", offset + len(body), 0, 0, offset) + info + palette + body
+
+
+def test_rle_bmp_is_bounded_in_bytes() -> None:
+    """Pillow decodes RLE BMPs in Python (10 MB of one-pixel runs: 1.5 s): past MAX_BMP_RLE_BYTES one is refused
+    before decoding; a small one decodes, as does an uncompressed BMP of any size."""
+    big = rle8_bmp(1000, 600)
+    assert len(big) > images.MAX_BMP_RLE_BYTES
+    with pytest.raises(images.BadImageError, match="RLE-compressed BMP"):
+        images.decode(big, LIMITS)
+    small = images.decode(rle8_bmp(100, 60), LIMITS).array
+    assert small.shape == (1, 60, 100) and np.allclose(small, 7 / 255)
+    assert images.decode(save(noise("RGB", 1000, 600), "BMP"), LIMITS).array.shape == (3, 600, 1000)

@@ -24,7 +24,7 @@ from PIL import Image
 from test_frontdoor import read_response
 from test_http_v1 import assert_problem, metric
 
-from tests.service.support import live_server
+from tests.service.support import live_server, progressive_jpeg
 
 
 def png(w: int, h: int, mode: str = "L") -> bytes:
@@ -683,6 +683,23 @@ def test_pixel_limit_quotes_the_setting_without_pillow_warnings() -> None:
             with pytest.raises(images.ImageTooLargeError, match=r"limit is 4000 pixels \(STN_MAX_IMAGE_PIXELS\)"):
                 images.decode(png(w, w), limits)
         assert not [c for c in caught if "DecompressionBomb" in c.category.__name__], caught
+
+
+def test_a_jpeg_with_too_many_scans_gets_400_before_a_worker_decodes_it(server) -> None:  # noqa: ANN001
+    """A 66 KB progressive JPEG repeating one 14-byte scan 3,000 times cost a worker about 1 s of decoding (2.2 MB
+    of them at 6000x6000: 100 s, and two such uploads held every worker: every other image request got 503 after
+    STN_REQUEST_TIMEOUT_S). More than images.MAX_JPEG_SCANS scans is refused with the reason, in milliseconds."""
+    from service import images
+
+    bomb = progressive_jpeg(2000, 2000, 3000)
+    started = time.perf_counter()
+    r = httpx.post(server.url + "/v1/rectify", params={"model": "affine"}, content=bomb,
+                   headers={"content-type": "image/jpeg"}, timeout=60)
+    assert_problem(r, 400, f"more than {images.MAX_JPEG_SCANS} scans")
+    assert time.perf_counter() - started < 0.5, "refused before decoding"
+    ok = httpx.post(server.url + "/v1/rectify", params={"model": "affine"}, content=progressive_jpeg(200, 150, 10),
+                    headers={"content-type": "image/jpeg"}, timeout=60)
+    assert ok.status_code == 200, ok.text
 
 
 def test_multipart_part_named_only_by_filename_star(server) -> None:  # noqa: ANN001

@@ -24,6 +24,7 @@ from service.batch import cli
 from service.batch.inputs import STATE_DIR, BatchError
 from service.batch.run import ENGINES, BatchConfig, resolve_model_path, run_job
 from service.runtime import SessionConfig, load_model
+from tests.service.support import progressive_jpeg
 
 ROOT = Path(__file__).resolve().parents[3]
 CPU = ("CPUExecutionProvider",)
@@ -273,6 +274,21 @@ def test_pipes_and_devices_are_error_lines_not_hangs(model_dir, tmp_path) -> Non
         assert "a named pipe (FIFO), not a regular file" in errors["pipe.jpg"], errors
         if extra:
             assert "a character device, not a regular file" in errors["zero"], errors
+
+
+def test_a_jpeg_with_too_many_scans_is_an_error_line_not_minutes_of_decoding(model_dir, tmp_path) -> None:  # noqa: ANN001
+    """Each scan of a progressive JPEG is a pass of the decoder over the image, however few bytes it takes:
+    one with more than images.MAX_JPEG_SCANS is refused before decoding, as the server refuses it (400).
+    A standard progressive JPEG (10 scans) and one with exactly the limit are rectified."""
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "progressive.jpg").write_bytes(progressive_jpeg(200, 150, 10))
+    (src / "at-limit.jpg").write_bytes(progressive_jpeg(200, 150, images.MAX_JPEG_SCANS))
+    (src / "bomb.jpg").write_bytes(progressive_jpeg(200, 150, images.MAX_JPEG_SCANS + 1))
+    summary = run_job(config(src, tmp_path / "out", model_dir))
+    assert (summary.ok, summary.failed) == (2, 1)
+    [error] = read_jsonl(tmp_path / "out" / "errors.jsonl")
+    assert error["source"] == "bomb.jpg" and f"more than {images.MAX_JPEG_SCANS} scans" in error["error"], error
 
 
 def test_glob_input(tree, model_dir, tmp_path) -> None:  # noqa: ANN001
