@@ -31,6 +31,11 @@
 - **Slow bodies.** Work routes answer 408 when a body misses ``STN_BODY_TIMEOUT_S``; any other
   route's body (the repository's JSON) gets the connection closed 2 s after that (a backstop for
   every route: uvicorn has no body timeout).
+- **Lingering close.** uvicorn closes after an answer when the request (``Connection: close``) or the answer
+  asks it; with the request's body still arriving (a 400/413 answered early), the unread body made the kernel
+  reset the connection, and clients that send the whole body before reading (Python's urllib) got "connection
+  reset" instead of the answer. The response cycle's transport turns that close into a half-close, the rest of
+  the body is discarded, and the connection closes once it is in (or when nothing arrives for a second).
 - **Upgrade headers are ignored** (RFC 9110 7.8: a server may). httptools takes a request with
   ``Connection: Upgrade`` to have no body, so ``curl --http2`` (an ``Upgrade: h2c`` offer) had its
   upload dropped and got 400 "image is empty", and a WebSocket offer to /healthz broke the
@@ -85,19 +90,35 @@ STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in 
 
 if HttpToolsProtocol is not None:
 
-    class _PipelineFull(Exception):  # noqa: N818 (a signal, not an error)
-        """Raised from a parser callback: the read holds more pipelined requests than a connection may send."""
+    class _StopParsing(Exception):  # noqa: N818 (a signal, not an error)
+        """Raised from a parser callback: nothing more of this read is parsed (it holds more pipelined requests
+        than a connection may send, or the connection is closing after a lingering close)."""
 
     class _Parser(httptools.HttpRequestParser):
         """httptools' parser, whose ``feed_data`` stops quietly (no 400) when the protocol raised
-        :class:`_PipelineFull` (the parser is done with: nothing more is fed to it)."""
+        :class:`_StopParsing` (the parser is done with: nothing more is fed to it)."""
 
         def feed_data(self, data: bytes) -> None:
             try:
                 super().feed_data(data)
             except httptools.HttpParserCallbackError as exc:
-                if not isinstance(exc.__context__, _PipelineFull):
+                if not isinstance(exc.__context__, _StopParsing):
                     raise
+
+    class _LingeringTransport:
+        """The connection's transport as uvicorn's response cycle sees it: its ``close()`` while the request's body
+        is still arriving becomes the protocol's lingering close (:meth:`CappedHttpToolsProtocol._linger`)."""
+
+        __slots__ = ("_protocol",)
+
+        def __init__(self, protocol: CappedHttpToolsProtocol) -> None:
+            self._protocol = protocol
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._protocol.transport, name)
+
+        def close(self) -> None:
+            self._protocol._linger()
 
     class CappedHttpToolsProtocol(HttpToolsProtocol):  # type: ignore[misc,valid-type]
         """HttpToolsProtocol that refuses heads over ``max_head_bytes`` bytes or ``max_headers`` fields
@@ -111,6 +132,7 @@ if HttpToolsProtocol is not None:
         max_pipelined = 16  # request heads one read may hold; at the next, the connection ends after answering these
         head_timeout_s = 10.0  # a request head must arrive within this of the connection's opening or its first byte
         max_connections = 10000
+        linger_idle_s = 1.0  # a lingering close (answered, closing, body still arriving) ends when nothing arrives this long
         waiting: dict = {}  # noqa: RUF012 (replaced per server in http_protocol) connections waiting for a head, oldest first
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -135,6 +157,8 @@ if HttpToolsProtocol is not None:
             self._body_pending = False  # a request's head is parsed, its body not yet all in
             self._head_open = False  # a request's first byte is in, its head not yet complete
             self._head_timer: asyncio.TimerHandle | None = None
+            self._lingering = False  # answered and closing; the rest of the request's body is read and discarded
+            self._linger_timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -186,6 +210,8 @@ if HttpToolsProtocol is not None:
                 self._head_timer = None
 
         def on_response_complete(self) -> None:
+            if self._lingering:  # closing: no pipelined request is started, no keep-alive timer armed
+                return
             super().on_response_complete()
             if self.transport.is_closing():
                 return
@@ -248,6 +274,8 @@ if HttpToolsProtocol is not None:
                     self.flow.pause_reading()
                 return
             self._heads_in_read = 0
+            if self._lingering:
+                self._arm_linger()
             if self._in_head:
                 window = self._tail + data
                 end = window.find(_END)
@@ -274,6 +302,9 @@ if HttpToolsProtocol is not None:
                 self._close_timer = self.loop.call_later(self.body_timeout_s + 2.0, self._close)
 
         def on_message_complete(self) -> None:
+            if self._lingering:  # the discarded body is in: close (nothing is left unread) and parse no further
+                self._close()
+                raise _StopParsing
             self._head_bytes = self._head_lines = 0
             self._in_head = True
             self._tail = b""
@@ -298,7 +329,7 @@ if HttpToolsProtocol is not None:
             self._heads_in_read += 1
             if self._heads_in_read > self.max_pipelined:
                 self._stop_pipeline()
-                raise _PipelineFull  # stops the parser in this read: the rest is never parsed
+                raise _StopParsing  # stops the parser in this read: the rest is never parsed
             self._body_pending = True
             door = self.front_door
             if door is not None and (self.cycle is None or self.cycle.response_complete) and not self.parser.should_upgrade():
@@ -312,6 +343,8 @@ if HttpToolsProtocol is not None:
                     door.record(answer, method, started)
                     return
             super().on_headers_complete()
+            if self.cycle is not None:
+                self.cycle.transport = _LingeringTransport(self)  # type: ignore[assignment]
 
         def on_body(self, body: bytes) -> None:
             if self._answered is None:
@@ -346,8 +379,35 @@ if HttpToolsProtocol is not None:
 
         def _close(self) -> None:
             self._cancel_close_timer()
+            if self._linger_timer is not None:
+                self._linger_timer.cancel()
+                self._linger_timer = None
             if not self.transport.is_closing():
                 self.transport.close()
+
+        def _linger(self) -> None:
+            """Close after an answer, as uvicorn does when the request (``Connection: close``, HTTP/1.0) or the
+            answer asks it; but while the request's body is still arriving, closing now would leave it unread and
+            the kernel would reset the connection: Python's urllib, which sends the whole body before reading and
+            asks to close, got "connection reset" instead of a 400 or 413 answered early. So half-close (the
+            answer is flushed, then the end of the stream), read and discard the rest of the body, and close once
+            it is in, after :attr:`linger_idle_s` with nothing arriving, or at the body's deadline (RFC 9112 9.6)."""
+            if not self._body_pending or self.transport.is_closing():
+                self._close()
+                return
+            self._lingering = True
+            self.waiting.pop(self, None)
+            self.flow.resume_reading()
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            self._arm_linger()
+            if self._close_timer is None:
+                self._close_timer = self.loop.call_later(self.body_timeout_s, self._close)
+
+        def _arm_linger(self) -> None:
+            if self._linger_timer is not None:
+                self._linger_timer.cancel()
+            self._linger_timer = self.loop.call_later(self.linger_idle_s, self._close)
 
         def _stop_pipeline(self) -> None:
             """A read held more than max_pipelined request heads: answer those taken, then end the connection."""

@@ -173,6 +173,34 @@ def test_a_connection_answered_before_its_body_is_closed_when_idle_or_stalled(mo
             stalled.close()
 
 
+def test_an_early_answer_to_a_client_that_asked_to_close_is_not_lost_to_a_reset(model_dir: Path) -> None:
+    """Python's urllib sends ``Connection: close`` and the whole body before it reads. An answer given before the
+    body was in (a 413 from the image's header, a 400 from a broken multipart body) made uvicorn close with the
+    rest of the body unread, so the kernel reset the connection and urllib raised "connection reset" instead of
+    the answer. Now the connection half-closes, discards the rest of the body, and closes when it is in (or when
+    nothing arrives for a second: a stalled client is not kept)."""
+    import urllib.error
+    import urllib.request
+
+    big = noise_png(1000, 1000)  # 3 MB, 12 MB decoded: over a 10 MB budget, refused from its header (413)
+    broken = b"x" * 6_000_000 + b"\r\n--b--\r\n"  # a multipart body without its first boundary: 400
+    with live_server(model_dir=model_dir, memory_budget_mb=10, max_upload_bytes=8 * 2**20) as srv:
+        url = srv.url + "/v1/rectify?model=affine"
+        for body, ctype, status, needle in ((big, "image/png", 413, b"STN_MEMORY_BUDGET_MB"),
+                                            (broken, "multipart/form-data; boundary=b", 400, b"multipart")):
+            with pytest.raises(urllib.error.HTTPError) as caught:
+                urllib.request.urlopen(urllib.request.Request(url, data=body, headers={"Content-Type": ctype}),
+                                       timeout=30)
+            assert caught.value.code == status and needle in caught.value.read()
+        head = (f"POST /v1/rectify?model=affine HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                f"Content-Type: image/png\r\nContent-Length: {len(big)}\r\n\r\n").encode()
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:  # stalls after 200 KB
+            sock.sendall(head + big[:200_000])
+            t0 = time.monotonic()
+            answer = read_all(sock, timeout=8)
+            assert answer.startswith(b"HTTP/1.1 413") and time.monotonic() - t0 < 4, answer[:80]
+
+
 def test_images_sized_early_and_at_the_end_are_each_reserved_once(model_dir: Path) -> None:
     """A small file (sized once the body is in) and a large one (sized from its first bytes) in one request:
     each image's cost is reserved once (twice would not fit the budget: 413)."""
