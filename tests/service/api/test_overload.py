@@ -79,7 +79,7 @@ def test_two_times_saturation_sheds_cleanly_within_the_memory_budget(overload: d
                           "(goal 0.9), /healthz p99 18 to 67 ms (goal met); earlier 0.49 to 0.88 over 16 runs; 0.72 and "
                           "0.67 in two runs of this test (10:00 UTC); 0.55 and 0.59 after the door's fix (11:40 UTC), /healthz p99 149 ms "
                           "in one of those (27 to 112 ms in probe runs of old and new code alike); "
-                          "0.545 and 0.566 after the connection bounds (14:35 UTC). "
+                          "0.545 and 0.566 after the connection bounds (14:35 UTC); 0.55 and 0.49 after the lingering close (16:20 UTC). "
                           "With keep-alive clients (`--connections pool`) 0.74 to 0.86. "
                           "The server is serial on one GIL, and each new connection costs its event loop about "
                           "0.2 ms: see docs/BENCHMARKS.md, Overload", strict=False)
