@@ -15,6 +15,7 @@ channel: at most 12 x STN_MAX_IMAGE_PIXELS bytes (480 MB at the default 40 Mpx).
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import re
 import struct
@@ -114,20 +115,12 @@ def declared_size(data: bytes, fmt: str, filename: str = "image") -> tuple[int, 
     if fmt == "PNG":
         if n < 24 or data[12:16] != b"IHDR":
             return None
-        pos = 8
-        for _ in range(MAX_PNG_CHUNKS):
-            if pos + 8 > n:
-                break  # cut short: the chunks seen so far are fine
-            kind = data[pos + 4:pos + 8]
-            if kind == b"IDAT":
-                break
-            if kind == b"IHDR" and pos != 8:
-                raise BadImageError(f"{filename} has a second IHDR chunk: a malformed PNG")
-            pos += 12 + int.from_bytes(data[pos:pos + 4], "big")
-        else:
-            if pos + 8 <= n and data[pos + 4:pos + 8] != b"IDAT":
+        for count, (pos, kind) in enumerate(_png_chunks(data)):
+            if count == MAX_PNG_CHUNKS:
                 raise BadImageError(f"{filename} has more than {MAX_PNG_CHUNKS} chunks before its image data; "
                                     "send a PNG without so much metadata")
+            if kind == b"IHDR" and pos != 8:
+                raise BadImageError(f"{filename} has a second IHDR chunk: a malformed PNG")
         return struct.unpack(">II", data[16:24])
     if fmt == "WEBP":
         kind = data[12:16]
@@ -165,6 +158,56 @@ def declared_size(data: bytes, fmt: str, filename: str = "image") -> tuple[int, 
                 size = (w, h) if h else None  # height 0: defined later (DNL); Pillow decides
         return None
     return None
+
+
+def _png_chunks(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """(position, type) of a PNG's chunks before its first IDAT, until ``data`` is cut short."""
+    n, pos = len(data), 8
+    while pos + 8 <= n and (kind := data[pos + 4:pos + 8]) != b"IDAT":
+        yield pos, kind
+        pos += 12 + int.from_bytes(data[pos:pos + 4], "big")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What an upload decodes to per pixel, as its header declares it (:func:`declared_layout`): what decoding
+    it costs (``service.api.admission.image_cost``). The default is the dearest."""
+
+    channels: int = 3  # 1 (gray, gray + alpha) or 3: the channels it is decoded and rectified in (not the model's)
+    extra: bool = True  # a fourth sample folded in while decoding: alpha (composited on white), or CMYK's K
+    wide: bool = True  # samples of more than 8 bits
+
+
+def declared_layout(data: bytes) -> Layout:
+    """The :class:`Layout` an upload's header declares, from fixed fields (a PNG's chunks before its image data
+    and a JPEG's segments before its frame header are walked, within the bounds of :func:`declared_size`);
+    the dearest :class:`Layout` when the header does not tell (TIFF, a header cut short)."""
+    fmt, n = sniff_format(data), len(data)
+    if fmt == "PNG" and n >= 26 and data[12:16] == b"IHDR":
+        depth, colour = data[24], data[25]
+        if colour == 3:  # palette: decoded to RGB, or RGBA when a tRNS chunk gives transparency
+            chunks = itertools.islice(_png_chunks(data), MAX_PNG_CHUNKS)
+            return Layout(3, any(kind == b"tRNS" for _, kind in chunks), False)
+        return Layout(1 if colour in (0, 4) else 3, colour in (4, 6), depth > 8)
+    if fmt == "JPEG":
+        for pos, marker in itertools.islice(_jpeg_markers(data), MAX_JPEG_SEGMENTS):
+            if marker in _JPEG_SOF and pos + 10 <= n:
+                components = data[pos + 9]
+                return Layout(1 if components == 1 else 3, components == 4, data[pos + 4] > 8)
+        return Layout()
+    if fmt == "WEBP":
+        kind = data[12:16]
+        if kind == b"VP8 ":
+            return Layout(3, False, False)
+        if kind == b"VP8L" and n >= 25:
+            return Layout(3, bool(data[24] & 0x10), False)  # the alpha hint: bit 28 of the size field
+        if kind == b"VP8X" and n >= 21:
+            return Layout(3, bool(data[20] & 0x10), False)  # the alpha flag
+        return Layout(3, True, False)
+    if fmt == "BMP" and n >= 30:
+        bits = int.from_bytes(data[24:26] if int.from_bytes(data[14:18], "little") == 12 else data[28:30], "little")
+        return Layout(3, bits == 32, False)
+    return Layout()
 
 
 def _jpeg_markers(data: bytes, scans: bool = False) -> Iterator[tuple[int, int]]:

@@ -60,16 +60,20 @@ RETRY = {"Retry-After": "1"}
 
 
 def image_cost(channels: int, input_size: tuple[int, int], output_size: tuple[int, int],
-               grid_floats_per_px: int = 3) -> int:
+               grid_floats_per_px: int = 3, *, extra: bool = False, wide: bool = False) -> int:
     """Estimated peak bytes of one image in the pipeline (an upper bound, not a measurement).
 
-    Input (H, W): the decoded 8-bit image (up to 4 bytes a pixel) and two float32 copies
-    (the array, and the contiguous copy the sampler reads). Output (h, w): the float32 base
-    grid and sampling grid (``grid_floats_per_px`` + 2 floats; TPS grids have K), the float32
-    result, its 8-bit copy and the encoder's buffer.
+    ``channels``: what the image is decoded and rectified in (1 or 3: the upload's colour,
+    ``images.declared_layout``, not the model's). Input (H, W): the decoded 8-bit image (up to 4 bytes
+    a pixel) and two float32 copies (the array, and the contiguous copy the sampler reads); a fourth
+    sample folded in while decoding (``extra``: alpha, CMYK's K) adds 14 bytes a pixel, samples over 8
+    bits (``wide``) 8 (the decoder's own copies; peaks measured in tests/service/test_image_cost.py).
+    Output (h, w): the float32 base grid and sampling grid (``grid_floats_per_px`` + 2 floats; TPS grids
+    have K), the float32 result, its 8-bit copy and the encoder's buffer.
     """
     (h, w), (oh, ow) = input_size, output_size
-    return h * w * (4 + 8 * channels) + oh * ow * (4 * (grid_floats_per_px + 2) + 4 * channels + 2 * channels)
+    per_px = 4 + 8 * channels + 14 * extra + 8 * wide
+    return h * w * per_px + oh * ow * (4 * (grid_floats_per_px + 2) + 4 * channels + 2 * channels)
 
 
 class Admission:

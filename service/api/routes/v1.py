@@ -72,11 +72,13 @@ def pillow_size(data: bytes, filename: str, limits: images.Limits) -> tuple[int,
         raise _too_large(e) from None
 
 
-def size_cost(model: ModelRuntime, size: tuple[int, int], output_size: tuple[int, int]) -> int:
-    """:func:`service.api.admission.image_cost` of a (width, height) upload for ``model``."""
+def size_cost(model: ModelRuntime, size: tuple[int, int], output_size: tuple[int, int], data: bytes) -> int:
+    """:func:`service.api.admission.image_cost` of a (width, height) upload for ``model``, in the upload's own
+    colour as its header declares it (``images.declared_layout`` of its first bytes, ``data``)."""
     info = model.info
     grid = info.tps_grid[0] * info.tps_grid[1] if info.transform == "tps" else 3
-    return image_cost(info.in_channels, (size[1], size[0]), output_size, grid)
+    layout = images.declared_layout(data)
+    return image_cost(layout.channels, (size[1], size[0]), output_size, grid, extra=layout.extra, wide=layout.wide)
 
 
 PEEKS = (64 * 1024, 256 * 1024, 1024 * 1024, 4 * 1024 * 1024)  # bytes of an image arriving at which its header is tried
@@ -293,7 +295,7 @@ async def rectify(request: Request, state: StateDep) -> Response:
                 raise
             if size is None:
                 return False
-            ticket.grow(1, size_cost(runtime, size, out), what(len(sizes) + 1), preparing=False)
+            ticket.grow(1, size_cost(runtime, size, out, start), what(len(sizes) + 1), preparing=False)
             sizes[index] = size
             return True
 
@@ -307,7 +309,7 @@ async def rectify(request: Request, state: StateDep) -> Response:
             if size is None:  # a layout the bounded reader does not know: Pillow's reader, off the event loop
                 rest[i] = await state.workers.run(pillow_size, uploads[i][1], uploads[i][0], state.limits)
         if rest:
-            cost = sum(size_cost(runtime, size, out) for size in rest.values())
+            cost = sum(size_cost(runtime, size, out, uploads[i][1]) for i, size in rest.items())
             ticket.grow(len(rest), cost, what(len(uploads)), preparing=False)
             sizes.update(rest)
         try:

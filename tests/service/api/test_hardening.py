@@ -104,21 +104,41 @@ def noise_png(w: int, h: int) -> bytes:
     return buf.getvalue()
 
 
+def test_an_upload_is_reserved_in_its_own_colour_not_the_models(model_dir: Path) -> None:
+    """Uploads are decoded and rectified in their own colour (issue 10), but admission reserved them in the
+    model's channels: an RGB upload to the gray model was reserved at 12 bytes a pixel and decoded at 23 to 28.
+    With a 20 MiB budget a 1000x1000 RGB PNG (3 MB body + 28 MB decoded) can never fit: 413 (before: 200,
+    about twice the budget in use); the same size in gray (1 MB + 12 MB) fits."""
+    import numpy as np
+
+    gray = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (1000, 1000), dtype=np.uint8)).save(
+        gray, "PNG", compress_level=1)
+    with live_server(model_dir=model_dir, memory_budget_mb=20) as srv:
+        url = srv.url + "/v1/rectify"
+        r = httpx.post(url, params={"model": "affine"}, content=noise_png(1000, 1000),
+                       headers={"content-type": "image/png"}, timeout=60)
+        assert_problem(r, 413, "STN_MEMORY_BUDGET_MB")
+        r = httpx.post(url, params={"model": "affine"}, content=gray.getvalue(), headers={"content-type": "image/png"},
+                       timeout=60)
+        assert r.status_code == 200, r.text
+
+
 @pytest.mark.parametrize("kind", ["raw", "multipart"])
 def test_a_body_is_sized_from_its_image_header_503_and_413_before_the_rest_arrives(model_dir: Path,
                                                                                     kind: str) -> None:
     """The memory an image will cost is reserved as soon as its header is in, not after the whole body."""
-    big = noise_png(1000, 1000)  # about 3 MB; decoded for the gray model, about 12 MB (image_cost)
+    big = noise_png(1000, 1000)  # about 3 MB; decoded in its own colour (RGB), about 28 MB (image_cost)
     if kind == "multipart":
         big = (b'--BOUNDARY\r\nContent-Disposition: form-data; name="file"; filename="noise.png"\r\n'
                b"Content-Type: image/png\r\n\r\n" + big + b"\r\n--BOUNDARY--\r\n")
     ctype = "image/png" if kind == "raw" else "multipart/form-data; boundary=BOUNDARY"
     head = f"POST /v1/rectify?model=affine{{}} HTTP/1.1\nHost: x\nContent-Type: {ctype}\nContent-Length: {len(big)}\n"
     start, rest = big[:200_000], big[200_000:]
-    with live_server(model_dir=model_dir, memory_budget_mb=20, body_timeout_s=30) as srv:
-        first = raw_request(srv.url, head.format(""), start)  # fits alone: 3 MB of body + 12 MB of image
+    with live_server(model_dir=model_dir, memory_budget_mb=40, body_timeout_s=30) as srv:
+        first = raw_request(srv.url, head.format(""), start)  # fits alone: 3 MB of body + 28 MB of image
         try:
-            assert wait_for(lambda: srv.state.admission.reserved_bytes > 12 * 2**20), srv.state.admission.reserved_bytes
+            assert wait_for(lambda: srv.state.admission.reserved_bytes > 28e6), srv.state.admission.reserved_bytes
             second = raw_request(srv.url, head.format(""), start)  # its body fits, its image does not: 503
             try:
                 second.settimeout(10)
@@ -204,8 +224,8 @@ def test_an_early_answer_to_a_client_that_asked_to_close_is_not_lost_to_a_reset(
 def test_images_sized_early_and_at_the_end_are_each_reserved_once(model_dir: Path) -> None:
     """A small file (sized once the body is in) and a large one (sized from its first bytes) in one request:
     each image's cost is reserved once (twice would not fit the budget: 413)."""
-    big = noise_png(1000, 1000)  # 3 MB body + 12 MB decoded (15e6 bytes); with the image twice (27e6) over 24 MiB
-    with live_server(model_dir=model_dir, memory_budget_mb=24) as srv:
+    big = noise_png(1000, 1000)  # 3 MB body + 28 MB decoded (RGB; 31e6 bytes); with the image twice (59e6) over 40 MiB
+    with live_server(model_dir=model_dir, memory_budget_mb=40) as srv:
         r = httpx.post(srv.url + "/v1/rectify", params={"model": "affine"}, timeout=60,
                        files=[("file", ("small.png", png(8, 8), "image/png")), ("file", ("big.png", big, "image/png"))])
         assert r.status_code == 200, r.text

@@ -1,0 +1,109 @@
+"""What admission reserves for an upload covers what decoding it costs (issue 12, defect 1).
+
+``images.declared_layout`` reads, from the header, what an upload decodes to: its channels (the upload's
+own colour, not the model's: an RGB upload to a gray model is decoded and rectified in RGB), a fourth
+sample folded in (alpha, CMYK's K) and wide samples. ``admission.image_cost`` of that layout must bound the
+memory the decoder really takes: measured here as the peak RSS of ``images.decode`` in a fresh process.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+from test_header_size import FILES, LIMITS
+
+from service import images
+from service.api.admission import image_cost
+from tests.service.support import ROOT
+
+
+@pytest.mark.parametrize("name", sorted(n for n in FILES if not n.startswith("tiff") and n != "jpeg-two-frame-headers"))
+def test_the_declared_layout_is_what_the_decoder_makes(name: str) -> None:
+    """Exactly, for PNG, JPEG and WebP; a BMP with a gray palette (decoded to one channel) is reserved as colour."""
+    data = FILES[name]
+    layout = images.declared_layout(data)
+    decoded = images.decode(data, LIMITS)
+    with Image.open(io.BytesIO(data)) as im:
+        folded = im.mode in ("RGBA", "LA", "PA", "CMYK") or (im.mode == "P" and "transparency" in im.info)
+    if name.startswith("bmp-"):
+        assert layout.channels >= decoded.array.shape[0] and layout.extra >= folded, (layout, decoded.array.shape)
+        return
+    assert (layout.channels, layout.extra) == (decoded.array.shape[0], folded), (layout, decoded.array.shape)
+    assert layout.wide == (decoded.bits == 16), (layout, decoded.bits)
+
+
+def test_layouts_the_header_cannot_tell_are_reserved_as_the_dearest() -> None:
+    assert images.declared_layout(FILES["tiff-17x5"]) == images.Layout(3, True, True)
+    assert images.declared_layout(FILES["png-RGB-17x5"][:20]) == images.Layout(3, True, True)  # cut short
+    transparent = Image.new("P", (8, 8))
+    buf = io.BytesIO()
+    transparent.save(buf, "PNG", transparency=0)
+    assert images.declared_layout(buf.getvalue()) == images.Layout(3, True, False)  # palette + tRNS: RGBA
+    assert images.declared_layout(FILES["png-P-17x5"]) == images.Layout(3, False, False)
+
+
+MAKE = """
+import io, sys
+import numpy as np
+from PIL import Image
+mode, w, h, path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+rng = np.random.default_rng(0)
+buf = io.BytesIO()
+if mode in ("RGB;16", "RGBA;16"):
+    import cv2
+    a = rng.integers(0, 65536, (h, w, 3 if mode == "RGB;16" else 4), dtype=np.uint16)
+    buf.write(cv2.imencode(".png", a, [cv2.IMWRITE_PNG_COMPRESSION, 1])[1].tobytes())
+elif mode == "I;16":
+    Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16)).save(buf, "PNG", compress_level=1)
+elif mode == "P+tRNS":
+    Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8)).convert("P").save(buf, "PNG", transparency=0,
+                                                                                    compress_level=1)
+elif mode == "CMYK":
+    Image.fromarray(rng.integers(0, 256, (h, w, 4), dtype=np.uint8), "CMYK").save(buf, "JPEG", quality=95)
+else:
+    bands = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}[mode]
+    a = rng.integers(0, 256, (h, w, bands) if bands > 1 else (h, w), dtype=np.uint8)
+    Image.fromarray(a, mode).save(buf, "PNG", compress_level=1)
+open(path, "wb").write(buf.getvalue())
+"""
+
+MEASURE = """
+import json, sys
+from service import images
+try:
+    import cv2  # noqa: F401 (16-bit colour is decoded by OpenCV: imported before, its libraries are not the decode's)
+except ImportError:
+    pass
+data = open(sys.argv[1], "rb").read()
+layout = images.declared_layout(data)
+def status(key):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+open("/proc/self/clear_refs", "w").write("5")  # the peak RSS starts again from the current RSS
+start = status("VmRSS:")
+decoded = images.decode(data, images.Limits(max_bytes=1 << 30))
+peak = status("VmHWM:") - start
+print(json.dumps({"peak": peak, "channels": layout.channels, "extra": layout.extra,
+                  "wide": layout.wide, "decoded": decoded.array.shape[0]}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["L", "I;16", "LA", "RGB", "RGB;16", "RGBA", "RGBA;16", "P+tRNS", "CMYK"])
+def test_the_reserved_cost_bounds_the_decoders_peak(mode: str, tmp_path) -> None:  # noqa: ANN001
+    """Before the layout was read, the model's channels were reserved (12 bytes a pixel for a gray model) while
+    an RGB upload took 23, an RGBA one 32 and a gray + alpha one 22 (4000x2500, peak RSS of the decode)."""
+    w, h = 3000, 2000
+    path = tmp_path / "image"
+    subprocess.run([sys.executable, "-c", MAKE, mode, str(w), str(h), str(path)], cwd=ROOT, timeout=120, check=True)
+    out = subprocess.run([sys.executable, "-c", MEASURE, str(path)], capture_output=True, text=True, cwd=ROOT,
+                         timeout=120, check=True).stdout  # a fresh process: its peak is the decode's
+    m = json.loads(out)
+    assert m["channels"] == m["decoded"], m
+    reserved = image_cost(m["channels"], (h, w), (0, 0), extra=m["extra"], wide=m["wide"])
+    assert m["peak"] <= reserved, f"{mode}: decoding took {m['peak'] / (w * h):.1f} B/px, " \
+                                  f"reserved {reserved / (w * h):.1f} B/px"
