@@ -155,9 +155,16 @@ def pixel_centres(size: Size) -> tuple[np.ndarray, np.ndarray]:
 
 
 def affine_base_grid(output_size: Size) -> np.ndarray:
-    """[h, w, 3] float32 of (x, y, 1) at output pixel centres (affine and projective families)."""
-    gx, gy = pixel_centres(output_size)
-    return np.stack([gx, gy, np.ones_like(gx)], axis=-1).astype(np.float32)
+    """[h, w, 3] float32 of (x, y, 1) at output pixel centres (affine and projective families).
+
+    Written into its float32 array directly: built from float64 [h, w] planes (as :func:`pixel_centres`
+    gives them) it peaked at five times its own size, about 1 GB for a 4000x4000 output."""
+    h, w = check_size(output_size, "size")
+    grid = np.empty((h, w, 3), np.float32)
+    grid[..., 0] = ((2.0 * np.arange(w) + 1.0) / w - 1.0).astype(np.float32)
+    grid[..., 1] = ((2.0 * np.arange(h) + 1.0) / h - 1.0).astype(np.float32)[:, None]
+    grid[..., 2] = 1.0
+    return grid
 
 
 def tps_control_points(grid_size: Size) -> np.ndarray:
@@ -237,17 +244,29 @@ def tps_jacobian(points_norm: np.ndarray, source_points: np.ndarray, grid_size: 
     return np.stack([(g * dx) @ c[:k], (g * dy) @ c[:k]], axis=-1) + c[k + 1 :].T[None]
 
 
+_TPS_BAND_POINTS = 65536  # output pixels per band of tps_base_grid (its float64 temporaries: about 60 MB)
+
+
 def tps_base_grid(output_size: Size, grid_size: Size) -> np.ndarray:
     """[h, w, K] float32 such that ``grid = base @ source_points`` is the TPS warp.
 
     The target control points (:func:`tps_control_points`) sit in the output frame; the
     source points (theta, [K, 2]) are where they land in the input. The system matrix is
     inverted here, once, so the model's forward pass is a MatMul.
+
+    Computed a band of rows at a time (the float64 kernel of all pixels at once peaked at ten times the grid:
+    11 GB for a 4000x4000 output with 16 control points).
     """
-    gx, gy = pixel_centres(output_size)
-    pts = np.stack([gx.ravel(), gy.ravel()], axis=-1)
-    h, w = output_size
-    return tps_weights(pts, grid_size).reshape(int(h), int(w), -1).astype(np.float32)
+    h, w = check_size(output_size, "size")
+    xs = (2.0 * np.arange(w) + 1.0) / w - 1.0
+    ys = (2.0 * np.arange(h) + 1.0) / h - 1.0
+    grid = np.empty((h, w, base_grid_depth("tps", grid_size)), np.float32)
+    rows = max(1, _TPS_BAND_POINTS // w)
+    for top in range(0, h, rows):
+        gy, gx = np.meshgrid(ys[top:top + rows], xs, indexing="ij")
+        grid[top:top + rows] = tps_weights(np.stack([gx.ravel(), gy.ravel()], axis=-1), grid_size).reshape(
+            len(gy), w, -1)
+    return grid
 
 
 def warp_points(theta: np.ndarray, points_norm: np.ndarray) -> np.ndarray:

@@ -160,6 +160,11 @@ class SessionConfig:
     native_sampler: str = "auto"  # auto: the native sampler when its library is present; on: required; off: never
 
     def session_options(self) -> ort.SessionOptions:
+        """Options of every session. ``load_model`` turns onnxruntime's CPU arena off for the sessions that see
+        full-resolution images (resize, sampler): the arena keeps its high-water mark for the process's life,
+        so one 4000x4000 rectification left 200 MB (affine) to 490 MB (TPS) held outside the memory budget.
+        Without it those tensors are malloc'd and freed per run (0 to 3 % more CPU per image measured on the
+        document rectifier, docs/BENCHMARKS.md); the localiser's small fixed-size tensors keep it."""
         so = ort.SessionOptions()
         so.intra_op_num_threads = self.intra_op_threads
         so.inter_op_num_threads = self.inter_op_threads
@@ -350,6 +355,8 @@ def load_model(path: str | Path, config: SessionConfig, name: str | None = None)
     library = None
     for part, sub in (("resize", subs.resize), ("localiser", subs.localiser), ("sampler", sampler)):
         so = config.session_options()
+        if part != "localiser":  # full-resolution images: no arena (see SessionConfig.session_options)
+            so.enable_cpu_mem_arena = False
         try:
             if register:
                 library = native.register(so, providers)

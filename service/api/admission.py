@@ -59,6 +59,16 @@ MB = 1024 * 1024
 RETRY = {"Retry-After": "1"}
 
 
+def grid_floats(info: Any) -> int:
+    """Float planes the sampler holds per output pixel besides the image (``image_cost``'s
+    ``grid_floats_per_px``) for a model's ``info``: the base grid (x, y, 1), or for TPS its K kernel
+    weights plus the runtime's copies of the sampling grid (measured: a TPS output peaked about three planes
+    above the base grid and the sampling grid; four are counted)."""
+    if info.transform == "tps":
+        return info.tps_grid[0] * info.tps_grid[1] + 4
+    return 3
+
+
 def image_cost(channels: int, input_size: tuple[int, int], output_size: tuple[int, int],
                grid_floats_per_px: int = 3, *, extra: bool = False, wide: bool = False) -> int:
     """Estimated peak bytes of one image in the pipeline (an upper bound, not a measurement).
@@ -67,9 +77,9 @@ def image_cost(channels: int, input_size: tuple[int, int], output_size: tuple[in
     ``images.declared_layout``, not the model's). Input (H, W): the decoded 8-bit image (up to 4 bytes
     a pixel) and two float32 copies (the array, and the contiguous copy the sampler reads); a fourth
     sample folded in while decoding (``extra``: alpha, CMYK's K) adds 14 bytes a pixel, samples over 8
-    bits (``wide``) 8 (the decoder's own copies; peaks measured in tests/service/test_image_cost.py).
-    Output (h, w): the float32 base grid and sampling grid (``grid_floats_per_px`` + 2 floats; TPS grids
-    have K), the float32 result, its 8-bit copy and the encoder's buffer.
+    bits (``wide``) 8 (the decoder's own copies). Output (h, w): the float32 base grid and sampling grid
+    (``grid_floats_per_px`` + 2 floats: :func:`grid_floats`), the float32 result, its 8-bit copy and the
+    encoder's buffer. Both bounds are checked against measured peaks in tests/service/test_image_cost.py.
     """
     (h, w), (oh, ow) = input_size, output_size
     per_px = 4 + 8 * channels + 14 * extra + 8 * wide

@@ -14,7 +14,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
 from service import geometry, images, pipeline
-from service.api.admission import BudgetedResponse, Ticket, image_cost
+from service.api.admission import BudgetedResponse, Ticket, grid_floats, image_cost
 from service.api.batcher import QueueFullError, QueueTimeoutError
 from service.api.errors import Problem
 from service.api.multipart import HeaderCallback, parse_form
@@ -75,10 +75,9 @@ def pillow_size(data: bytes, filename: str, limits: images.Limits) -> tuple[int,
 def size_cost(model: ModelRuntime, size: tuple[int, int], output_size: tuple[int, int], data: bytes) -> int:
     """:func:`service.api.admission.image_cost` of a (width, height) upload for ``model``, in the upload's own
     colour as its header declares it (``images.declared_layout`` of its first bytes, ``data``)."""
-    info = model.info
-    grid = info.tps_grid[0] * info.tps_grid[1] if info.transform == "tps" else 3
     layout = images.declared_layout(data)
-    return image_cost(layout.channels, (size[1], size[0]), output_size, grid, extra=layout.extra, wide=layout.wide)
+    return image_cost(layout.channels, (size[1], size[0]), output_size, grid_floats(model.info), extra=layout.extra,
+                      wide=layout.wide)
 
 
 PEEKS = (64 * 1024, 256 * 1024, 1024 * 1024, 4 * 1024 * 1024)  # bytes of an image arriving at which its header is tried

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from export.metadata import INPUT_IMAGE, OUTPUT_RECTIFIED, OUTPUT_THETA
-from service.api.admission import BudgetedResponse, image_cost
+from service.api.admission import BudgetedResponse, grid_floats, image_cost
 from service.api.batcher import QueueFullError, QueueTimeoutError
 from service.api.errors import Problem
 from service.api.routes import content_encoding
@@ -340,8 +340,7 @@ async def _infer(state: ServiceState, request: Request, name: str, version: str 
         if n > s.max_files:
             raise _problem(413, f"{n} images; at most {s.max_files} per request (STN_MAX_FILES)")
         info = runtime.info
-        grid = info.tps_grid[0] * info.tps_grid[1] if info.transform == "tps" else 3
-        ticket.grow(n, n * image_cost(c, (h, w), info.output_size, grid), f"{n} image(s) of {w}x{h}")
+        ticket.grow(n, n * image_cost(c, (h, w), info.output_size, grid_floats(info)), f"{n} image(s) of {w}x{h}")
 
         def front() -> tuple[Any, np.ndarray]:
             up = runtime.upload(image)
