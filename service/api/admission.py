@@ -240,15 +240,24 @@ class Ticket:
         ``preparing``: the images are about to be prepared (the batcher expects them); False when they
         first wait for the :class:`WorkWindow` (then :meth:`start_preparing` once they hold it).
         """
-        a = self.admission
-        a.check_room(self.model, images, self.provisional, **self.extra)
-        if self.bytes + cost > a.budget_bytes:  # the whole request can never fit: 413
-            a.check_bytes(self.bytes + cost, what, **self.extra)
-        a.check_bytes(cost, what, **self.extra)  # does not fit now: 503
+        self.admission.check_room(self.model, images, self.provisional, **self.extra)
+        self._check_fits(cost, what)
         self._drop_provisional()
         self._reserve(images, cost)
         if preparing:
             self.start_preparing(images)
+
+    def reserve_bytes(self, cost: int, what: str = "the request") -> None:
+        """Reserve ``cost`` more bytes for what the request already holds (its parsed body, say), or Problem
+        413 (the request can never fit) / 503 (not now); its images are unchanged."""
+        self._check_fits(cost, what)
+        self._reserve(0, cost)
+
+    def _check_fits(self, cost: int, what: str) -> None:
+        a = self.admission
+        if self.bytes + cost > a.budget_bytes:  # the whole request can never fit: 413
+            a.check_bytes(self.bytes + cost, what, **self.extra)
+        a.check_bytes(cost, what, **self.extra)  # does not fit now: 503
 
     def _hold_provisional(self) -> None:  # (metrics: the _reserve that follows in admit)
         self.provisional = 1

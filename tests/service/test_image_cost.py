@@ -157,3 +157,35 @@ def test_a_large_rectification_leaves_nothing_in_onnxruntimes_arena(model_dir, t
                          capture_output=True, text=True, cwd=ROOT, timeout=300, check=True).stdout
     m = json.loads(out)
     assert m["kept"] < 100e6, f"{m['kept'] / 1e6:.0f} MB kept after the rectification (peak {m['peak'] / 1e6:.0f} MB)"
+
+
+PARSE = """
+import json, sys
+from service.api.routes.v2 import _input_tensor, _parse_request, _parsed_cost
+from service.api.errors import Problem
+unit, n = sys.argv[1].encode(), int(sys.argv[2])
+shape = [1, 3, 1000, n // 3000] if unit[:1] != b"[" and unit[:1] != b"{" else [n]
+body = (b'{"inputs":[{"name":"image","shape":' + json.dumps(shape).encode() + b',"datatype":"FP32","data":['
+        + unit * (n - 1) + unit[:-1] + b"]}]}")
+def status(key):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+open("/proc/self/clear_refs", "w").write("5")
+start = status("VmRSS:")
+try:
+    request, binary = _parse_request(body, None)
+    _input_tensor(request, binary, 3)
+except Problem:
+    pass  # (a shape the model refuses: parsed all the same)
+print(json.dumps({"peak": status("VmHWM:") - start + len(body), "reserved": _parsed_cost(body, None)}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("unit", ["0.123456789,", "0.5,", "9999,", "[0],", "{},", '{"a":0},'])
+def test_a_v2_json_body_is_reserved_at_what_its_parse_holds(unit: str) -> None:
+    """/v2 reserves ``_parsed_cost`` of a JSON body before parsing it: the parse and validation's peak (and the
+    body) stay within it, for a flat float tensor and for texts that make the most objects per byte."""
+    out = subprocess.run([sys.executable, "-c", PARSE, unit, "3000000"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=120, check=True).stdout
+    m = json.loads(out)
+    assert m["peak"] <= m["reserved"], f"{unit!r}: peak {m['peak'] / 1e6:.0f} MB, reserved {m['reserved'] / 1e6:.0f} MB"

@@ -240,6 +240,18 @@ def _parse_request(body: bytes, header_length: str | None) -> tuple[dict[str, An
     return req, binary
 
 
+def _parsed_cost(body: bytes, header_length: str | None) -> int:
+    """An upper bound of the memory a request body takes once its JSON is parsed and validated (the body, binary
+    tail included, and the JSON's Python objects), counted at C speed on a worker. Every JSON value becomes a
+    Python object, and a short text makes many: 12 MB of ``0.5,`` took 167 MB, of ``[0],`` 349 MB and of
+    ``{},`` 258 MB (a flat float tensor in JSON: about 4.4 times its text). So: per element separator 64 bytes
+    (an object and its slot), per list 80 more, per object 96 and per key 80 (tests/service/test_image_cost.py
+    checks the bound)."""
+    n = int(header_length) if header_length is not None and header_length.isdigit() else len(body)
+    text = body[: min(n, len(body))]
+    return len(body) + 64 * (text.count(b",") + 1) + 80 * text.count(b"[") + 96 * text.count(b"{") + 80 * text.count(b":")
+
+
 def _input_tensor(request: dict[str, Any], binary: bytes, c: int) -> np.ndarray:
     inputs = request.get("inputs")
     if not isinstance(inputs, list) or not inputs:
@@ -312,7 +324,9 @@ def _body_cap(request: Request, state: ServiceState, compressed: bool) -> tuple[
     # a compressed body's size says nothing of what it inflates to: reserved as a body of unknown length
     size = min(int(length), budget) if length.isdigit() and not compressed else budget
     binary = request.headers.get(HEADER_LENGTH) is not None
-    return budget, size if binary else 4 * size  # JSON numbers become Python objects: about 3 more bytes per byte
+    # JSON numbers become Python objects: at least 4 times the text (a flat tensor); what the parse will really
+    # hold is reserved once the body is in (_parsed_cost)
+    return budget, size if binary else 4 * size
 
 
 async def _infer(state: ServiceState, request: Request, name: str, version: str | None) -> Response:
@@ -320,7 +334,7 @@ async def _infer(state: ServiceState, request: Request, name: str, version: str 
     s = state.settings
     compressed = content_encoding(request, ENCODINGS, _problem) is not None
     budget, reserve = _body_cap(request, state, compressed)
-    async with state.admission.admit(runtime.name, body_bytes=reserve, error="queue full") as ticket:
+    async with state.admission.admit(runtime.name, body_bytes=reserve) as ticket:  # `error`: the detail (errors.install)
         async with ticket.reading():
             chunks, total = [], 0
             async for chunk in request.stream():  # bounded even without a Content-Length (chunked uploads)
@@ -332,6 +346,9 @@ async def _infer(state: ServiceState, request: Request, name: str, version: str 
         del chunks
         if compressed:
             body = await state.workers.run(_inflate, body, budget)
+        # what the parse will hold, reserved before it (413 when it can never fit, 503 when it does not fit now)
+        parsed = await state.workers.run(_parsed_cost, body, request.headers.get(HEADER_LENGTH))
+        ticket.reserve_bytes(max(0, parsed - ticket.bytes), "the request's JSON")
         req, binary = await state.workers.run(_parse_request, body, request.headers.get(HEADER_LENGTH))
         image = await state.workers.run(_input_tensor, req, binary, runtime.info.in_channels)
         n, c, h, w = image.shape

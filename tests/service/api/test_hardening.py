@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 from test_frontdoor import read_response
@@ -640,6 +641,26 @@ def test_v2_infer_malformed_requests_get_400_with_error(server, body: str) -> No
                    headers={"content-type": "application/json"}, timeout=30)
     assert r.status_code == 400, r.text[:300]
     assert r.json()["error"] and r.json()["status"] == 400
+
+
+def test_v2_json_is_reserved_at_what_its_parse_holds(model_dir: Path) -> None:
+    """Every JSON value becomes a Python object: 12 MB of ``[0],`` took 349 MB to parse, where 48 MB (four times
+    the text) was reserved, so a 320 MB body could take 9 GB. Now the parse's cost is counted from the body before
+    it is parsed: with a 256 MB budget that request gets 413 naming what it would cost (before: parsed, then 400),
+    and a flat float tensor of the same size is still served."""
+    rng = np.random.default_rng(0)
+    flat = rng.random((1, 1, 400, 400), dtype=np.float32)  # 160,000 values in JSON text: about 3 MB
+    good = {"inputs": [{"name": "image", "shape": list(flat.shape), "datatype": "FP32",
+                        "data": [round(float(v), 6) for v in flat.ravel()]}]}
+    nested = (b'{"inputs":[{"name":"image","shape":[3000000],"datatype":"FP32","data":[' + b"[0]," * 2_999_999
+              + b"[0]]}]}")
+    with live_server(model_dir=model_dir, memory_budget_mb=256) as srv:
+        url = srv.url + "/v2/models/affine/infer"
+        r = httpx.post(url, content=nested, headers={"content-type": "application/json"}, timeout=60)
+        assert r.status_code == 413 and "the request's JSON needs about" in r.json()["error"], r.text[:300]
+        r = httpx.post(url, json=good, timeout=60)
+        assert r.status_code == 200, r.text[:300]
+        assert wait_for(lambda: srv.state.admission.reserved_bytes == 0)
 
 
 # ---- 5. an aborted upload is a client disconnect ----------------------------------------------------
