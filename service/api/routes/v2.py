@@ -358,6 +358,9 @@ async def _infer(state: ServiceState, request: Request, name: str, version: str 
             raise _problem(413, f"{n} images; at most {s.max_files} per request (STN_MAX_FILES)")
         info = runtime.info
         ticket.grow(n, n * image_cost(c, (h, w), info.output_size, grid_floats(info)), f"{n} image(s) of {w}x{h}")
+        if _json_output(req, OUTPUT_RECTIFIED):  # written as JSON numbers: each a Python float, then text
+            oh, ow = info.output_size
+            ticket.reserve_bytes(JSON_OUTPUT_BYTES * n * c * oh * ow, "the response's JSON")
 
         def front() -> tuple[Any, np.ndarray]:
             up = runtime.upload(image)
@@ -382,11 +385,23 @@ async def _infer(state: ServiceState, request: Request, name: str, version: str 
     return BudgetedResponse(body, state.admission, media_type=media_type, headers=headers)
 
 
+# bytes a JSON output value holds while the response is built: a Python float and its list slot (32), its text
+# (about 22: float32 values print with up to 17 digits) and the text's bytes; measured 82 (tests/service/test_image_cost.py)
+JSON_OUTPUT_BYTES = 96
+
+
+def _json_output(req: dict[str, Any], name: str) -> bool:
+    """Whether output ``name`` is sent as JSON ``data`` (not with the binary tensor extension), as :func:`_response` decides."""
+    default_binary = bool((req.get("parameters") or {}).get("binary_data_output", False))
+    for o in req.get("outputs") or [{"name": name}]:
+        if o.get("name") == name:
+            return not bool((o.get("parameters") or {}).get("binary_data", default_binary))
+    return False
+
+
 def _response(req: dict[str, Any], runtime: ModelRuntime,
               tensors: dict[str, np.ndarray]) -> tuple[bytes, str, dict[str, str]]:
     """The infer response's (body, media type, headers): JSON, or JSON then the binary outputs."""
-    params = req.get("parameters") or {}
-    default_binary = bool(params.get("binary_data_output", False))
     wanted = req.get("outputs") or [{"name": k} for k in tensors]
     outputs, blobs = [], []
     for o in wanted:
@@ -395,7 +410,7 @@ def _response(req: dict[str, Any], runtime: ModelRuntime,
             raise _problem(400, f"unknown output {oname!r}; this model has {list(tensors)}")
         t = np.ascontiguousarray(tensors[oname], np.float32)
         entry: dict[str, Any] = {"name": oname, "datatype": "FP32", "shape": list(t.shape)}
-        if bool((o.get("parameters") or {}).get("binary_data", default_binary)):
+        if not _json_output(req, oname):
             raw = t.tobytes()
             entry["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
