@@ -145,12 +145,15 @@ def inverse_px(m: np.ndarray) -> np.ndarray:
     return _unit_scale(np.linalg.inv(m))
 
 
+def centres(n: int) -> np.ndarray:
+    """Normalized coordinates (float64) of the centres of ``n`` pixels along one axis (align_corners=False)."""
+    return (2.0 * np.arange(n) + 1.0) / n - 1.0
+
+
 def pixel_centres(size: Size) -> tuple[np.ndarray, np.ndarray]:
     """Normalized x and y of the pixel centres of an image of ``size``: two [h, w] arrays."""
     h, w = check_size(size, "size")
-    xs = (2.0 * np.arange(w) + 1.0) / w - 1.0
-    ys = (2.0 * np.arange(h) + 1.0) / h - 1.0
-    gy, gx = np.meshgrid(ys, xs, indexing="ij")
+    gy, gx = np.meshgrid(centres(h), centres(w), indexing="ij")
     return gx, gy
 
 
@@ -161,8 +164,8 @@ def affine_base_grid(output_size: Size) -> np.ndarray:
     gives them) it peaked at five times its own size, about 1 GB for a 4000x4000 output."""
     h, w = check_size(output_size, "size")
     grid = np.empty((h, w, 3), np.float32)
-    grid[..., 0] = ((2.0 * np.arange(w) + 1.0) / w - 1.0).astype(np.float32)
-    grid[..., 1] = ((2.0 * np.arange(h) + 1.0) / h - 1.0).astype(np.float32)[:, None]
+    grid[..., 0] = centres(w).astype(np.float32)
+    grid[..., 1] = centres(h).astype(np.float32)[:, None]
     grid[..., 2] = 1.0
     return grid
 
@@ -258,8 +261,7 @@ def tps_base_grid(output_size: Size, grid_size: Size) -> np.ndarray:
     11 GB for a 4000x4000 output with 16 control points).
     """
     h, w = check_size(output_size, "size")
-    xs = (2.0 * np.arange(w) + 1.0) / w - 1.0
-    ys = (2.0 * np.arange(h) + 1.0) / h - 1.0
+    xs, ys = centres(w), centres(h)
     grid = np.empty((h, w, base_grid_depth("tps", grid_size)), np.float32)
     rows = max(1, _TPS_BAND_POINTS // w)
     for top in range(0, h, rows):

@@ -115,7 +115,7 @@ def declared_size(data: bytes, fmt: str, filename: str = "image") -> tuple[int, 
     if fmt == "PNG":
         if n < 24 or data[12:16] != b"IHDR":
             return None
-        for count, (pos, kind) in enumerate(_png_chunks(data)):
+        for count, (pos, kind) in enumerate(_png_chunks_before_idat(data)):
             if count == MAX_PNG_CHUNKS:
                 raise BadImageError(f"{filename} has more than {MAX_PNG_CHUNKS} chunks before its image data; "
                                     "send a PNG without so much metadata")
@@ -161,11 +161,16 @@ def declared_size(data: bytes, fmt: str, filename: str = "image") -> tuple[int, 
 
 
 def _png_chunks(data: bytes) -> Iterator[tuple[int, bytes]]:
-    """(position, type) of a PNG's chunks before its first IDAT, until ``data`` is cut short."""
+    """(position, type) of a PNG's chunks in order, until IEND (not included) or the end of ``data``."""
     n, pos = len(data), 8
-    while pos + 8 <= n and (kind := data[pos + 4:pos + 8]) != b"IDAT":
+    while pos + 8 <= n and (kind := data[pos + 4:pos + 8]) != b"IEND":
         yield pos, kind
         pos += 12 + int.from_bytes(data[pos:pos + 4], "big")
+
+
+def _png_chunks_before_idat(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """:func:`_png_chunks` up to the first IDAT (the metadata Pillow walks before the pixels)."""
+    return itertools.takewhile(lambda chunk: chunk[1] != b"IDAT", _png_chunks(data))
 
 
 @dataclass(frozen=True)
@@ -186,7 +191,7 @@ def declared_layout(data: bytes) -> Layout:
     if fmt == "PNG" and n >= 26 and data[12:16] == b"IHDR":
         depth, colour = data[24], data[25]
         if colour == 3:  # palette: decoded to RGB, or RGBA when a tRNS chunk gives transparency
-            chunks = itertools.islice(_png_chunks(data), MAX_PNG_CHUNKS)
+            chunks = itertools.islice(_png_chunks_before_idat(data), MAX_PNG_CHUNKS)
             return Layout(3, any(kind == b"tRNS" for _, kind in chunks), False)
         return Layout(1 if colour in (0, 4) else 3, colour in (4, 6), depth > 8)
     if fmt == "JPEG":
@@ -262,14 +267,10 @@ def check_jpeg_scans(data: bytes, filename: str = "image") -> None:
 def check_png_chunks(data: bytes, filename: str = "image") -> None:
     """BadImageError when a PNG has more than :data:`MAX_PNG_CHUNKS_TOTAL` chunks before its IEND (Pillow reads
     each one in Python). The walk reads each chunk's length and stops at the limit."""
-    n, pos = len(data), 8
-    for _ in range(MAX_PNG_CHUNKS_TOTAL):
-        if pos + 8 > n or data[pos + 4:pos + 8] == b"IEND":
-            return
-        pos += 12 + int.from_bytes(data[pos:pos + 4], "big")
-    if pos + 8 <= n and data[pos + 4:pos + 8] != b"IEND":
-        raise BadImageError(f"{filename} has more than {MAX_PNG_CHUNKS_TOTAL} chunks; send a PNG written in fewer, "
-                            "larger chunks")
+    for count, _ in enumerate(_png_chunks(data)):
+        if count == MAX_PNG_CHUNKS_TOTAL:
+            raise BadImageError(f"{filename} has more than {MAX_PNG_CHUNKS_TOTAL} chunks; send a PNG written in "
+                                "fewer, larger chunks")
 
 
 def check_decoding_cost(data: bytes, fmt: str | None, filename: str = "image") -> None:

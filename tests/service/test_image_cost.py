@@ -47,6 +47,16 @@ def test_layouts_the_header_cannot_tell_are_reserved_as_the_dearest() -> None:
     assert images.declared_layout(FILES["png-P-17x5"]) == images.Layout(3, False, False)
 
 
+PEAK = """
+def status(key):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+def reset_peak():
+    open("/proc/self/clear_refs", "w").write("5")  # the peak RSS starts again from the current RSS
+    return status("VmRSS:")
+def peak_since(start):
+    return status("VmHWM:") - start
+"""
+
 MAKE = """
 import io, sys
 import numpy as np
@@ -72,7 +82,7 @@ else:
 open(path, "wb").write(buf.getvalue())
 """
 
-MEASURE = """
+MEASURE = PEAK + """
 import json, sys
 from service import images
 try:
@@ -81,12 +91,9 @@ except ImportError:
     pass
 data = open(sys.argv[1], "rb").read()
 layout = images.declared_layout(data)
-def status(key):
-    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
-open("/proc/self/clear_refs", "w").write("5")  # the peak RSS starts again from the current RSS
-start = status("VmRSS:")
+start = reset_peak()
 decoded = images.decode(data, images.Limits(max_bytes=1 << 30))
-peak = status("VmHWM:") - start
+peak = peak_since(start)
 print(json.dumps({"peak": peak, "channels": layout.channels, "extra": layout.extra,
                   "wide": layout.wide, "decoded": decoded.array.shape[0]}))
 """
@@ -109,7 +116,7 @@ def test_the_reserved_cost_bounds_the_decoders_peak(mode: str, tmp_path) -> None
                                   f"reserved {reserved / (w * h):.1f} B/px"
 
 
-RECTIFY = """
+RECTIFY = PEAK + """
 import json, sys
 from service import images, pipeline
 from service.api.routes.v1 import size_cost
@@ -118,13 +125,10 @@ model = load_model(sys.argv[1], SessionConfig(providers=("CPUExecutionProvider",
 model.warmup()
 data = open(sys.argv[2], "rb").read()
 out = (int(sys.argv[3]), int(sys.argv[4]))
-def status(key):
-    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
-open("/proc/self/clear_refs", "w").write("5")
-start = status("VmRSS:")
+start = reset_peak()
 item = pipeline.prepare(model, data, images.Limits())
 result = pipeline.finish(model, item, pipeline.localise(model, [item])[0], out, "png")
-peak = status("VmHWM:") - start
+peak = peak_since(start)
 del item, result
 print(json.dumps({"peak": peak, "reserved": size_cost(model, images.declared_size(data, "PNG"), out, data),
                   "kept": status("VmRSS:") - start}))
@@ -159,7 +163,7 @@ def test_a_large_rectification_leaves_nothing_in_onnxruntimes_arena(model_dir, t
     assert m["kept"] < 100e6, f"{m['kept'] / 1e6:.0f} MB kept after the rectification (peak {m['peak'] / 1e6:.0f} MB)"
 
 
-PARSE = """
+PARSE = PEAK + """
 import json, sys
 from service.api.routes.v2 import _input_tensor, _parse_request, _parsed_cost
 from service.api.errors import Problem
@@ -167,16 +171,13 @@ unit, n = sys.argv[1].encode(), int(sys.argv[2])
 shape = [1, 3, 1000, n // 3000] if unit[:1] != b"[" and unit[:1] != b"{" else [n]
 body = (b'{"inputs":[{"name":"image","shape":' + json.dumps(shape).encode() + b',"datatype":"FP32","data":['
         + unit * (n - 1) + unit[:-1] + b"]}]}")
-def status(key):
-    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
-open("/proc/self/clear_refs", "w").write("5")
-start = status("VmRSS:")
+start = reset_peak()
 try:
     request, binary = _parse_request(body, None)
     _input_tensor(request, binary, 3)
 except Problem:
     pass  # (a shape the model refuses: parsed all the same)
-print(json.dumps({"peak": status("VmHWM:") - start + len(body), "reserved": _parsed_cost(body, None)}))
+print(json.dumps({"peak": peak_since(start) + len(body), "reserved": _parsed_cost(body, None)}))
 """
 
 
@@ -191,7 +192,7 @@ def test_a_v2_json_body_is_reserved_at_what_its_parse_holds(unit: str) -> None:
     assert m["peak"] <= m["reserved"], f"{unit!r}: peak {m['peak'] / 1e6:.0f} MB, reserved {m['reserved'] / 1e6:.0f} MB"
 
 
-RESPOND = """
+RESPOND = PEAK + """
 import json, sys
 import numpy as np
 from service.api.routes.v2 import JSON_OUTPUT_BYTES, _response
@@ -202,12 +203,9 @@ class Runtime:
 n, c, h, w = (int(v) for v in sys.argv[1:5])
 rectified = np.random.default_rng(0).random((n, c, h, w), dtype=np.float32)
 theta = np.zeros((n, 2, 3), np.float32)
-def status(key):
-    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
-open("/proc/self/clear_refs", "w").write("5")
-start = status("VmRSS:")
+start = reset_peak()
 body, _, _ = _response({}, Runtime(), {"rectified": rectified, "theta": theta})
-print(json.dumps({"peak": status("VmHWM:") - start, "reserved": JSON_OUTPUT_BYTES * rectified.size}))
+print(json.dumps({"peak": peak_since(start), "reserved": JSON_OUTPUT_BYTES * rectified.size}))
 """
 
 

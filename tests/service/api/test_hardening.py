@@ -53,6 +53,14 @@ def read_all(sock: socket.socket, timeout: float) -> bytes:
     return out
 
 
+def stalled(url: str, head: str, body: bytes, wait: float) -> tuple[bytes, float]:
+    """Send a request head and the first bytes of its body, then nothing: what comes back, and after how long."""
+    t0 = time.monotonic()
+    with raw_request(url, head, body) as sock:
+        reply = read_all(sock, timeout=wait)
+    return reply, time.monotonic() - t0
+
+
 def wait_for(cond, timeout: float = 10.0, every: float = 0.02) -> bool:  # noqa: ANN001
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -319,13 +327,10 @@ def test_base_grid_cache_is_bounded_in_bytes(model_dir: Path) -> None:
 
 def test_a_stalled_body_gets_408_and_the_connection_is_closed(model_dir: Path) -> None:
     with live_server(model_dir=model_dir, body_timeout_s=1.0) as srv:
-        t0 = time.monotonic()
-        sock = raw_request(srv.url, "POST /v1/rectify?model=affine HTTP/1.1\nHost: x\nContent-Type: image/png\n"
-                                    "Content-Length: 100000\n", b"\x89PNG\r\n")
-        reply = read_all(sock, timeout=8)
-        sock.close()
+        reply, seconds = stalled(srv.url, "POST /v1/rectify?model=affine HTTP/1.1\nHost: x\nContent-Type: image/png\n"
+                                          "Content-Length: 100000\n", b"\x89PNG\r\n", wait=8)
         assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
-        assert b"STN_BODY_TIMEOUT_S" in reply and time.monotonic() - t0 < 6
+        assert b"STN_BODY_TIMEOUT_S" in reply and seconds < 6
         assert wait_for(lambda: srv.state.admission.uploads == 0 and srv.state.admission.reserved_bytes == 0)
 
 
@@ -371,12 +376,9 @@ def test_a_stalled_body_on_any_route_loses_its_connection(model_dir: Path) -> No
     """A route outside admission (the repository's JSON body) has no 408 of its own: the protocol closes the
     connection 2 s after STN_BODY_TIMEOUT_S, and the app counts a client disconnect. Before, it waited for ever."""
     with live_server(model_dir=model_dir, body_timeout_s=1.0) as srv:
-        t0 = time.monotonic()
-        sock = raw_request(srv.url, "POST /v2/repository/index HTTP/1.1\nHost: x\nContent-Type: application/json\n"
-                                    "Content-Length: 100\n", b"{")
-        reply = read_all(sock, timeout=10)
-        sock.close()
-        assert reply == b"" and time.monotonic() - t0 < 8
+        reply, seconds = stalled(srv.url, "POST /v2/repository/index HTTP/1.1\nHost: x\n"
+                                          "Content-Type: application/json\nContent-Length: 100\n", b"{", wait=10)
+        assert reply == b"" and seconds < 8
         assert wait_for(lambda: metric(httpx.get(srv.url + "/metrics").text, "stn_requests_total",
                                        route="/v2/repository/index", status="499") == 1)
 
