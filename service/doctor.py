@@ -114,13 +114,13 @@ def native_sampler() -> dict[str, Any]:
 def models(model_dir: str | Path | None = None, provider_list: list[str] | None = None) -> dict[str, Any]:
     """The model folder and each model: loads (on which providers), or why not."""
     from service.runtime import load_model_dir
-    from service.settings import Settings
+    from service.settings import SettingsError, load_settings
 
     try:
-        settings = Settings()
-    except ValueError as e:  # pydantic's ValidationError: an STN_* variable with a bad value
+        settings = load_settings()
+    except SettingsError as e:  # an STN_* variable with a bad value
         return {"model_dir": str(model_dir or ""), "models": [
-            {"name": "(settings)", "ok": False, "reason": f"the STN_* environment is invalid: {e}"}]}
+            {"name": "(settings)", "ok": False, "reason": str(e)}]}
     folder = Path(model_dir) if model_dir else settings.model_dir
     config = settings.session_config(provider_list)
     loaded = load_model_dir(folder, config, warmup_batch=1)

@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 if TYPE_CHECKING:  # heavy (numpy, Pillow, onnxruntime): imported where those objects are built, so that the
@@ -152,7 +152,30 @@ class Settings(BaseSettings):
                              inter_op_threads=self.inter_op_threads, native_sampler=self.native_sampler)
 
 
+class SettingsError(ValueError):
+    """Settings that do not validate: the message names each ``STN_*`` variable, its value and what it must be."""
+
+
+def _bad_setting(error: dict) -> str:
+    field = str(error["loc"][0]) if error.get("loc") else ""
+    name = f"STN_{field.upper()}" if field else "the STN_* settings"
+    value = "(hidden)" if field == "api_keys" else repr(error.get("input"))
+    if len(value) > 80:
+        value = value[:77] + "..."
+    return f"{name}={value}: {error['msg']}"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """:class:`Settings` from the environment and ``overrides`` (a command's flags); :class:`SettingsError` naming
+    each bad variable (``STN_PORT=99999: Input should be less than or equal to 65535``), not pydantic's
+    traceback, so that the commands can say it in one line and exit 2."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as e:
+        raise SettingsError("invalid settings: " + "; ".join(_bad_setting(err) for err in e.errors())) from None
+
+
 @lru_cache
 def get_settings() -> Settings:
     """Settings from the environment, read once (the app takes an explicit Settings in tests)."""
-    return Settings()
+    return load_settings()

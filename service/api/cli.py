@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 _SERVE_OPTIONS = {  # flag -> (Settings field, type, help)
     "--model-dir": ("model_dir", str, "folder of .onnx models (STN_MODEL_DIR; default: the bundled default model)"),
@@ -25,22 +26,28 @@ def configure_serve(p: argparse.ArgumentParser) -> None:
 
 
 def serve_settings(args: argparse.Namespace):  # noqa: ANN201 (service.settings.Settings, imported lazily)
-    from service.settings import Settings
+    """The flags over the STN_* environment; ``service.settings.SettingsError`` naming what does not validate."""
+    from service.settings import load_settings
 
     overrides = {}
     for flag, (field, _, _) in _SERVE_OPTIONS.items():
         value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
         if value is not None:
             overrides[field] = value
-    return Settings(**overrides)
+    return load_settings(**overrides)
 
 
 def run_serve(args: argparse.Namespace) -> int:
     from service.api.app import create_app
     from service.api.middleware import RequestIdFilter
     from service.api.server import serve
+    from service.settings import SettingsError
 
-    settings = serve_settings(args)
+    try:
+        settings = serve_settings(args)
+    except SettingsError as e:
+        print(f"stn serve: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s")
     for handler in logging.getLogger().handlers:

@@ -8,7 +8,7 @@ import pytest
 
 from service import images
 from service.runtime import SessionConfig
-from service.settings import Settings, available_cpus, cpu_threads
+from service.settings import Settings, SettingsError, available_cpus, cpu_threads, load_settings
 
 
 def test_session_config_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -34,3 +34,24 @@ def test_cpu_policy() -> None:
     assert available_cpus() == n
     assert cpu_threads() == max(1, min(8, n)) and cpu_threads(5) == 5
     assert Settings(workers=0).worker_threads == cpu_threads() and Settings(workers=3).worker_threads == 3
+
+
+def test_bad_settings_name_each_variable_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STN_PORT", "99999")
+    monkeypatch.setenv("STN_MAX_UPLOAD_BYTES", "20MB")
+    monkeypatch.setenv("STN_API_KEYS", "s3cret")
+    with pytest.raises(SettingsError) as e:
+        load_settings(workers=-1)
+    text = str(e.value)
+    assert "\n" not in text and text.startswith("invalid settings: ")
+    for part in ("STN_PORT='99999': Input should be less than or equal to 65535",
+                 "STN_MAX_UPLOAD_BYTES='20MB': Input should be a valid integer",
+                 "STN_WORKERS=-1: Input should be greater than or equal to 0"):
+        assert part in text, text
+    monkeypatch.delenv("STN_PORT")
+    monkeypatch.delenv("STN_MAX_UPLOAD_BYTES")
+    monkeypatch.setenv("STN_API_KEYS", "[" + "s3cret" * 5)  # a value that does not parse is not echoed: it is a key
+    with pytest.raises(SettingsError) as e:
+        load_settings(api_keys=object())
+    assert "STN_API_KEYS=(hidden)" in str(e.value) and "s3cret" not in str(e.value)
+    assert load_settings(workers=2).worker_threads == 2

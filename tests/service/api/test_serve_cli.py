@@ -32,6 +32,20 @@ def test_settings_from_env_and_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     assert "a" not in repr(s).split("api_keys")[-1][:10]  # keys stay out of logs
 
 
+@pytest.mark.parametrize("flags, env, says", [
+    (["--port", "99999"], {}, "STN_PORT=99999: Input should be less than or equal to 65535"),
+    ([], {"STN_WORKERS": "-1"}, "STN_WORKERS='-1': Input should be greater than or equal to 0"),
+    ([], {"STN_IMAGE_FORMATS": "gif"}, "STN_IMAGE_FORMATS='gif'"),
+])
+def test_bad_settings_are_one_line_and_exit_2(flags: list[str], env: dict, says: str) -> None:
+    # before: pydantic's traceback and exit status 1, from a flag or an STN_* variable alike
+    proc = subprocess.run([sys.executable, "-m", "stn", "serve", *flags], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("stn serve: invalid settings: ") and says in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
+
+
 def test_default_model_dir_is_next_to_the_models_package() -> None:
     from service.settings import Settings
 
