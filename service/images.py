@@ -587,7 +587,27 @@ def png8(pixels: np.ndarray) -> bytes:
                      _png_chunk(b"IDAT", _deflate.compress(filtered, 1)), _png_chunk(b"IEND", b"")))
 
 
-def encode(array: np.ndarray, fmt: str = "png", quality: int = 90, bits: int = 8) -> bytes:
+QUALITY = (1, 100)  # the JPEG / WebP quality accepted: Pillow's scale, 1 the smallest file, 100 the best image
+DEFAULT_QUALITY = 90  # of the server's and the batch jobs' JPEG / WebP outputs
+_QUALITY_TEXT = re.compile(r"[0-9]{1,3}")  # fullmatch: ASCII digits (int() would take "١٢", " 5" and "1_0")
+
+
+def check_quality(quality: int) -> int:
+    """``quality`` when it is an int within :data:`QUALITY`; ValueError saying what is expected otherwise."""
+    if isinstance(quality, bool) or not isinstance(quality, int) or not QUALITY[0] <= quality <= QUALITY[1]:
+        raise ValueError(f"quality must be an integer from {QUALITY[0]} to {QUALITY[1]} (JPEG and WebP); "
+                         f"got {quality!r}")
+    return quality
+
+
+def parse_quality(text: str) -> int:
+    """A quality given as text (a query parameter, a flag) -> int within :data:`QUALITY`; ValueError otherwise."""
+    if not _QUALITY_TEXT.fullmatch(text or ""):
+        raise ValueError(f"quality must be an integer from {QUALITY[0]} to {QUALITY[1]} (JPEG and WebP); got {text!r}")
+    return check_quality(int(text))
+
+
+def encode(array: np.ndarray, fmt: str = "png", quality: int = DEFAULT_QUALITY, bits: int = 8) -> bytes:
     """float [C, h, w] in [0, 1] (C = 1 or 3) -> PNG, JPEG or WebP bytes.
 
     ``bits=16`` (a 16-bit upload) writes a 16-bit PNG; JPEG and WebP are always 8-bit, and WebP has no
@@ -595,6 +615,7 @@ def encode(array: np.ndarray, fmt: str = "png", quality: int = 90, bits: int = 8
     """
     if fmt not in ENCODINGS:
         raise ValueError(f"format must be one of {', '.join(ENCODINGS)}, got {fmt!r}")
+    check_quality(quality)
     if fmt == "png" and bits == 16:
         data = _png16(array)
         if data is not None:

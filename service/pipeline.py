@@ -113,7 +113,7 @@ def _no_timer(stage: str) -> AbstractContextManager[None]:
 
 
 def finish(model: ModelRuntime, item: Prepared, theta: np.ndarray, output_size: tuple[int, int] | None = None,
-           fmt: str = "png", quality: int = 90,
+           fmt: str = "png", quality: int = images.DEFAULT_QUALITY,
            timer: Callable[[str], AbstractContextManager[None]] = _no_timer) -> Rectified:
     """The back half of one image's walk: sample at full resolution (:func:`rectify`, stage ``sample``), then
     encode in ``fmt`` (``images.encode``, the upload's precision for PNG; stage ``encode``) into

@@ -24,6 +24,27 @@ def size_arg(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def quality_arg(text: str) -> int:
+    """``--quality``: an integer within ``images.QUALITY``; argparse's error otherwise."""
+    try:
+        return images.parse_quality(text.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def int_arg(least: int):  # noqa: ANN201 (an argparse type)
+    """An argparse type: an integer of at least ``least``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = least - 1
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be an integer of at least {least}; got {text!r}")
+        return value
+    return parse
+
+
 def configure_batch(p: argparse.ArgumentParser) -> None:
     p.description = ("Rectify many images offline with the server's runtime and conventions. Writes OUTPUT/<same "
                      "relative path>.<format>, OUTPUT/results.jsonl, errors.jsonl and skipped.jsonl; re-running the "
@@ -37,17 +58,20 @@ def configure_batch(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="an .onnx file, a folder of models, or a model name in STN_MODEL_DIR "
                                                  "(default: the server's default model)")
     p.add_argument("--format", default="png", choices=list(images.ENCODINGS), help="output format (default png)")
-    p.add_argument("--quality", type=int, default=90, help="JPEG / WebP quality (default 90)")
+    p.add_argument("--quality", type=quality_arg, default=images.DEFAULT_QUALITY,
+                   help=f"JPEG / WebP quality, {images.QUALITY[0]} to {images.QUALITY[1]} "
+                        f"(default {images.DEFAULT_QUALITY})")
     p.add_argument("--size", type=size_arg, default=None, metavar="WxH",
                    help="size of the rectified images (default: the model's output size)")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=int_arg(1), default=None,
                    help="images per localisation batch (default: STN_MAX_BATCH_SIZE, 32)")
-    p.add_argument("--workers", type=int, default=0, help="decode/sample/encode threads (default: CPUs, at most 8)")
+    p.add_argument("--workers", type=int_arg(0), default=0,
+                   help="decode/sample/encode threads (default: CPUs, at most 8)")
     p.add_argument("--engine", default="local", choices=list(ENGINES), help="local (default) or ray (Ray Data)")
     p.add_argument("--ray-address", default=None, help="Ray cluster to join (e.g. auto, ray://head:10001; default: "
                                                        "start a local Ray)")
-    p.add_argument("--ray-num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
-    p.add_argument("--ray-actors", type=int, default=0,
+    p.add_argument("--ray-num-cpus", type=int_arg(1), default=None, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--ray-actors", type=int_arg(0), default=0,
                    help="onnxruntime actors (default: one per GPU, else the CPUs less one)")
     p.add_argument("--input-root", default=None, help="folder that sources and outputs are relative to (default: the "
                                                       "folder, the manifest's folder, or the glob's fixed prefix)")
@@ -66,18 +90,18 @@ def run_batch(args: argparse.Namespace) -> int:
     """``stn batch``: 0 when every image was rectified, 1 when some failed (errors.jsonl), 2 when the job could not
     start, 130 when interrupted."""
     from service.batch.inputs import BatchError
-    from service.batch.run import BatchConfig, run_job
-    from service.settings import Settings
+    from service.batch.run import BatchConfig, batch_settings, run_job
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    config = BatchConfig(
-        input=args.input, output=args.output, model=args.model, format=args.format, quality=args.quality,
-        size=args.size, batch_size=args.batch_size or Settings().max_batch_size, workers=args.workers,
-        engine=args.engine, input_root=args.input_root, overwrite=args.overwrite,
-        providers=tuple(p.strip() for p in args.providers.split(",") if p.strip()) if args.providers else None,
-        progress=not args.no_progress, ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus,
-        ray_actors=args.ray_actors)
     try:
+        batch_size = args.batch_size if args.batch_size is not None else batch_settings().max_batch_size
+        config = BatchConfig(
+            input=args.input, output=args.output, model=args.model, format=args.format, quality=args.quality,
+            size=args.size, batch_size=batch_size, workers=args.workers,
+            engine=args.engine, input_root=args.input_root, overwrite=args.overwrite,
+            providers=tuple(p.strip() for p in args.providers.split(",") if p.strip()) if args.providers else None,
+            progress=not args.no_progress, ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus,
+            ray_actors=args.ray_actors)
         summary = run_job(config)
     except BatchError as e:
         sys.stderr.write(f"stn batch: {e}\n")

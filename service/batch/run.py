@@ -27,7 +27,7 @@ from service.batch.job import Job, JobSpec, sha256
 from service.batch.local import run_local
 from service.batch.steps import Timer, load_batch_model
 from service.runtime import ModelRuntime, choose_default, model_files
-from service.settings import Settings, cpu_threads
+from service.settings import Settings, SettingsError, cpu_threads, load_settings
 
 ENGINES = ("local", "ray")
 
@@ -40,7 +40,7 @@ class BatchConfig:
     output: str  # folder for the rectified images and the reports: a local path or a URI
     model: str | None = None  # .onnx file, folder or model name; None: the server's default model
     format: str = "png"  # png, jpeg, webp
-    quality: int = 90  # JPEG / WebP quality
+    quality: int = images.DEFAULT_QUALITY  # JPEG / WebP quality (images.QUALITY: 1 to 100)
     size: tuple[int, int] | None = None  # (h, w) of the outputs; None: the model's output size
     batch_size: int = 32  # images per localisation batch
     workers: int = 0  # decode / sample / encode threads (0: the CPUs this process may use, at most 8)
@@ -88,6 +88,14 @@ class Summary:
         return out
 
 
+def batch_settings() -> Settings:
+    """The server's settings from the STN_* environment; BatchError (exit 2) naming what does not validate."""
+    try:
+        return load_settings()
+    except SettingsError as e:
+        raise BatchError(str(e)) from None
+
+
 def resolve_model_path(model: str | None = None) -> Path:
     """``--model``: an .onnx file, a folder (its default model), or a model name in STN_MODEL_DIR.
 
@@ -95,7 +103,7 @@ def resolve_model_path(model: str | None = None) -> Path:
     STN_MODEL_DIR, else the model its ``DEFAULT`` file names, else the first by name there;
     STN_MODEL_DIR defaults to the bundled ``models/default/``.
     """
-    settings = Settings()
+    settings = batch_settings()
     if model is not None and Path(model).is_file():
         return Path(model)
     folder = Path(model) if model is not None and Path(model).is_dir() else settings.model_dir
@@ -118,8 +126,16 @@ def run_job(config: BatchConfig, model: ModelRuntime | None = None) -> Summary:
         raise BatchError(f"--format must be one of {', '.join(images.ENCODINGS)}, got {config.format!r}")
     if config.engine not in ENGINES:
         raise BatchError(f"--engine must be one of {', '.join(ENGINES)}, got {config.engine!r}")
+    try:
+        images.check_quality(config.quality)
+    except ValueError as e:
+        raise BatchError(f"--{e}") from None
+    for name, value, least in (("batch-size", config.batch_size, 1), ("workers", config.workers, 0),
+                               ("ray-actors", config.ray_actors, 0), ("ray-num-cpus", config.ray_num_cpus or 1, 1)):
+        if value < least:
+            raise BatchError(f"--{name} must be at least {least}; got {value}")
     t0 = time.perf_counter()
-    settings = Settings()
+    settings = batch_settings()
     path = Path(model.path) if model is not None else resolve_model_path(config.model)
     if model is None:
         model = load_batch_model(path, config.providers)

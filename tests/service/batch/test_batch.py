@@ -7,6 +7,7 @@ errors.jsonl are part of the comparison.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import signal
@@ -319,6 +320,42 @@ def test_no_model_is_a_clear_error(tree, tmp_path, monkeypatch) -> None:  # noqa
     with pytest.raises(BatchError, match="no .onnx model"):
         resolve_model_path(None)
     assert cli.main([str(tree[0]), str(tmp_path / "o"), "--no-progress"]) == 2
+
+
+@pytest.mark.parametrize("args", [["--quality", "0"], ["--quality", "101"], ["--quality", "9x"],
+                                  ["--batch-size", "0"], ["--workers", "-1"], ["--ray-actors", "-1"],
+                                  ["--ray-num-cpus", "0"]])
+def test_numbers_out_of_range_are_usage_errors(tree, tmp_path, capsys, args) -> None:  # noqa: ANN001
+    # before: --quality -5 failed every WebP image ("invalid configuration"), 150 was taken, --workers -1 was a
+    # traceback, --batch-size 0 silently became the default
+    with pytest.raises(SystemExit) as e:
+        cli.main([str(tree[0]), str(tmp_path / "o"), "--no-progress", "--format", "webp", *args])
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert e.value.code == 2 and err.startswith(f"stn batch: error: argument {args[0]}: ") and "must be" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_job_refuses_numbers_out_of_range(tree, model_dir, tmp_path) -> None:  # noqa: ANN001
+    for kw, says in (({"quality": 0}, "quality must be"), ({"quality": 101}, "quality must be"),
+                     ({"batch_size": 0}, "--batch-size"), ({"workers": -1}, "--workers")):
+        with pytest.raises(BatchError, match=says):
+            run_job(dataclasses.replace(config(tree[0], tmp_path / "o", model_dir, format="webp"), **kw))
+    assert not (tmp_path / "o").exists()
+
+
+def test_quality_reaches_the_encoder(tree, model_dir, tmp_path) -> None:  # noqa: ANN001
+    sizes = {}
+    for q in (5, 95):
+        run_job(config(tree[0] / "a0.jpg", tmp_path / str(q), model_dir, format="jpeg", quality=q, size=(200, 200)))
+        sizes[q] = (tmp_path / str(q) / "a0.jpg").stat().st_size
+    assert sizes[5] * 2 < sizes[95], sizes
+
+
+def test_bad_settings_are_one_line_not_a_traceback(tree, tmp_path, monkeypatch, capsys) -> None:  # noqa: ANN001
+    monkeypatch.setenv("STN_MAX_BATCH_SIZE", "0")
+    assert cli.main([str(tree[0]), str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "STN_MAX_BATCH_SIZE='0': Input should be greater than or equal to 1" in err and "Traceback" not in err
 
 
 def test_default_model_resolution(model_dir, monkeypatch) -> None:  # noqa: ANN001
