@@ -40,6 +40,20 @@ def parse_size(size: str | None, max_pixels: int) -> tuple[int, int] | None:
     return h, w
 
 
+def parse_quality(text: str | None, fmt: str) -> int:
+    """The ``quality`` query parameter of a ``format=jpeg|webp`` response (default ``images.DEFAULT_QUALITY``);
+    Problem 400 when malformed, out of range, or given with a format that has none (PNG is lossless, JSON's
+    images are PNG)."""
+    if text is None:
+        return images.DEFAULT_QUALITY
+    if fmt not in ("jpeg", "webp"):
+        raise Problem(400, f"quality applies to format=jpeg or format=webp, not format={fmt}")
+    try:
+        return images.parse_quality(text)
+    except ValueError as e:
+        raise Problem(400, str(e)) from None
+
+
 def _too_large(e: images.ImageError) -> Problem:
     if isinstance(e, images.UnsupportedFormatError):
         return Problem(415, str(e))
@@ -106,6 +120,8 @@ async def read_uploads(request: Request, state: ServiceState,
             raise
         except Exception as e:  # noqa: BLE001 (multipart parse errors)
             detail = getattr(e, "detail", str(e))
+            if e.__cause__ is not None:  # python-multipart's own reason, under Starlette's "Invalid multipart data."
+                detail = f"{detail} {e.__cause__}"
             if "Too many files" in str(detail):
                 raise Problem(413, f"too many files; at most {s.max_files} per request (STN_MAX_FILES)") from None
             raise Problem(400, f"the multipart body could not be parsed: {detail}") from None
@@ -171,7 +187,8 @@ def image_headers(model: ModelRuntime, result: pipeline.Rectified,
 async def rectify_uploads(state: ServiceState, model: ModelRuntime, uploads: list[tuple[str, bytes]],
                           output_size: tuple[int, int] | None, fmt: str, ticket: Ticket,
                           query: geometry.Query | None = None,
-                          declared: list[tuple[int, int]] | None = None) -> list[Any]:
+                          declared: list[tuple[int, int]] | None = None,
+                          quality: int = images.DEFAULT_QUALITY) -> list[Any]:
     """Decode in parallel, localise through the dynamic batcher, then sample, encode and describe in parallel,
     holding room in the server's work window (``state.window``) from the decode to the encode.
 
@@ -190,7 +207,7 @@ async def rectify_uploads(state: ServiceState, model: ModelRuntime, uploads: lis
 
     def finish(item: pipeline.Prepared, theta: np.ndarray) -> Any:
         t0 = time.perf_counter()
-        r = pipeline.finish(model, item, theta, output_size, "png" if fmt == "json" else fmt)
+        r = pipeline.finish(model, item, theta, output_size, "png" if fmt == "json" else fmt, quality)
         out = (pipeline.result_json(model, r, query=query) if fmt == "json"
                else (r.encoded, image_headers(model, r, query)))
         rectify_time.observe(time.perf_counter() - t0)
@@ -235,6 +252,11 @@ _RECTIFY_PARAMETERS = [  # documented here, read by hand below (see rectify's do
     {"name": "format", "in": "query", "required": False,
      "schema": {"type": "string", "enum": ["json", "png", "jpeg", "webp"], "default": "json"},
      "description": "json (default), or png/jpeg/webp: one rectified image as the body, the transform in X-STN-* headers"},
+    {"name": "quality", "in": "query", "required": False,
+     "schema": {"type": "integer", "minimum": images.QUALITY[0], "maximum": images.QUALITY[1],
+                "default": images.DEFAULT_QUALITY},
+     "description": "JPEG / WebP quality of a `format=jpeg|webp` body (1: smallest file, 100: best image); "
+                    "other formats do not take it (400)"},
     {"name": "points", "in": "query", "required": False, "schema": {"type": "string"},
      "description": f"JSON [[x, y], ...], at most {geometry.MAX_POINTS}: pixel points of `points_frame` to map into "
                     "the other frame of every result (`points_output_px` or `points_input_px`, `points_status`)"},
@@ -269,6 +291,7 @@ async def rectify(request: Request, state: StateDep) -> Response:
     content_encoding(request)  # images are compressed already: 415 for gzip and the like
     if format not in FORMATS:
         raise Problem(400, f"format must be one of {', '.join(FORMATS)}; got {format!r}")
+    quality = parse_quality(query.get("quality"), format)
     runtime = state.get_model(model)
     output_size = parse_size(size, state.settings.max_output_pixels)
     try:
@@ -314,7 +337,7 @@ async def rectify(request: Request, state: StateDep) -> Response:
         try:
             async with ticket.watch(request), asyncio.timeout(state.settings.request_timeout_s):
                 results = await rectify_uploads(state, runtime, uploads, output_size, format, ticket, points,
-                                                [sizes[i] for i in range(len(uploads))])
+                                                [sizes[i] for i in range(len(uploads))], quality)
         except (TimeoutError, QueueTimeoutError):
             raise Problem(503, f"no result within {state.settings.request_timeout_s:g}s (STN_REQUEST_TIMEOUT_S); "
                                "the server is overloaded, retry later", {"Retry-After": "1"}) from None
