@@ -8,6 +8,7 @@ parity against PyTorch in onnxruntime at several batch sizes before declaring su
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -107,8 +108,10 @@ def export_onnx(
         if not native.available():
             raise ExportError(f"--grid-sample native needs the native sampler library to check parity: "
                               f"{native.status()['reason']}; or export with --grid-sample onnx")
-    stn = stn.eval().cpu()
     path = Path(path)
+    if path.is_dir():  # before the export's work: os.replace would fail only at the end
+        raise ExportError(f"{path} is a folder: give the .onnx file to write (e.g. {path / (info.name + '.onnx')})")
+    stn = stn.eval().cpu()
     lh, lw = cfg.loc_size
     example = torch.rand(2, cfg.in_channels, lh + 7, lw + 5)
     batch, height, width = (torch.export.Dim(n, min=1, max=16384) for n in ("batch", "height", "width"))
@@ -133,14 +136,19 @@ def export_onnx(
     model.doc_string = f"Spatial transformer ({cfg.transform}); see stn.* metadata_props."
     write_props(model, info)
     onnx.checker.check_model(model, full_check=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = path.with_name(path.name + ".tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         onnx.save(model, tmp_path)
         diff = check_parity(stn, tmp_path, parity_batch_sizes)
         os.replace(tmp_path, path)
+    except OSError as e:  # a parent that is a file, no permission, a full disk: said, not a traceback
+        why = ("a folder on its path is a file" if isinstance(e, (FileExistsError, NotADirectoryError))
+               else e.strerror or str(e))
+        raise ExportError(f"cannot write {path}: {why}") from e
     finally:
-        tmp_path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp_path.unlink(missing_ok=True)
     return ExportReport(path, lowering, opset, diff, tuple(parity_batch_sizes), sampler_op(model))
 
 

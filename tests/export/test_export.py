@@ -252,6 +252,19 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "missing.pt")
 
 
+def test_an_output_that_cannot_be_written_is_a_clear_error(tmp_path: Path) -> None:
+    # before: a folder as the output exported, checked parity, then failed in os.replace with a traceback
+    save_checkpoint(tmp_path / "c.pt", _stn("affine"), {"name": "cli", "version": "1"})
+    (tmp_path / "a-file").write_text("x")
+    for output, says in ((tmp_path, f"{tmp_path} is a folder: give the .onnx file to write (e.g. "
+                                    f"{tmp_path / 'cli.onnx'})"),
+                         (tmp_path / "a-file" / "m.onnx", "a folder on its path is a file")):
+        proc = subprocess.run([sys.executable, "-m", "stn", "export", str(tmp_path / "c.pt"), "-o", str(output)],
+                              capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "c.pt"]  # no .tmp left behind
+
+
 def test_cli_export_end_to_end(tmp_path: Path) -> None:
     save_checkpoint(tmp_path / "c.pt", _stn("affine"), {"name": "cli", "version": "1"})
     stn_cmd = [sys.executable, "-m", "stn"]
