@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import re
 import zlib
 from typing import Any
 
@@ -31,6 +33,7 @@ router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
 models_router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"], dependencies=[AuthDep])
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+OUTPUTS = (OUTPUT_RECTIFIED, OUTPUT_THETA)  # every model's outputs
 SERVER_NAME = "stn"
 SERVER_VERSION = "0.1.0"
 
@@ -212,16 +215,27 @@ def _validation_reason(e: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def _parse_request(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
+def _header_length(request: Request) -> int | None:
+    """The ``Inference-Header-Content-Length`` of a request with binary tensors (None without); Problem 400 unless
+    ASCII digits (int() would take ``²`` only to raise, and ``١`` and ``1_0``)."""
+    value = request.headers.get(HEADER_LENGTH)
+    if value is None:
+        return None
+    if not re.fullmatch(r"[0-9]{1,15}", value.strip()):
+        raise _problem(400, f"{HEADER_LENGTH} must be the JSON header's length in bytes; got {value!r}")
+    return int(value)
+
+
+def _parse_request(body: bytes, header_length: int | None) -> tuple[dict[str, Any], bytes]:
     """JSON header and binary tail, validated against :class:`InferenceRequest` (Problem 400 with the reason).
 
     Runs on a worker thread: parsing a large body must not stall the event loop.
     """
+    n = header_length
+    if n is not None and n > len(body):
+        raise _problem(400, f"{HEADER_LENGTH} is {n}, but the body has {len(body)} bytes")
     try:
-        if header_length is not None:
-            n = int(header_length)
-            if n < 0 or n > len(body):
-                raise ValueError(f"{HEADER_LENGTH}={n} but the body has {len(body)} bytes")
+        if n is not None:
             req, binary = json.loads(body[:n]), body[n:]
         else:
             req, binary = json.loads(body), b""
@@ -237,18 +251,25 @@ def _parse_request(body: bytes, header_length: str | None) -> tuple[dict[str, An
         raise _problem(400, f"invalid inference request: {_validation_reason(e)}") from None
     except RecursionError:
         raise _problem(400, "the inference request is nested too deeply to be a valid request") from None
+    for what, items in (("input", req["inputs"]), ("output", req.get("outputs") or [])):
+        names = [item["name"] for item in items]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:  # which one would count? and each repeated output would be built and sent again, unreserved
+            raise _problem(400, f"{what} {twice[0]!r} is named more than once; name each {what} once")
+    unknown = [o["name"] for o in req.get("outputs") or [] if o["name"] not in OUTPUTS]
+    if unknown:
+        raise _problem(400, f"unknown output {unknown[0]!r}; the models have {list(OUTPUTS)}")
     return req, binary
 
 
-def _parsed_cost(body: bytes, header_length: str | None) -> int:
+def _parsed_cost(body: bytes, header_length: int | None) -> int:
     """An upper bound of the memory a request body takes once its JSON is parsed and validated (the body, binary
     tail included, and the JSON's Python objects), counted at C speed on a worker. Every JSON value becomes a
     Python object, and a short text makes many: 12 MB of ``0.5,`` took 167 MB, of ``[0],`` 349 MB and of
     ``{},`` 258 MB (a flat float tensor in JSON: about 4.4 times its text). So: per element separator 64 bytes
     (an object and its slot), per list 80 more, per object 96 and per key 80 (tests/service/test_image_cost.py
     checks the bound)."""
-    n = int(header_length) if header_length is not None and header_length.isdigit() else len(body)
-    text = body[: min(n, len(body))]
+    text = body[: min(len(body) if header_length is None else header_length, len(body))]
     return len(body) + 64 * (text.count(b",") + 1) + 80 * text.count(b"[") + 96 * text.count(b"{") + 80 * text.count(b":")
 
 
@@ -273,18 +294,25 @@ def _input_tensor(request: dict[str, Any], binary: bytes, c: int) -> np.ndarray:
         raise _problem(400, f"input {INPUT_IMAGE!r} must have shape [N, {c}, H, W], got {shape!r}")
     if shape[1] != c:
         raise _problem(400, f"this model takes {c} channel(s): shape [N, {c}, H, W], got {shape}")
-    count = int(np.prod(shape))
+    count = math.prod(shape)  # exact: np.prod wraps around at 2**63
     try:
         if size is not None:
             if int(size) != count * 4 or start + int(size) > len(binary):
                 raise ValueError(f"binary_data_size {size} does not hold {shape} FP32 values")
-            return np.frombuffer(binary, np.float32, count, start).reshape(shape)
-        data = np.asarray(inp.get("data"), dtype=np.float32)
-        if data.size != count:
-            raise ValueError(f"`data` has {data.size} values; shape {shape} needs {count}")
-        return data.reshape(shape)
+            data = np.frombuffer(binary, np.float32, count, start).reshape(shape)
+        else:
+            with np.errstate(over="ignore"):  # a JSON number beyond float32 becomes inf: refused below
+                data = np.asarray(inp.get("data"), dtype=np.float32)
+            if data.size != count:
+                raise ValueError(f"`data` has {data.size} values; shape {shape} needs {count}")
+            data = data.reshape(shape)
     except (ValueError, TypeError) as e:
         raise _problem(400, f"input {INPUT_IMAGE!r}: {e}") from None
+    # one pass, no temporary: a float64 sum of float32 values cannot overflow, and NaN or inf carries through it
+    if not np.isfinite(data.sum(dtype=np.float64)):
+        raise _problem(400, f"input {INPUT_IMAGE!r} holds NaN or infinite values (or values beyond float32); "
+                            "send finite FP32 values")
+    return data
 
 
 @models_router.post("/models/{name}/infer", summary="Inference (Open Inference Protocol)")
@@ -333,6 +361,7 @@ async def _infer(state: ServiceState, request: Request, name: str, version: str 
     runtime = _model(state, name, version)
     s = state.settings
     compressed = content_encoding(request, ENCODINGS, _problem) is not None
+    header_length = _header_length(request)
     budget, reserve = _body_cap(request, state, compressed)
     async with state.admission.admit(runtime.name, body_bytes=reserve) as ticket:  # `error`: the detail (errors.install)
         async with ticket.reading():
@@ -347,9 +376,9 @@ async def _infer(state: ServiceState, request: Request, name: str, version: str 
         if compressed:
             body = await state.workers.run(_inflate, body, budget)
         # what the parse will hold, reserved before it (413 when it can never fit, 503 when it does not fit now)
-        parsed = await state.workers.run(_parsed_cost, body, request.headers.get(HEADER_LENGTH))
+        parsed = await state.workers.run(_parsed_cost, body, header_length)
         ticket.reserve_bytes(max(0, parsed - ticket.bytes), "the request's JSON")
-        req, binary = await state.workers.run(_parse_request, body, request.headers.get(HEADER_LENGTH))
+        req, binary = await state.workers.run(_parse_request, body, header_length)
         image = await state.workers.run(_input_tensor, req, binary, runtime.info.in_channels)
         n, c, h, w = image.shape
         if h * w > s.max_image_pixels:
@@ -405,9 +434,7 @@ def _response(req: dict[str, Any], runtime: ModelRuntime,
     wanted = req.get("outputs") or [{"name": k} for k in tensors]
     outputs, blobs = [], []
     for o in wanted:
-        oname = o.get("name")
-        if oname not in tensors:
-            raise _problem(400, f"unknown output {oname!r}; this model has {list(tensors)}")
+        oname = o.get("name")  # known and named once: _parse_request
         t = np.ascontiguousarray(tensors[oname], np.float32)
         entry: dict[str, Any] = {"name": oname, "datatype": "FP32", "shape": list(t.shape)}
         if not _json_output(req, oname):

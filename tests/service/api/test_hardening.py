@@ -645,6 +645,48 @@ def test_v2_infer_malformed_requests_get_400_with_error(server, body: str) -> No
     assert r.json()["error"] and r.json()["status"] == 400
 
 
+_IMG = '{"name":"image","datatype":"FP32","shape":[1,1,2,2],"data":%s}'
+
+
+@pytest.mark.parametrize("body, says", [
+    ('{"inputs":[%s,%s]}' % (_IMG % "[0,0,0,0]", _IMG % "[1,1,1,1]"), "input 'image' is named more than once"),
+    ('{"inputs":[%s],"outputs":[{"name":"theta"},{"name":"theta"}]}' % (_IMG % "[0,0,0,0]"),
+     "output 'theta' is named more than once"),
+    ('{"inputs":[%s],"outputs":[{"name":"nope"}]}' % (_IMG % "[0,0,0,0]"), "unknown output 'nope'"),
+    ('{"inputs":[%s]}' % (_IMG % "[NaN,0,0,0]"), "holds NaN or infinite values"),
+    ('{"inputs":[%s]}' % (_IMG % "[Infinity,0,0,0]"), "holds NaN or infinite values"),
+    ('{"inputs":[%s]}' % (_IMG % "[1e39,0,0,0]"), "beyond float32"),
+    ('{"inputs":[{"name":"image","datatype":"FP32","shape":[2,1,2147483648,2147483648],"data":[0]}]}',
+     "needs 9223372036854775808"),
+], ids=["input-twice", "output-twice", "unknown-output", "nan", "infinity", "beyond-float32", "shape-past-2**63"])
+def test_v2_infer_refuses_what_it_cannot_answer_well(server, body: str, says: str) -> None:  # noqa: ANN001
+    # before: a repeated output was built and sent once per mention, beyond what admission reserved (20 mentions of
+    # `rectified` took the server's peak from 272 to 879 MB); a repeated input was served with one of them; NaN and
+    # infinity were served, and the JSON answer held NaN, which JSON parsers other than Python's refuse; np.prod
+    # wrapped a shape's size around (the 400 said "needs -4611686018427387904")
+    r = httpx.post(server.url + "/v2/models/affine/infer", content=body.encode(),
+                   headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 400, r.text[:300]
+    assert says in r.json()["error"], r.json()
+
+
+@pytest.mark.parametrize("value", ["\xb2", "-5", "abc", "1_0", "99999999999999999999", "200"])
+def test_v2_binary_header_length_must_be_a_length(server, value: str) -> None:  # noqa: ANN001
+    # before: a superscript two (\xb2: str.isdigit() says yes, int() raises) was a 500
+    raw = np.zeros((1, 1, 2, 2), np.float32).tobytes()
+    header = b'{"inputs":[{"name":"image","datatype":"FP32","shape":[1,1,2,2],"parameters":{"binary_data_size":16}}]}'
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"POST /v2/models/affine/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                     b"Inference-Header-Content-Length: " + value.encode("latin-1") + b"\r\n"
+                     b"Content-Length: %d\r\n\r\n" % (len(header) + len(raw)) + header + raw)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), answer[:300]
+    assert "Inference-Header-Content-Length" in json.loads(body)["error"], body
+
+
 def test_v2_json_is_reserved_at_what_its_parse_holds(model_dir: Path) -> None:
     """Every JSON value becomes a Python object: 12 MB of ``[0],`` took 349 MB to parse, where 48 MB (four times
     the text) was reserved, so a 320 MB body could take 9 GB. Now the parse's cost is counted from the body before
