@@ -11,6 +11,9 @@
   const BOX = 380;                         // px: the longer side of each picture on screen
   const $ = (sel, root = document) => root.querySelector(sel);
   const models = new Map();                // name -> /v1/models entry
+  let limits = null;                       // /v1/models `limits`: what one upload may be
+  const FIT_MARGIN = 0.98;                 // a photo over the pixel limit is downscaled to this share of it
+  const FIT_QUALITY = 0.92;                // as a JPEG of this quality
 
   class ApiError extends Error {
     constructor(status, detail) { super(detail); this.status = status; this.detail = detail; }
@@ -92,6 +95,7 @@
     $('#key-form').classList.remove('needs-key');
     try {
       const body = await (await api('v1/models', {}, (detail, wait) => notice(`${detail} (retrying in ${wait} s)`))).json();
+      limits = body.limits || null;
       models.clear();
       select.replaceChildren();
       for (const m of body.models) {
@@ -274,14 +278,56 @@
     $('.numbers', card).hidden = false;
   }
 
+  // A photo over the server's pixel or byte limit (phone cameras write 48 MP and more) is downscaled here,
+  // upright (its EXIF orientation applied), as a JPEG, rather than sent to be refused with 413. The card then
+  // shows what was sent. Anything the browser cannot decode goes as it is: the server says what it is.
+  async function fitToLimits(file, card) {
+    if (!limits) return file;
+    let bitmap;
+    try {
+      bitmap = await createImageBitmap(file, { imageOrientation: 'from-image' });
+    } catch (e) {
+      return file;
+    }
+    const W = bitmap.width, H = bitmap.height;
+    try {
+      if (W * H <= limits.max_image_pixels && file.size <= limits.max_upload_bytes) return file;
+      setState(card, 'pending', 'downscaling…');
+      let scale = Math.min(1, Math.sqrt(FIT_MARGIN * limits.max_image_pixels / (W * H)));
+      for (let attempt = 0; attempt < 6; attempt++, scale *= 0.8) {  // smaller until the JPEG fits the bytes too
+        const w = Math.max(1, Math.floor(W * scale)), h = Math.max(1, Math.floor(H * scale));
+        const canvas = document.createElement('canvas');
+        canvas.width = w;
+        canvas.height = h;
+        const ctx = canvas.getContext('2d');
+        ctx.fillStyle = '#fff';             // transparency on white, as the server composites it
+        ctx.fillRect(0, 0, w, h);
+        ctx.drawImage(bitmap, 0, 0, w, h);
+        const blob = await new Promise((resolve) => canvas.toBlob(resolve, 'image/jpeg', FIT_QUALITY));
+        canvas.width = canvas.height = 0;   // its pixels are not needed any more
+        if (blob && blob.size <= limits.max_upload_bytes) {
+          card.dataset.downscaled = `${W}x${H}`;
+          $('.upload', card).src = URL.createObjectURL(blob);  // the overlay is drawn on what was sent
+          card.fitNote = ` (downscaled here from ${W}×${H}: the server takes at most `
+            + `${limits.max_image_pixels.toLocaleString('en')} pixels and ${limits.max_upload_bytes.toLocaleString('en')} bytes)`;
+          return new File([blob], file.name, { type: 'image/jpeg' });
+        }
+      }
+      return file;                          // it does not fit: the server's 413 says why
+    } finally {
+      bitmap.close();
+    }
+  }
+
   async function rectifyOne(file, card) {
     const name = $('#model').value;
     const params = new URLSearchParams({ format: 'json' });
     if (name) params.set('model', name);
     const w = $('#width').value.trim(), h = $('#height').value.trim();
     if (w || h) params.set('size', `${w}x${h}`);  // the server checks it and says what is wrong
+    const sent = await fitToLimits(file, card);
     const form = new FormData();
-    form.append('file', file, file.name);
+    form.append('file', sent, file.name);
     setState(card, 'pending', 'rectifying…');
     try {
       const response = await api(`v1/rectify?${params}`, { method: 'POST', body: form }, (detail, wait, n) => {
@@ -289,6 +335,7 @@
       });
       const body = await response.json();
       showResult(card, body, models.get(body.model));
+      if (card.fitNote) $('.input-caption', card).textContent += card.fitNote;
       setState(card, 'done', `done (${body.model})`);
     } catch (e) {
       showError(card, e instanceof ApiError ? e.detail : `the page failed: ${e.message}`);

@@ -412,3 +412,45 @@ def test_page_region_lines_up_with_an_exif_rotated_photo(server, context, tmp_pa
     assert "read differently" not in card.locator(".input-caption").text_content()
     np.testing.assert_allclose(corners_of(card), expected_corners(res), atol=1e-9)
     page.close()
+
+
+def test_page_downscales_a_photo_over_the_servers_limits(model_dir: Path, context, tmp_path: Path) -> None:  # noqa: ANN001
+    """Over the pixel or byte limit, the page sends the photo downscaled (upright, as JPEG) instead of getting a 413;
+    under both, the file goes as it is. Before, the card showed the 413 (phone cameras write 48 MP and more)."""
+    rng = np.random.default_rng(6)
+    big = write(tmp_path / "big.png", smooth_image(900, 1200, 3, seed=4))            # 1.08 MP: over 0.6 MP
+    noisy = write(tmp_path / "noisy.png", rng.integers(0, 255, (400, 500, 3), dtype=np.uint8))  # 600 KB: over 400 KB
+    exif = Image.Exif()
+    exif[0x0112] = 6                                                                     # stored sideways
+    buf = io.BytesIO()
+    Image.fromarray(smooth_image(900, 1200, 3, seed=5)).save(buf, "JPEG", exif=exif, quality=80)
+    phone = tmp_path / "phone.jpg"
+    phone.write_bytes(buf.getvalue())
+    small = write(tmp_path / "small.jpg", smooth_image(300, 400, 3, seed=7), "JPEG")    # within both: sent as it is
+    assert noisy.stat().st_size > 400_000 and small.stat().st_size < 400_000
+    with live_server(model_dir=model_dir, max_image_pixels=600_000, max_upload_bytes=400_000, warmup=False) as srv:
+        js_errors: list[str] = []
+        page = open_page(context, srv.url, errors=js_errors)
+        responses = Responses(page)
+        page.select_option("#model", "projective")
+        cards = upload(page, [big, noisy, phone, small])
+        got = responses.by_filename()
+        for path, card, shown in zip([big, noisy, phone, small], cards, [(1200, 900), (500, 400), (900, 1200), None],
+                                     strict=True):
+            assert card.get_attribute("data-state") == "done", card.inner_text()
+            res = got[path.name]
+            w, h = res["input_width"], res["input_height"]
+            caption = card.locator(".input-caption").text_content()
+            if shown is None:
+                assert (w, h) == (400, 300) and card.get_attribute("data-downscaled") is None
+                assert "downscaled" not in caption
+                continue
+            assert w * h <= 600_000 and abs(w / h - shown[0] / shown[1]) < 0.01, (path.name, w, h)
+            assert card.get_attribute("data-downscaled") == f"{shown[0]}x{shown[1]}"
+            assert f"downscaled here from {shown[0]}×{shown[1]}" in caption and "600,000 pixels" in caption
+            assert card.locator("img.upload").evaluate("i => [i.naturalWidth, i.naturalHeight]") == [w, h]
+            assert "read differently" not in caption
+            np.testing.assert_allclose(corners_of(card), expected_corners(res), atol=1e-9)
+        assert got["big.png"]["input_width"] * got["big.png"]["input_height"] > 0.9 * 600_000  # no smaller than needed
+        assert [r.status for r in responses.items] == [200] * 4 and js_errors == []
+        page.close()
