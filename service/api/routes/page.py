@@ -9,8 +9,9 @@ from __future__ import annotations
 import functools
 from html import escape
 from pathlib import Path
+from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
@@ -63,6 +64,18 @@ async def sample() -> FileResponse:
     return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "no-cache"})
 
 
+class _RevalidatedFiles(StaticFiles):
+    """Starlette's StaticFiles, with ``Cache-Control: no-cache``: a browser asks again each time (304 while the file
+    is the same), where heuristic freshness (a tenth of the file's age) could pair a cached old ``page.js`` with the
+    ``/`` of a new release for days."""
+
+    def file_response(self, *args: Any, **kwargs: Any) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers.setdefault("Cache-Control", "no-cache")
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        return response
+
+
 def static_files() -> StaticFiles:
     """The page's assets, to mount at :data:`STATIC_PATH`."""
-    return StaticFiles(directory=STATIC_DIR)
+    return _RevalidatedFiles(directory=STATIC_DIR)

@@ -47,6 +47,11 @@ def test_page_and_assets_are_served_open_and_small(model_dir: Path) -> None:
             ra = httpx.get(srv.url + a)  # open: the page holds no secret, the key guards /v1
             assert ra.status_code == 200, a
             total += len(ra.content)
+            # asked again every time, so a new release's page never runs an old cached script (before: no
+            # Cache-Control, and browsers kept assets for a tenth of their age); unchanged, the answer is a 304
+            assert ra.headers["cache-control"] == "no-cache" and ra.headers["x-content-type-options"] == "nosniff"
+            again = httpx.get(srv.url + a, headers={"If-None-Match": ra.headers["etag"]})
+            assert again.status_code == 304 and again.headers["cache-control"] == "no-cache"
         on_disk = sum(p.stat().st_size for p in page_route.STATIC_DIR.iterdir())
         assert total == on_disk < STATIC_BUDGET, (total, on_disk)
         assert "cdn" not in r.text.lower() and "http://" not in r.text.replace('"http://www.w3.org/2000/svg"', "")
