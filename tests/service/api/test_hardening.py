@@ -645,17 +645,19 @@ def test_v2_infer_malformed_requests_get_400_with_error(server, body: str) -> No
     assert r.json()["error"] and r.json()["status"] == 400
 
 
-_IMG = '{"name":"image","datatype":"FP32","shape":[1,1,2,2],"data":%s}'
+def _infer_body(*data: str, outputs: str = "") -> str:
+    """A /v2 infer body with one 1x1x2x2 input named image per ``data`` (JSON text), and ``outputs`` (JSON text)."""
+    inputs = ",".join('{"name":"image","datatype":"FP32","shape":[1,1,2,2],"data":' + d + "}" for d in data)
+    return '{"inputs":[' + inputs + "]" + (',"outputs":' + outputs if outputs else "") + "}"
 
 
 @pytest.mark.parametrize("body, says", [
-    ('{"inputs":[%s,%s]}' % (_IMG % "[0,0,0,0]", _IMG % "[1,1,1,1]"), "input 'image' is named more than once"),
-    ('{"inputs":[%s],"outputs":[{"name":"theta"},{"name":"theta"}]}' % (_IMG % "[0,0,0,0]"),
-     "output 'theta' is named more than once"),
-    ('{"inputs":[%s],"outputs":[{"name":"nope"}]}' % (_IMG % "[0,0,0,0]"), "unknown output 'nope'"),
-    ('{"inputs":[%s]}' % (_IMG % "[NaN,0,0,0]"), "holds NaN or infinite values"),
-    ('{"inputs":[%s]}' % (_IMG % "[Infinity,0,0,0]"), "holds NaN or infinite values"),
-    ('{"inputs":[%s]}' % (_IMG % "[1e39,0,0,0]"), "beyond float32"),
+    (_infer_body("[0,0,0,0]", "[1,1,1,1]"), "input 'image' is named more than once"),
+    (_infer_body("[0,0,0,0]", outputs='[{"name":"theta"},{"name":"theta"}]'), "output 'theta' is named more than once"),
+    (_infer_body("[0,0,0,0]", outputs='[{"name":"nope"}]'), "unknown output 'nope'"),
+    (_infer_body("[NaN,0,0,0]"), "holds NaN or infinite values"),
+    (_infer_body("[Infinity,0,0,0]"), "holds NaN or infinite values"),
+    (_infer_body("[1e39,0,0,0]"), "beyond float32"),
     ('{"inputs":[{"name":"image","datatype":"FP32","shape":[2,1,2147483648,2147483648],"data":[0]}]}',
      "needs 9223372036854775808"),
 ], ids=["input-twice", "output-twice", "unknown-output", "nan", "infinity", "beyond-float32", "shape-past-2**63"])
