@@ -44,6 +44,7 @@ from service.batch.inputs import (
 
 JOURNAL = "journal.jsonl"  # appended by the driver, under STATE_DIR
 SHARDS = "journal"  # folder of journal shards, under STATE_DIR
+LOCK = "lock"  # under STATE_DIR: held (flock) by the run that owns a local OUTPUT, with its process id
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,47 @@ class Store:
         if not self.fs.isdir(p):
             return []
         return sorted(posixpath.basename(f) for f in self.fs.find(p, maxdepth=1))
+
+    def lock(self) -> int | None:
+        """Hold OUTPUT for this run: an exclusive ``flock`` on STATE_DIR/LOCK, released when the returned descriptor
+        is closed or the process ends (``kill -9`` included); BatchError naming the holder when another run holds
+        it. Two runs at once would append to one journal at offsets each thinks its own, remove each other's
+        temporary files, and both fail at the end. None on a URI OUTPUT (object stores have no locks)."""
+        if not self.local:
+            return None
+        import fcntl
+
+        self.makedirs(STATE_DIR)
+        fd = os.open(self.path(posixpath.join(STATE_DIR, LOCK)), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise BatchError(f"another stn batch (process {holder}) is writing to {self.uri}; wait for it to finish, "
+                             "or use another OUTPUT") from None
+        except OSError:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return fd
+
+    def clear_state(self) -> None:
+        """Remove the job's state (STATE_DIR), all but the lock this run holds."""
+        state = self.path(STATE_DIR)
+        if not self.local:
+            self.remove_tree(STATE_DIR)
+            return
+        for name in self.listdir(STATE_DIR):  # files and folders
+            if name == LOCK:
+                continue
+            p = os.path.join(state, name)
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(p)
 
     def remove_tree(self, rel: str) -> None:
         p = self.path(rel)
@@ -225,6 +267,15 @@ class Job:
         self._lock = threading.Lock()
         store = self.store
         store.makedirs()
+        self._held = store.lock()  # before anything of the state is read or removed
+        try:
+            self._open(overwrite)
+        except BaseException:
+            self.release()
+            raise
+
+    def _open(self, overwrite: bool) -> None:
+        spec, store = self.spec, self.store
         job_file = posixpath.join(STATE_DIR, "job.json")
         if store.isfile(job_file) and not overwrite:
             try:
@@ -235,8 +286,9 @@ class Job:
                 raise BatchError(f"{self.output} holds a job with other settings ({old}); this one is {asdict(spec)}. "
                                  "Use another OUTPUT, or --overwrite to start this job over in it")
         if overwrite:
-            store.remove_tree(STATE_DIR)
-        store.remove_tree(posixpath.join(STATE_DIR, "tmp"))  # leftovers of an interrupted run
+            store.clear_state()
+        store.remove_tree(posixpath.join(STATE_DIR, "tmp"))  # leftovers of an interrupted run (the lock says no
+        # other run is writing there)
         for d in ("tmp", SHARDS):
             store.makedirs(posixpath.join(STATE_DIR, d))
         if not store.isfile(job_file):
@@ -247,8 +299,8 @@ class Job:
         self._read_journal(JOURNAL)
         for name in store.listdir(posixpath.join(STATE_DIR, SHARDS)):
             self._read_journal(posixpath.join(SHARDS, name))
-        self.done = {it.source for it in inputs.items if self._completed(it)}
-        self.todo = [it for it in inputs.items if it.source not in self.done]
+        self.done = {it.source for it in self.inputs.items if self._completed(it)}
+        self.todo = [it for it in self.inputs.items if it.source not in self.done]
         self._journal = None
         self._offset = 0
         self._pending: list[str] = []  # journal lines not yet in a shard (URI OUTPUT: no appending there)
@@ -326,6 +378,12 @@ class Job:
         with self._lock:
             for source, output, shard, offset, length in rows:
                 self.entries[source] = Entry(output, shard, offset, length)
+
+    def release(self) -> None:
+        """Let other runs have OUTPUT (:meth:`Store.lock`); after :meth:`finish`, or when the run ends otherwise."""
+        held, self._held = getattr(self, "_held", None), None
+        if held is not None:
+            os.close(held)
 
     def close(self) -> None:
         with self._lock:

@@ -22,7 +22,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from service import images
-from service.batch.inputs import ERRORS, RESULTS, SKIPPED, BatchError, resolve_inputs
+from service.batch.inputs import ERRORS, RESULTS, SKIPPED, BatchError, Inputs, resolve_inputs
 from service.batch.job import Job, JobSpec, sha256
 from service.batch.local import run_local
 from service.batch.steps import Timer, load_batch_model
@@ -142,7 +142,15 @@ def run_job(config: BatchConfig, model: ModelRuntime | None = None) -> Summary:
     inputs = resolve_inputs(config.input, config.output, config.format, config.input_root)
     spec = JobSpec(model.info.name, model.info.version, sha256(path), config.format, config.quality,
                    list(config.size) if config.size else None)
-    job = Job(config.output, inputs, spec, config.overwrite)
+    job = Job(config.output, inputs, spec, config.overwrite)  # holds OUTPUT until the end of the run
+    try:
+        return _run(config, job, model, path, settings, inputs, t0)
+    finally:
+        job.release()
+
+
+def _run(config: BatchConfig, job: Job, model: ModelRuntime, path: Path, settings: Settings, inputs: Inputs,
+         t0: float) -> Summary:
     timer = Timer()
     t_run = time.perf_counter()
     bar = tqdm(total=len(inputs.items), initial=len(job.done), unit="img", disable=not config.progress,

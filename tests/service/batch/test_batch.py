@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -22,7 +23,8 @@ from PIL import Image
 
 from service import images, pipeline
 from service.batch import cli
-from service.batch.inputs import STATE_DIR, BatchError
+from service.batch.inputs import STATE_DIR, BatchError, resolve_inputs
+from service.batch.job import Job, JobSpec
 from service.batch.run import ENGINES, BatchConfig, resolve_model_path, run_job
 from service.runtime import SessionConfig, load_model
 from tests.service.support import progressive_jpeg
@@ -448,6 +450,61 @@ def test_resume_after_ctrl_c_and_kill_9_equals_a_clean_run(model_dir, tmp_path) 
     assert len(results) == 48 and len({r["source"] for r in results}) == 48
     assert [e["source"] for e in read_jsonl(out / "errors.jsonl")] == ["part1/broken.jpg"]
     assert not (out / STATE_DIR / "tmp").exists()
+
+
+@pytest.mark.slow
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(model_dir, tmp_path) -> None:  # noqa: ANN001
+    """Before: both ran every image, appended to one journal at offsets each took for its own, and both died at the
+    end with a JSONDecodeError traceback, leaving no reports. Now the second is refused at once (exit 2) and the
+    first completes; once it has, a run on the same OUTPUT resumes as before."""
+    rng = np.random.default_rng(2)
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(192):
+        Image.fromarray(_img(rng, 120 + i % 8, 160)).save(src / f"img{i:03d}.jpg", quality=85)
+    model, out = model_dir / "projective.onnx", tmp_path / "out"
+    # about 6 s of work where the second run needs under 1 s to start and be refused
+    slow = ["--size", "1400x1400", "--workers", "1", "--batch-size", "4"]
+    first = subprocess.Popen(_cli(src, out, model, *slow), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while _journal_lines(out) < 4 and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert first.poll() is None, "the first run ended before a second could start"
+        second = subprocess.run(_cli(src, out, model, *slow), cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert first.poll() is None, "the first run ended while the second ran: the test proves nothing"
+        stdout, stderr = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert second.returncode == 2, second.stderr
+    assert f"another stn batch (process {first.pid}) is writing to {out}" in second.stderr, second.stderr
+    assert "Traceback" not in second.stderr
+    assert first.returncode == 0, stderr
+    results = read_jsonl(out / "results.jsonl")
+    assert len(results) == 192 and len({r["source"] for r in results}) == 192 and _journal_lines(out) == 192
+    again = subprocess.run(_cli(src, out, model, *slow), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "192 done by an earlier run" in again.stdout, again.stderr
+
+
+def test_a_job_holds_its_output_until_released(tree, model_dir, tmp_path) -> None:  # noqa: ANN001
+    src, out = tree[0], tmp_path / "out"
+    inputs = resolve_inputs(str(src), str(out))
+    spec = JobSpec("m", "1", "0" * 64, "png", 90, None)
+    holder = Job(out, inputs, spec)
+    with pytest.raises(BatchError, match=rf"another stn batch \(process {os.getpid()}\) is writing to"):
+        Job(out, inputs, spec)
+    with pytest.raises(BatchError, match="another stn batch"):
+        Job(out, inputs, spec, overwrite=True)  # --overwrite too: it would remove the running job's state
+    (out / STATE_DIR / "journal.jsonl").write_text("{}\n")
+    holder.release()
+    again = Job(out, inputs, spec, overwrite=True)  # clears the state, keeps the lock file it holds
+    assert sorted(p.name for p in (out / STATE_DIR).iterdir()) == ["job.json", "journal", "journal.jsonl", "lock",
+                                                                    "tmp"]
+    assert (out / STATE_DIR / "journal.jsonl").read_text() == ""
+    again.release()
 
 
 def test_batch_never_imports_torch(tree, model_dir, tmp_path) -> None:  # noqa: ANN001
