@@ -126,6 +126,67 @@ def test_16_bit_colour_exif_orientation_as_pil(orientation: int) -> None:
     np.testing.assert_allclose(d.array, ref, atol=1e-6)
 
 
+def _photo(h: int, w: int, c: int, seed: int = 0) -> np.ndarray:
+    """Smooth shapes plus noise: every 8x8 block has detail, so the decoders' rounding would show."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([np.sin(x / 7.0 + k) * np.cos(y / 5.0 - k) for k in range(c)], -1) * 90 + 128
+    return np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8).squeeze()
+
+
+JPEG_VARIANTS = {
+    "4:2:0": {"subsampling": 2}, "4:2:2": {"subsampling": 1}, "4:4:4": {"subsampling": 0},
+    "progressive": {"progressive": True}, "optimized": {"optimize": True, "quality": 50},
+    "restart-markers": {"restart_marker_blocks": 3}, "quality-100": {"quality": 100, "subsampling": 0},
+}
+
+
+@pytest.mark.parametrize("variant", list(JPEG_VARIANTS))
+@pytest.mark.parametrize("c", [1, 3])
+def test_jpeg_through_opencv_is_pillows_decode(variant: str, c: int) -> None:
+    """8-bit JPEGs are decoded by OpenCV (images._decode_jpeg, faster): the same float pixels as Pillow's path,
+    bit for bit, whatever the encoder's choices; odd sizes too (partial blocks and chroma pairs)."""
+    data = encode_pil(Image.fromarray(_photo(37, 53, c)), "JPEG", **JPEG_VARIANTS[variant])
+    with Image.open(io.BytesIO(data)) as im:
+        fast = images._decode_jpeg(im, data)
+    with Image.open(io.BytesIO(data)) as im:
+        pillow = images.to_array(im)  # no data: Pillow's own path
+    assert fast is not None and fast.bits == pillow.bits == 8
+    assert fast.array.dtype == np.float32 and fast.array.shape == pillow.array.shape == (c, 37, 53)
+    assert np.array_equal(fast.array, pillow.array)
+    assert np.array_equal(images.decode(data, LIMITS).array, pillow.array)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_jpeg_through_opencv_orients_as_pillow(orientation: int) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode_pil(Image.fromarray(_photo(20, 30, 3, seed=orientation)), "JPEG", exif=exif.tobytes())
+    with Image.open(io.BytesIO(data)) as im:
+        assert images._decode_jpeg(im, data) is not None
+        fast = images.decode(data, LIMITS).array
+    with Image.open(io.BytesIO(data)) as im:
+        assert np.array_equal(fast, images.to_array(im).array)
+
+
+def test_jpegs_opencv_does_not_decode_go_to_pillow(monkeypatch: pytest.MonkeyPatch) -> None:
+    rgb = encode_pil(Image.fromarray(_photo(30, 40, 3)), "JPEG")
+    cmyk = encode_pil(Image.fromarray(_photo(30, 40, 3)).convert("CMYK"), "JPEG")
+    trailer = rgb + b"camera maker's trailer"
+    for data in (cmyk, trailer):
+        with Image.open(io.BytesIO(data)) as im:
+            assert images._decode_jpeg(im, data) is None
+        with Image.open(io.BytesIO(data)) as im:
+            assert np.array_equal(images.decode(data, LIMITS).array, images.to_array(im).array)
+    # a truncated JPEG stays an error: OpenCV would fill in the missing part, Pillow says it is cut short
+    with pytest.raises(images.BadImageError):
+        images.decode(rgb[: len(rgb) * 2 // 3], LIMITS)
+    monkeypatch.setitem(__import__("sys").modules, "cv2", None)  # without OpenCV: Pillow, the same pixels
+    with Image.open(io.BytesIO(rgb)) as im:
+        assert images._decode_jpeg(im, rgb) is None
+        assert np.array_equal(images.decode(rgb, LIMITS).array, images.to_array(im).array)
+
+
 def test_to_channels_for_the_localiser() -> None:
     rgb = gradient()
     x = (rgb.transpose(2, 0, 1) / 255.0).astype(np.float32)
