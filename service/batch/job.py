@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import posixpath
 import shutil
@@ -41,6 +42,8 @@ from service.batch.inputs import (
     local_path,
     url_to_fs,
 )
+
+log = logging.getLogger(__name__)
 
 JOURNAL = "journal.jsonl"  # appended by the driver, under STATE_DIR
 SHARDS = "journal"  # folder of journal shards, under STATE_DIR
@@ -151,9 +154,11 @@ class Store:
             os.close(fd)
             raise BatchError(f"another stn batch (process {holder}) is writing to {self.uri}; wait for it to finish, "
                              "or use another OUTPUT") from None
-        except OSError:
+        except OSError as e:  # a filesystem without locks (some network and FUSE mounts): run, and say so
             os.close(fd)
-            raise
+            log.warning("cannot lock %s (%s): another run on the same OUTPUT at once would not be detected",
+                        self.uri, e.strerror or e)
+            return None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         return fd
@@ -265,13 +270,17 @@ class Job:
         self.inputs = inputs
         self.spec = spec
         self._lock = threading.Lock()
-        store = self.store
-        store.makedirs()
-        self._held = store.lock()  # before anything of the state is read or removed
+        self._held = None
         try:
+            self.store.makedirs()
+            self._held = self.store.lock()  # before anything of the state is read or removed
             self._open(overwrite)
-        except BaseException:
+        except BaseException as e:
             self.release()
+            if isinstance(e, OSError):  # OUTPUT is a file, or cannot be created or written
+                why = ("it, or a folder on its way, is a file" if isinstance(e, (FileExistsError, NotADirectoryError))
+                       else f"{e.strerror or e}" + (f" ({e.filename})" if getattr(e, "filename", None) else ""))
+                raise BatchError(f"cannot use {self.output} as OUTPUT: {why}") from None
             raise
 
     def _open(self, overwrite: bool) -> None:

@@ -507,6 +507,28 @@ def test_a_job_holds_its_output_until_released(tree, model_dir, tmp_path) -> Non
     again.release()
 
 
+def test_an_output_that_cannot_be_a_folder_is_one_line(tree, model_dir, tmp_path, capsys) -> None:  # noqa: ANN001
+    # before: a FileExistsError traceback from os.makedirs
+    (tmp_path / "a-file").write_text("x")
+    for out in (tmp_path / "a-file", tmp_path / "a-file" / "below"):
+        rc = cli.main([str(tree[0]), str(out), "--model", str(model_dir / "affine.onnx"), "--no-progress"])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"stn batch: cannot use {out} as OUTPUT: it, or a folder on its way, is a file" in err, err
+        assert "Traceback" not in err
+
+
+def test_a_filesystem_without_locks_still_runs(tree, model_dir, tmp_path, monkeypatch, caplog) -> None:  # noqa: ANN001
+    import fcntl
+
+    def no_locks(fd: int, op: int) -> None:
+        raise OSError(37, "No locks available")  # ENOLCK, as NFS without lockd answers
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level("WARNING", logger="service.batch.job"):
+        s = run_job(config(tree[0], tmp_path / "out", model_dir))
+    assert s.ok == 12 and "cannot lock" in caplog.text and "would not be detected" in caplog.text
+
+
 def test_batch_never_imports_torch(tree, model_dir, tmp_path) -> None:  # noqa: ANN001
     code = ("import sys; from service.batch import bench, cli, ray_data, run; "
             f"rc = cli.main([{str(tree[0] / 'sub')!r}, {str(tmp_path / 'o')!r}, '--model', "
