@@ -126,6 +126,10 @@ def run_job(config: BatchConfig, model: ModelRuntime | None = None) -> Summary:
         raise BatchError(f"--format must be one of {', '.join(images.ENCODINGS)}, got {config.format!r}")
     if config.engine not in ENGINES:
         raise BatchError(f"--engine must be one of {', '.join(ENGINES)}, got {config.engine!r}")
+    for name, value in (("INPUT", config.input), ("OUTPUT", config.output)):
+        if not os.fspath(value).strip():  # an unset shell variable: Path("") is the current folder
+            raise BatchError(f"{name} is empty; name a folder, glob, manifest or URI (to use the current folder, "
+                             "say `.`)")
     try:
         images.check_quality(config.quality)
     except ValueError as e:

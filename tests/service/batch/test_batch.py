@@ -517,6 +517,15 @@ def test_an_output_that_cannot_be_a_folder_is_one_line(tree, model_dir, tmp_path
         assert "Traceback" not in err
 
 
+def test_an_empty_input_or_output_is_refused(tree, model_dir, tmp_path, monkeypatch, capsys) -> None:  # noqa: ANN001
+    # before: `stn batch "$UNSET" out` rectified everything under the current folder, and an empty OUTPUT wrote there
+    monkeypatch.chdir(tmp_path)
+    for args, name in (([" ", "out"], "INPUT"), ([str(tree[0]), ""], "OUTPUT")):
+        assert cli.main([*args, "--model", str(model_dir / "affine.onnx"), "--no-progress"]) == 2
+        assert f"stn batch: {name} is empty" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_filesystem_without_locks_still_runs(tree, model_dir, tmp_path, monkeypatch, caplog) -> None:  # noqa: ANN001
     import fcntl
 
