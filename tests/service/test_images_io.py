@@ -143,8 +143,8 @@ JPEG_VARIANTS = {
 
 @pytest.mark.parametrize("variant", list(JPEG_VARIANTS))
 @pytest.mark.parametrize("c", [1, 3])
-def test_jpeg_through_opencv_is_pillows_decode(variant: str, c: int) -> None:
-    """8-bit JPEGs are decoded by OpenCV (images._decode_jpeg, faster): the same float pixels as Pillow's path,
+def test_jpeg_through_simplejpeg_is_pillows_decode(variant: str, c: int) -> None:
+    """8-bit JPEGs are decoded by simplejpeg (images._decode_jpeg, faster): the same float pixels as Pillow's path,
     bit for bit, whatever the encoder's choices; odd sizes too (partial blocks and chroma pairs)."""
     data = encode_pil(Image.fromarray(_photo(37, 53, c)), "JPEG", **JPEG_VARIANTS[variant])
     with Image.open(io.BytesIO(data)) as im:
@@ -158,7 +158,7 @@ def test_jpeg_through_opencv_is_pillows_decode(variant: str, c: int) -> None:
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
-def test_jpeg_through_opencv_orients_as_pillow(orientation: int) -> None:
+def test_jpeg_through_simplejpeg_orients_as_pillow(orientation: int) -> None:
     exif = Image.Exif()
     exif[0x0112] = orientation
     data = encode_pil(Image.fromarray(_photo(20, 30, 3, seed=orientation)), "JPEG", exif=exif.tobytes())
@@ -169,19 +169,25 @@ def test_jpeg_through_opencv_orients_as_pillow(orientation: int) -> None:
         assert np.array_equal(fast, images.to_array(im).array)
 
 
-def test_jpegs_opencv_does_not_decode_go_to_pillow(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_jpegs_simplejpeg_does_not_take_go_to_pillow(monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture) -> None:
     rgb = encode_pil(Image.fromarray(_photo(30, 40, 3)), "JPEG")
     cmyk = encode_pil(Image.fromarray(_photo(30, 40, 3)).convert("CMYK"), "JPEG")
-    trailer = rgb + b"camera maker's trailer"
-    for data in (cmyk, trailer):
+    sos = rgb.index(b"\xff\xda")
+    corrupt = rgb[:sos] + b"\0" * 50 + rgb[sos:]  # libjpeg: "Corrupt JPEG data: 50 extraneous bytes before marker"
+    for data in (cmyk, corrupt):
         with Image.open(io.BytesIO(data)) as im:
             assert images._decode_jpeg(im, data) is None
         with Image.open(io.BytesIO(data)) as im:
             assert np.array_equal(images.decode(data, LIMITS).array, images.to_array(im).array)
-    # a truncated JPEG stays an error: OpenCV would fill in the missing part, Pillow says it is cut short
-    with pytest.raises(images.BadImageError):
+    trailer = rgb + b"camera maker's trailer"  # after the end marker: both decoders stop there
+    with Image.open(io.BytesIO(trailer)) as im:
+        assert np.array_equal(images.decode(trailer, LIMITS).array, images.to_array(im).array)
+    with pytest.raises(images.BadImageError):  # a truncated JPEG stays an error
         images.decode(rgb[: len(rgb) * 2 // 3], LIMITS)
-    monkeypatch.setitem(__import__("sys").modules, "cv2", None)  # without OpenCV: Pillow, the same pixels
+    # nothing reaches the process's stderr (OpenCV's decoder printed libjpeg's warning there, once per image)
+    out, err = capfd.readouterr()
+    assert "Corrupt JPEG" not in out + err, err
+    monkeypatch.setitem(__import__("sys").modules, "simplejpeg", None)  # without simplejpeg: Pillow, the same pixels
     with Image.open(io.BytesIO(rgb)) as im:
         assert images._decode_jpeg(im, rgb) is None
         assert np.array_equal(images.decode(rgb, LIMITS).array, images.to_array(im).array)
