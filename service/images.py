@@ -406,6 +406,12 @@ def _to_float(bands: list[np.ndarray], scale: float, alpha: bool) -> np.ndarray:
     return out
 
 
+def _oriented(img: Image.Image, a: np.ndarray) -> np.ndarray:
+    """``a`` ([H, W, ...], decoded from ``img``'s data outside Pillow) with ``img``'s EXIF orientation applied: a view."""
+    orientation = img.getexif().get(0x0112, 1)
+    return _ORIENT[orientation](a) if orientation in _ORIENT else a
+
+
 def _decode_16bit_colour(img: Image.Image, data: bytes, rawmode: str) -> Decoded | None:
     """A 16-bit RGB(A)/LA PNG or TIFF through OpenCV (PIL reads it as 8 bits); None without OpenCV."""
     try:
@@ -418,9 +424,7 @@ def _decode_16bit_colour(img: Image.Image, data: bytes, rawmode: str) -> Decoded
     a = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if a is None or a.dtype != np.uint16 or a.shape[:2] != (img.height, img.width):
         return None  # not what the header said: let PIL decode it (or say why it cannot)
-    orientation = img.getexif().get(0x0112, 1)
-    if orientation in _ORIENT:
-        a = _ORIENT[orientation](a)  # a view
+    a = _oriented(img, a)
     if a.ndim == 2:
         order = [None]
     elif rawmode.startswith("LA") and a.shape[2] == 4:  # gray + alpha (PIL calls it RGBA, OpenCV makes it BGRA)
@@ -454,9 +458,7 @@ def _decode_jpeg(img: Image.Image, data: bytes) -> Decoded | None:
         return None
     if a.dtype != np.uint8 or a.shape[:2] != (img.height, img.width):
         return None
-    orientation = img.getexif().get(0x0112, 1)
-    if orientation in _ORIENT:
-        a = _ORIENT[orientation](a)  # a view
+    a = _oriented(img, a)
     bands = [a[..., 0]] if img.mode == "L" else [a[..., 0], a[..., 1], a[..., 2]]  # strided views
     return Decoded(_to_float(bands, 1.0 / 255.0, alpha=False), 8)
 
@@ -634,9 +636,7 @@ def check_quality(quality: int) -> int:
 
 def parse_quality(text: str) -> int:
     """A quality given as text (a query parameter, a flag) -> int within :data:`QUALITY`; ValueError otherwise."""
-    if not _QUALITY_TEXT.fullmatch(text or ""):
-        raise ValueError(f"quality must be an integer from {QUALITY[0]} to {QUALITY[1]} (JPEG and WebP); got {text!r}")
-    return check_quality(int(text))
+    return check_quality(int(text) if _QUALITY_TEXT.fullmatch(text or "") else text)  # type: ignore[arg-type]
 
 
 def encode(array: np.ndarray, fmt: str = "png", quality: int = DEFAULT_QUALITY, bits: int = 8) -> bytes:

@@ -390,7 +390,7 @@ class Job:
 
     def release(self) -> None:
         """Let other runs have OUTPUT (:meth:`Store.lock`); after :meth:`finish`, or when the run ends otherwise."""
-        held, self._held = getattr(self, "_held", None), None
+        held, self._held = self._held, None
         if held is not None:
             os.close(held)
 

@@ -135,7 +135,8 @@ def run_job(config: BatchConfig, model: ModelRuntime | None = None) -> Summary:
     except ValueError as e:
         raise BatchError(f"--{e}") from None
     for name, value, least in (("batch-size", config.batch_size, 1), ("workers", config.workers, 0),
-                               ("ray-actors", config.ray_actors, 0), ("ray-num-cpus", config.ray_num_cpus or 1, 1)):
+                               ("ray-actors", config.ray_actors, 0),
+                               ("ray-num-cpus", 1 if config.ray_num_cpus is None else config.ray_num_cpus, 1)):
         if value < least:
             raise BatchError(f"--{name} must be at least {least}; got {value}")
     t0 = time.perf_counter()

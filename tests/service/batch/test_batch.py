@@ -339,7 +339,8 @@ def test_numbers_out_of_range_are_usage_errors(tree, tmp_path, capsys, args) -> 
 
 def test_a_job_refuses_numbers_out_of_range(tree, model_dir, tmp_path) -> None:  # noqa: ANN001
     for kw, says in (({"quality": 0}, "quality must be"), ({"quality": 101}, "quality must be"),
-                     ({"batch_size": 0}, "--batch-size"), ({"workers": -1}, "--workers")):
+                     ({"batch_size": 0}, "--batch-size"), ({"workers": -1}, "--workers"),
+                     ({"ray_actors": -1}, "--ray-actors"), ({"ray_num_cpus": 0}, "--ray-num-cpus")):
         with pytest.raises(BatchError, match=says):
             run_job(dataclasses.replace(config(tree[0], tmp_path / "o", model_dir, format="webp"), **kw))
     assert not (tmp_path / "o").exists()
