@@ -42,6 +42,11 @@
   connection with a logged traceback. The header is renamed ``x-ignored-upgrade`` before the parser
   sees it (when the whole head is in one read, as clients send it), so such requests are served as
   HTTP/1.1; the app has no WebSocket routes.
+- **What the parser refuses, and what it should.** A malformed request gets a problem+json 400 with
+  llhttp's reason (uvicorn answered in plain text and logged a WARNING per request); a request line of
+  another version (llhttp takes ``HTTP/2.0`` and ``HTTP/0.9``) gets 505; an HTTP/1.1 request without
+  exactly one ``Host`` gets 400 (RFC 9112 3.2). Refusals are logged at INFO: a client must not be able to
+  write to the server's log at will.
 - **Slow readers.** A client that stops reading its response (the transport's buffer stays over its
   high-water mark, writing paused) for ``STN_BODY_TIMEOUT_S`` has its connection aborted, which
   drops what is buffered for it; responses count against the memory budget while they are sent
@@ -96,14 +101,25 @@ if HttpToolsProtocol is not None:
 
     class _Parser(httptools.HttpRequestParser):
         """httptools' parser, whose ``feed_data`` stops quietly (no 400) when the protocol raised
-        :class:`_StopParsing` (the parser is done with: nothing more is fed to it)."""
+        :class:`_StopParsing` (the parser is done with: nothing more is fed to it), and hands a malformed
+        request to the protocol (:meth:`CappedHttpToolsProtocol._malformed`) instead of raising: uvicorn
+        logged a WARNING for each one (a line in the server's log per request, at any client's will) and
+        answered in plain text without the reason."""
+
+        def __init__(self, protocol: CappedHttpToolsProtocol) -> None:
+            super().__init__(protocol)
+            self._protocol = protocol
 
         def feed_data(self, data: bytes) -> None:
             try:
                 super().feed_data(data)
             except httptools.HttpParserCallbackError as exc:
                 if not isinstance(exc.__context__, _StopParsing):
-                    raise
+                    raise  # a defect of ours: uvicorn logs it and answers 400
+            except httptools.HttpParserUpgrade:
+                raise
+            except httptools.HttpParserError as exc:
+                self._protocol._malformed(str(exc))
 
     class _LingeringTransport:
         """The connection's transport as uvicorn's response cycle sees it: its ``close()`` while the request's body
@@ -330,6 +346,15 @@ if HttpToolsProtocol is not None:
             if self._heads_in_read > self.max_pipelined:
                 self._stop_pipeline()
                 raise _StopParsing  # stops the parser in this read: the rest is never parsed
+            version = self.parser.get_http_version()
+            if version not in ("1.0", "1.1"):  # llhttp takes 0.9 and 2.0 request lines
+                self._refuse(505, f"HTTP/{version} is not supported: this server speaks HTTP/1.1 (and 1.0)")
+                raise _StopParsing
+            hosts = sum(1 for name, _ in self.headers if name == b"host")
+            if hosts > 1 or (hosts == 0 and version == "1.1"):
+                self._refuse(400, "an HTTP/1.1 request must have exactly one Host header (RFC 9112 3.2); "
+                                  f"this one has {hosts}")
+                raise _StopParsing
             self._body_pending = True
             door = self.front_door
             if door is not None and (self.cycle is None or self.cycle.response_complete) and not self.parser.should_upgrade():
@@ -430,10 +455,20 @@ if HttpToolsProtocol is not None:
                 self.transport.write_eof()
             self._close_timer = self.loop.call_later(1.0, self._close)
 
+        def _malformed(self, reason: str) -> None:
+            """The parser refused the request (llhttp's reason: "Invalid method encountered", "Invalid header value
+            char"): 400 with it, and close (only close when an answer to it is being written already)."""
+            if self.cycle is not None and self.cycle.response_started and not self.cycle.response_complete:
+                log.info("refused a request: malformed HTTP/1.1 (%s) while its answer was being written", reason)
+                self.transport.close()
+                return
+            self._refuse(400, f"malformed HTTP/1.1 request: {reason}")
+
         def _refuse(self, status: int, detail: str) -> None:
-            """Answer a request head that will not be parsed (431 too large, 408 too slow), and close."""
+            """Answer a request that will not be served (431 head too large, 408 head too slow, 400 malformed or
+            without its one Host, 505 not HTTP/1.x), and close."""
             self._cancel_head_timer()
-            (log.warning if status == 431 else log.info)("refused a request head: %s", detail)
+            log.info("refused a request: %s", detail)  # not above INFO: a client must not write to the log at will
             body = json.dumps({"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status,
                                "detail": detail}).encode()
             head = STATUS_LINES[status] + (f"content-type: {PROBLEM_JSON}\r\ncontent-length: {len(body)}\r\n"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import socket
 import sys
@@ -430,6 +431,56 @@ def test_oversized_heads_get_431_and_a_closed_connection(server, kind: str) -> N
     assert time.monotonic() - t0 < 3
     ok = httpx.get(server.url + "/healthz", headers={f"X-H{i}": "v" * 100 for i in range(50)})
     assert ok.status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/v1/models", "/v1/rectify?model=affine"])
+def test_a_request_without_exactly_one_host_gets_400(server, path: str) -> None:  # noqa: ANN001
+    """RFC 9112 3.2: a server MUST answer 400 to an HTTP/1.1 request without a Host header, and to any with two
+    (a proxy and the server may each read another one: the shape of cache-poisoning and routing attacks). Both
+    were served. HTTP/1.0 needs none."""
+    method = "POST" if "rectify" in path else "GET"
+    img = png(64, 48)
+    extra = f"Content-Type: image/png\nContent-Length: {len(img)}\n" if method == "POST" else ""
+    body = img if method == "POST" else b""
+    for hosts in ("", "Host: a\nHost: b\n"):
+        with raw_request(server.url, f"{method} {path} HTTP/1.1\n{hosts}{extra}", body) as sock:
+            reply = read_all(sock, timeout=5)
+        assert reply.startswith(b"HTTP/1.1 400") and b"exactly one Host" in reply, reply[:300]
+        assert b"HTTP/1.1 200" not in reply  # the request was not served as well
+    with raw_request(server.url, f"{method} {path} HTTP/1.0\n{extra}", body) as sock:
+        status, _, _ = read_response(sock.makefile("rb"))
+    assert status == 200
+    with raw_request(server.url, f"{method} {path} HTTP/1.1\nhOsT: x\n{extra}", body) as sock:
+        status, _, _ = read_response(sock.makefile("rb"))
+    assert status == 200
+
+
+@pytest.mark.parametrize(("raw", "says"), [
+    ("G@T /healthz HTTP/1.1\r\nHost: x\r\n\r\n", b"Invalid method"),
+    ("GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: a\x01b\r\n\r\n", b"header value"),
+    ("POST /v1/rectify HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", b"chunk size"),
+    ("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", b"malformed HTTP/1.1 request"),
+])
+def test_a_malformed_request_gets_a_problem_with_the_parsers_reason_and_no_warning(server, caplog, raw: str,  # noqa: ANN001
+                                                                                   says: bytes) -> None:
+    """uvicorn answered "Invalid HTTP request received." in plain text and logged it as a WARNING: a line in the
+    server's log per request, at any client's will. Now problem+json with llhttp's reason, logged at INFO."""
+    with caplog.at_level("INFO"):
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(raw.encode("latin-1"))
+            reply = read_all(sock, timeout=3)
+    assert reply.startswith(b"HTTP/1.1 400") and b"application/problem+json" in reply, reply[:300]
+    assert says in reply, reply
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+@pytest.mark.parametrize("version", ["2.0", "0.9"])
+def test_a_request_line_of_another_http_version_gets_505(server, version: str) -> None:  # noqa: ANN001
+    """llhttp parses `HTTP/2.0` and `HTTP/0.9` request lines, and they were served as HTTP/1.1."""
+    with raw_request(server.url, f"GET /healthz HTTP/{version}\nHost: x\n") as sock:
+        reply = read_all(sock, timeout=3)
+    assert reply.startswith(b"HTTP/1.1 505") and f"HTTP/{version} is not supported".encode() in reply, reply[:300]
 
 
 def test_upgrade_offers_are_ignored_and_served_as_http_1_1(server, caplog) -> None:  # noqa: ANN001
