@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 import sys
 import time
@@ -179,7 +180,11 @@ class Ranks:
             torch.distributed.barrier()
 
     def stop(self) -> None:
+        """Leave the group. What still holds it (a DDP wrapper the caller dropped, in a reference cycle) is
+        collected first: a gloo group destroyed later, while the interpreter exits, could abort the process
+        ("terminate called without an active exception") after a run that had done everything."""
         if self.distributed and torch.distributed.is_initialized():
+            gc.collect()
             torch.distributed.destroy_process_group()
 
 

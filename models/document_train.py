@@ -307,6 +307,7 @@ def train_documents(config, on_step: Callable[[int, float], None] | None = None)
     progress = devices.Progress(total, "train rectify document", config.progress and ranks.main, start=loop.step)
     fit(loop, loader, batch_loss, evaluate_now, progress, on_step, stop)
     del loader
+    forward = None  # the DDP wrapper goes before the process group it holds (Ranks.stop)
     if not ranks.main:
         return loop.other_rank_result()
     model.eval()

@@ -799,6 +799,7 @@ def train(config: TrainConfig, splits: ImageSplits | None = None,
     progress = devices.Progress(total, f"train {config.mode} {dataset}", config.progress and ranks.main,
                                 start=loop.step)
     fit(loop, loader, batch_loss, evaluate_now, progress, on_step)
+    forward = train_objective = None  # the DDP wrapper goes before the process group it holds (Ranks.stop)
     history = loop.history
 
     if not ranks.main:
