@@ -412,15 +412,128 @@ def _oriented(img: Image.Image, a: np.ndarray) -> np.ndarray:
     return _ORIENT[orientation](a) if orientation in _ORIENT else a
 
 
-def _decode_16bit_colour(img: Image.Image, data: bytes, rawmode: str) -> Decoded | None:
-    """A 16-bit RGB(A)/LA PNG or TIFF through OpenCV (PIL reads it as 8 bits); None without OpenCV."""
+def _opencv():  # noqa: ANN202 (the cv2 module)
+    """OpenCV, with its own log (libtiff's errors, for one) silenced: a client's file must not write to the
+    server's stderr; None when it is not installed."""
     try:
         import cv2
     except ImportError:
+        return None
+    if not _opencv_quiet:
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+        _opencv_quiet.append(True)
+    return cv2
+
+
+_opencv_quiet: list[bool] = []
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+_INFLATE_PIECE = 1 << 20  # bytes of image data inflated at a time by the check (its memory)
+_PNG_CRITICAL = (b"IHDR", b"PLTE", b"IDAT", b"IEND")
+
+
+def _png_rows(width: int, height: int, pixel_bytes: int, interlaced: bool) -> list[tuple[int, int]]:
+    """(bytes a row, filter byte included; rows) of each pass of a PNG's image data, in order."""
+    if not interlaced:
+        return [(1 + width * pixel_bytes, height)]
+    passes = [(-(-(width - x0) // dx), -(-(height - y0) // dy)) for x0, y0, dx, dy in _ADAM7]
+    return [(1 + w * pixel_bytes, h) for w, h in passes if w > 0 and h > 0]
+
+
+def _png_for_libpng(data: bytes) -> bytes | None:
+    """A 16-bit colour PNG as libpng decodes it without a word, or None.
+
+    libpng prints its warnings and errors to stderr (OpenCV leaves its default handlers), so a
+    client could write a line to the server's log per upload (a bad ancillary chunk, extra data
+    after the image). What goes to OpenCV is the image's critical chunks only (IHDR, a valid
+    ``tRNS``, the IDATs, IEND: OpenCV reads nothing else), each chunk's CRC checked, and its
+    image data inflated once here, in 1 MB pieces, to check it is whole, exactly as long as the
+    header says, with valid filter bytes. None (Pillow decodes it at 8 bits, or says why it
+    cannot) for anything else."""
+    n, pos = len(data), 8
+    if n < 33 or data[12:16] != b"IHDR" or int.from_bytes(data[8:12], "big") != 13:
+        return None
+    width, height, depth, colour, compression, filtering, interlace = struct.unpack(">IIBBBBB", data[16:29])
+    channels = {2: 3, 4: 2, 6: 4}.get(colour)
+    if depth != 16 or channels is None or compression or filtering or interlace > 1 or not width or not height:
+        return None
+    keep: list[bytes] = []  # IHDR, tRNS
+    idat: list[bytes] = []
+    ended = False  # the run of IDATs
+    while True:
+        if pos + 12 > n:
+            return None  # no IEND
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        kind, end = data[pos + 4:pos + 8], pos + 12 + length
+        if end > n:
+            return None
+        critical = not kind[0] & 0x20  # an upper-case first letter
+        if critical and (kind not in _PNG_CRITICAL or (kind == b"IHDR") != (pos == 8)):
+            return None  # a second IHDR, an unknown critical chunk
+        wanted = kind != b"PLTE" and (critical or (kind == b"tRNS" and colour == 2 and length == 6 and not idat))
+        if wanted and zlib.crc32(memoryview(data)[pos + 4:end - 4]) != int.from_bytes(data[end - 4:end], "big"):
+            return None
+        if kind == b"IDAT":
+            if ended:
+                return None  # IDATs not in one run
+            idat.append(data[pos:end])
+        else:
+            ended = bool(idat)
+            if kind == b"IEND":
+                break
+            if wanted:
+                keep.append(data[pos:end])
+        pos = end
+    if not idat or not _png_data_whole(idat, _png_rows(width, height, channels * 2, bool(interlace))):
+        return None
+    return _PNG_SIGNATURE + b"".join(keep) + b"".join(idat) + data[pos:end]
+
+
+def _png_data_whole(idat: list[bytes], rows: list[tuple[int, int]]) -> bool:
+    """Whether the IDAT chunks' zlib stream inflates to exactly ``rows`` (bytes a row, rows per pass), each row
+    starting with a filter type of 0 to 4, with nothing after the stream's end."""
+    starts: list[tuple[int, int, int]] = []  # (first byte, end, row bytes) of each pass
+    at = 0
+    for row, count in rows:
+        starts.append((at, at + row * count, row))
+        at += row * count
+    done, last = 0, len(idat) - 1
+    inflate = _deflate.decompressobj()  # ISA-L's when installed: a third less time than zlib's
+    try:
+        for i, chunk in enumerate(idat):
+            pending = memoryview(chunk)[8:-4]
+            while True:
+                piece = inflate.decompress(pending, _INFLATE_PIECE)
+                pending = inflate.unconsumed_tail
+                if done + len(piece) > at:
+                    return False  # more image data than the header says
+                for first, end, row in starts:  # the filter bytes in this piece
+                    lo, hi = max(first, done), min(end, done + len(piece))
+                    k = first + -(-(lo - first) // row) * row
+                    if k < hi and np.frombuffer(piece, np.uint8)[k - done:hi - done:row].max() > 4:
+                        return False
+                done += len(piece)
+                if inflate.eof and (pending or inflate.unused_data or i != last):
+                    return False  # data after the stream's end
+                if inflate.eof or (not pending and len(piece) < _INFLATE_PIECE):
+                    break  # (a whole piece may leave more output for the same input)
+        return inflate.eof and done == at
+    except _deflate.error:  # not a zlib stream, or its checksum is wrong
+        return False
+
+
+def _decode_16bit_colour(img: Image.Image, data: bytes, rawmode: str) -> Decoded | None:
+    """A 16-bit RGB(A)/LA PNG or TIFF through OpenCV (PIL reads it as 8 bits); None without OpenCV, or for a PNG
+    libpng would warn about (:func:`_png_for_libpng`)."""
+    cv2 = _opencv()
+    if cv2 is None:
         if not _warned_no_cv2:
             _warned_no_cv2.append(True)
             log.warning("16-bit colour images are decoded at 8 bits: opencv-python-headless is not installed")
         return None
+    if data.startswith(_PNG_SIGNATURE):
+        data = _png_for_libpng(data)
+        if data is None:
+            return None
     a = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if a is None or a.dtype != np.uint16 or a.shape[:2] != (img.height, img.width):
         return None  # not what the header said: let PIL decode it (or say why it cannot)
@@ -584,9 +697,8 @@ def _png16(array: np.ndarray) -> bytes | None:
         buf = io.BytesIO()
         Image.fromarray(a).save(buf, "PNG", compress_level=1)  # mode I;16: a 16-bit gray PNG
         return buf.getvalue()
-    try:
-        import cv2
-    except ImportError:
+    cv2 = _opencv()
+    if cv2 is None:
         return None
     ok, out = cv2.imencode(".png", np.ascontiguousarray(a[..., ::-1]), [cv2.IMWRITE_PNG_COMPRESSION, 1])
     return out.tobytes() if ok else None

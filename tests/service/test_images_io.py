@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -124,6 +126,120 @@ def test_16_bit_colour_exif_orientation_as_pil(orientation: int) -> None:
         ref = np.asarray(ImageOps.exif_transpose(im).convert("RGB")).transpose(2, 0, 1) / 255.0
     assert d.bits == 16 and d.array.shape == ref.shape
     np.testing.assert_allclose(d.array, ref, atol=1e-6)
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _png16_raw(a16: np.ndarray, interlace: bool = False) -> bytes:
+    """The image data of a 16-bit PNG of ``a16`` [H, W, C] before compression (filter type 0), Adam7 or not."""
+    passes = [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2)]
+    subs = [a16[y0::dy, x0::dx] for x0, y0, dx, dy in passes] if interlace else [a16]
+    return b"".join(b"\0" + row.astype(">u2").tobytes() for sub in subs if sub.size for row in sub)
+
+
+def _png16_file(a16: np.ndarray, interlace: bool = False, before: bytes = b"", stream: bytes | None = None,
+                pieces: int = 1, between: bytes = b"") -> bytes:
+    """A 16-bit colour PNG: optional chunks ``before`` the image data, its zlib ``stream`` (default: the image's)
+    in ``pieces`` IDATs with ``between`` after the first."""
+    h, w, c = a16.shape
+    stream = zlib.compress(_png16_raw(a16, interlace)) if stream is None else stream
+    cut = [len(stream) * i // pieces for i in range(pieces + 1)]
+    idats = [_chunk(b"IDAT", stream[cut[i]:cut[i + 1]]) for i in range(pieces)]
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, {2: 4, 3: 2, 4: 6}[c], 0, 0, int(interlace))
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + before + idats[0] + between + b"".join(idats[1:])
+            + _chunk(b"IEND", b""))
+
+
+def _composited(a16: np.ndarray) -> np.ndarray:
+    f = a16 / 65535.0
+    if a16.shape[-1] in (2, 4):
+        f = f[..., :-1] * f[..., -1:] + (1 - f[..., -1:])
+    return f.transpose(2, 0, 1)
+
+
+@pytest.mark.parametrize("shape", [(20, 30, 3), (5, 3, 4), (1, 1, 2), (9, 17, 3), (300, 700, 3)])
+@pytest.mark.parametrize("interlace", [False, True])
+def test_16_bit_colour_png_layouts_keep_their_precision(shape: tuple[int, int, int], interlace: bool) -> None:
+    """Every layout libpng reads goes the 16-bit way (images._png_for_libpng passes it on): Adam7 with empty
+    passes, image data in several IDATs and over several of the check's 1 MB pieces, metadata chunks (dropped
+    on the way: OpenCV reads none), OpenCV's own filtered PNGs, a colour key (tRNS)."""
+    a16 = np.random.default_rng(shape[0]).integers(0, 65536, shape).astype(np.uint16)
+    limits = images.Limits(max_bytes=8 << 20, max_pixels=1_000_000)  # noise does not compress
+    meta = _chunk(b"gAMA", struct.pack(">I", 45455)) + _chunk(b"tEXt", b"Software\0stn tests")
+    for data in (_png16_file(a16, interlace), _png16_file(a16, interlace, before=meta, pieces=3),
+                 _png16_file(a16, interlace, stream=zlib.compress(_png16_raw(a16, interlace), 9), pieces=7)):
+        d = images.decode(data, limits)
+        assert d.bits == 16 and d.array.shape == (shape[2] - (shape[2] % 2 == 0), *shape[:2])
+        np.testing.assert_allclose(d.array, _composited(a16), atol=1e-6)
+    cv2 = pytest.importorskip("cv2")
+    if shape[2] != 2 and not interlace:  # filters other than 0 (OpenCV writes RGB(A) only, not interlaced)
+        for level in (1, 9):
+            data = cv2.imencode(".png", a16[..., [2, 1, 0, 3][:shape[2]]], [cv2.IMWRITE_PNG_COMPRESSION, level])[1]
+            d = images.decode(data.tobytes(), limits)
+            assert d.bits == 16
+            np.testing.assert_allclose(d.array, _composited(a16), atol=1e-6)
+    if shape[2] == 3:  # a colour key: those pixels transparent, composited on white
+        key = a16[0, 0]
+        d = images.decode(_png16_file(a16, interlace, before=_chunk(b"tRNS", key.astype(">u2").tobytes())), limits)
+        want = _composited(a16)
+        want[:, (a16 == key).all(-1)] = 1.0
+        assert d.bits == 16
+        np.testing.assert_allclose(d.array, want, atol=1e-6)
+
+
+def test_16_bit_colour_png_that_libpng_would_warn_about_writes_nothing_to_stderr(capfd: pytest.CaptureFixture) -> None:
+    """libpng prints its warnings and errors to stderr (OpenCV leaves its handlers as they are): each such
+    upload wrote a line to the server's log. Damaged metadata is dropped (the image keeps its 16 bits); damaged
+    image data goes to Pillow, which decodes it at 8 bits or says why it cannot; nothing reaches stderr."""
+    a16 = np.random.default_rng(7).integers(0, 65536, (24, 32, 3)).astype(np.uint16)
+    raw = _png16_raw(a16)
+    bad_crc = _chunk(b"tEXt", b"k\0v")[:-4] + b"\0\0\0\0"
+    whole = {
+        "iCCP too short": _png16_file(a16, before=_chunk(b"iCCP", b"x\0\0" + zlib.compress(b"not a profile"))),
+        "tRNS invalid": _png16_file(a16, before=_chunk(b"tRNS", bytes(8))),  # 6 bytes in RGB
+        "sRGB after the image data": _png16_file(a16, between=_chunk(b"sRGB", b"\0")),
+    }
+    damaged = {
+        "tEXt CRC error": _png16_file(a16, before=bad_crc),  # Pillow refuses it before any decoder
+        "IDATs not in one run": _png16_file(a16, pieces=2, between=_chunk(b"sRGB", b"\0")),
+        "extra compressed data": _png16_file(a16, stream=zlib.compress(raw + b"\0" * 99)),
+        "not enough image data": _png16_file(a16, stream=zlib.compress(raw[:-99])),
+        "data after the stream": _png16_file(a16, stream=zlib.compress(raw) + b"junk"),
+        "bad adaptive filter value": _png16_file(a16, stream=zlib.compress(b"\7" + raw[1:])),
+        "IDAT CRC error": _png16_file(a16)[:-16] + b"\0\0\0\0" + _chunk(b"IEND", b""),
+        "stream cut short": _png16_file(a16, stream=zlib.compress(raw)[:-30]),
+    }
+    capfd.readouterr()
+    for name, data in whole.items():
+        d = images.decode(data, LIMITS)
+        assert d.bits == 16, name
+        np.testing.assert_allclose(d.array, _composited(a16), atol=1e-6, err_msg=name)
+    for name, data in damaged.items():
+        try:
+            assert images.decode(data, LIMITS).bits == 8, name
+        except images.BadImageError:
+            pass
+    out, err = capfd.readouterr()
+    assert "libpng" not in out + err, err
+    assert err == "", err
+
+
+def test_16_bit_tiff_that_opencv_cannot_decode_is_not_logged(capfd: pytest.CaptureFixture) -> None:
+    """OpenCV logged libtiff's errors and its own on stderr, three lines an upload ("[ERROR:0@...] TIFF_Error ...");
+    its log is silenced. (Pillow's libtiff, which then says why it cannot decode it either, still prints its own
+    line: TIFF is opt-in, STN_IMAGE_FORMATS.)"""
+    cv2 = pytest.importorskip("cv2")
+    a16 = np.random.default_rng(8).integers(0, 65536, (40, 50, 3)).astype(np.uint16)
+    data = bytearray(cv2.imencode(".tiff", a16)[1].tobytes())  # LZW
+    assert images.decode(bytes(data), LIMITS).bits == 16
+    data[2000:2040] = b"\xff" * 40  # the strip's codes
+    capfd.readouterr()
+    with pytest.raises(images.BadImageError):
+        images.decode(bytes(data), LIMITS)
+    out, err = capfd.readouterr()
+    assert "TIFF_Error" not in err and "imdecode" not in err, err
 
 
 def _photo(h: int, w: int, c: int, seed: int = 0) -> np.ndarray:
