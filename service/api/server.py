@@ -40,8 +40,9 @@
   ``Connection: Upgrade`` to have no body, so ``curl --http2`` (an ``Upgrade: h2c`` offer) had its
   upload dropped and got 400 "image is empty", and a WebSocket offer to /healthz broke the
   connection with a logged traceback. The header is renamed ``x-ignored-upgrade`` before the parser
-  sees it (when the whole head is in one read, as clients send it), so such requests are served as
-  HTTP/1.1; the app has no WebSocket routes.
+  sees it, however the head is cut into reads (the few bytes at a read's end that could begin the name
+  wait for the next read), so such requests are served as HTTP/1.1; the app has no WebSocket routes
+  (uvicorn runs with ``ws="none"``).
 - **What the parser refuses, and what it should.** A malformed request gets a problem+json 400 with
   llhttp's reason (uvicorn answered in plain text and logged a WARNING per request); a request line of
   another version (llhttp takes ``HTTP/2.0`` and ``HTTP/0.9``) gets 505; an HTTP/1.1 request without
@@ -90,6 +91,20 @@ except ImportError:  # httptools is not installed: uvicorn uses h11, capped by i
 
 _END = b"\r\n\r\n"
 _UPGRADE = re.compile(rb"\r\nupgrade:", re.IGNORECASE)  # renamed before parsing: the service speaks HTTP/1.1 only
+_UPGRADE_NAME = b"\r\nupgrade:"
+
+
+def _upgrade_prefix(data: bytes) -> int:
+    """How many bytes at the end of ``data`` could begin ``\r\nupgrade:`` (any case): 0 to 9."""
+    tail = data[1 - len(_UPGRADE_NAME):]
+    at = tail.find(b"\r")
+    while at >= 0:
+        if _UPGRADE_NAME.startswith(tail[at:].lower()):
+            return len(tail) - at
+        at = tail.find(b"\r", at + 1)
+    return 0
+
+
 STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
 
 
@@ -166,6 +181,7 @@ if HttpToolsProtocol is not None:
             self._head_lines = 0
             self._in_head = True
             self._tail = b""  # last bytes of the previous chunk (a terminator may straddle chunks)
+            self._held = b""  # the end of a head's read that may begin "\r\nupgrade:", not yet given to the parser
             self._refused = False
             self._answered: bool | None = None  # the door answered this request: True keep-alive, False close
             self._close_timer: asyncio.TimerHandle | None = None
@@ -305,10 +321,20 @@ if HttpToolsProtocol is not None:
                             else f"more than {self.max_headers} fields (STN_MAX_HEADERS)")
                     self._refuse(431, f"the request head has {what}; send fewer or smaller headers")
                     return
+                # `Upgrade` is renamed in what the parser is given of the head; the bytes at the end of a read
+                # that could begin the name are held back to the next read, so the name is never split
+                held, self._held = self._held, b""
                 if end >= 0:
                     self._in_head = False
-                    if self._head_bytes == len(head) and _UPGRADE.search(head):  # the whole head is in this read
-                        data = _UPGRADE.sub(b"\r\nx-ignored-upgrade:", head) + data[len(head):]
+                    if held or _UPGRADE.search(head):  # (else the read goes on as it came: no copy)
+                        data = _UPGRADE.sub(b"\r\nx-ignored-upgrade:", held + head) + data[len(head):]
+                else:
+                    data = held + data if held else data
+                    keep = _upgrade_prefix(data)
+                    if keep:
+                        data, self._held = data[:-keep], data[-keep:]
+                    if _UPGRADE.search(data):
+                        data = _UPGRADE.sub(b"\r\nx-ignored-upgrade:", data)
             super().data_received(data)
             if self._head_open and self._head_timer is None and not self._refused:  # a head is arriving in pieces
                 self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
@@ -323,7 +349,7 @@ if HttpToolsProtocol is not None:
                 raise _StopParsing
             self._head_bytes = self._head_lines = 0
             self._in_head = True
-            self._tail = b""
+            self._tail = self._held = b""
             self._body_pending = False
             self._cancel_close_timer()  # the body is in
             if self._answered is None:
@@ -455,6 +481,11 @@ if HttpToolsProtocol is not None:
                 self.transport.write_eof()
             self._close_timer = self.loop.call_later(1.0, self._close)
 
+        def _unsupported_upgrade_warning(self) -> None:
+            # An upgrade offer the renaming missed (one pipelined behind another request in the same read): uvicorn
+            # serves it as HTTP/1.1 and logged two WARNINGs per request; INFO, as for the other refusals.
+            log.info("an Upgrade offer was ignored; the request is served as HTTP/1.1")
+
         def _malformed(self, reason: str) -> None:
             """The parser refused the request (llhttp's reason: "Invalid method encountered", "Invalid header value
             char"): 400 with it, and close (only close when an answer to it is being written already)."""
@@ -511,6 +542,7 @@ def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Co
                                   access_log=settings.access_log, http=http_protocol(settings, door),
                                   h11_max_incomplete_event_size=settings.max_header_bytes,
                                   timeout_keep_alive=settings.keep_alive_s, root_path=settings.root_path,
+                                  ws="none",  # no WebSocket routes: every Upgrade offer is served as HTTP/1.1
                                   timeout_graceful_shutdown=max(1, round(settings.grace_s)))
     kwargs.update(overrides)
     return uvicorn.Config(app, **kwargs)

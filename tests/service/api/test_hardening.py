@@ -504,6 +504,40 @@ def test_upgrade_offers_are_ignored_and_served_as_http_1_1(server, caplog) -> No
     assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
 
 
+def test_upgrade_offers_whose_head_comes_in_pieces_are_served_as_http_1_1(server, caplog) -> None:  # noqa: ANN001
+    """The `Upgrade` header was renamed only when the whole head came in one read. Split (a client writing its
+    head in pieces, or a slow network), an `Upgrade: h2c` POST lost its upload again (and uvicorn logged two
+    WARNINGs per request), and a WebSocket offer got 403. Now the head is renamed however it is cut: here at
+    every byte from the line before `Upgrade` to the line after it."""
+    img = png(64, 48)
+    head = (b"POST /v1/rectify?model=affine&format=png HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+            b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\nContent-Type: image/png\r\n"
+            + f"Content-Length: {len(img)}\r\n\r\n".encode())
+    ws = (b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+          b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    host, port = server.url.removeprefix("http://").split(":")
+
+    def send_in_two(first: bytes, second: bytes) -> tuple[int, bytes]:
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.sendall(first)
+            time.sleep(0.03)  # its own read
+            sock.sendall(second)
+            status, _, body = read_response(sock.makefile("rb"))
+        return status, body
+
+    with caplog.at_level("INFO"):
+        at = head.index(b"Upgrade: h2c")
+        for cut in range(at - 12, at + 14):
+            status, body = send_in_two(head[:cut], head[cut:] + img)
+            assert status == 200 and body.startswith(b"\x89PNG"), (cut, head[:cut][-12:], body[:200])
+        at = ws.index(b"Upgrade: websocket")
+        for cut in (at - 2, at - 1, at + 3, at + 8):
+            status, body = send_in_two(ws[:cut], ws[cut:])
+            assert (status, json.loads(body)) == (200, {"status": "live"}), cut
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
 # ---- 3b. pipelining is bounded: what one connection may have parsed, answered and unread ------------
 
 def pipelined(n: int, path: str, first: int = 0) -> bytes:
