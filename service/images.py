@@ -14,6 +14,7 @@ channel: at most 12 x STN_MAX_IMAGE_PIXELS bytes (480 MB at the default 40 Mpx).
 
 from __future__ import annotations
 
+import ctypes
 import io
 import itertools
 import logging
@@ -348,6 +349,8 @@ def open_checked(data: bytes, limits: Limits, filename: str = "image") -> Image.
     if known in ("PNG", "JPEG"):
         declared_size(data, known, filename)  # raises past MAX_PNG_CHUNKS / MAX_JPEG_SEGMENTS
     check_decoding_cost(data, known, filename)
+    if known == "TIFF" and not _libtiff_quiet:
+        _quiet_libtiff()
     try:
         img = Image.open(io.BytesIO(data), formats=limits.formats)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -359,6 +362,27 @@ def open_checked(data: bytes, limits: Limits, filename: str = "image") -> Image.
         raise BadImageError(f"{filename} could not be read: {type(e).__name__}: {e}") from None
     _check_size(*img.size, limits, filename)
     return img
+
+
+_libtiff_quiet: list[bool] = []
+
+
+def _quiet_libtiff() -> None:
+    """Pillow decodes compressed TIFFs with libtiff, whose default handlers print every error and warning to
+    stderr ("tempfile.tif: Using code not yet in table."): a line in the server's log per bad TIFF, at any
+    client's will. Pillow raises its own error all the same, so the handlers are set to none, once, in the
+    libtiff the process has loaded (found among its mappings: Linux; elsewhere nothing changes)."""
+    _libtiff_quiet.append(True)
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            paths = {line.split()[-1] for line in f if "/libtiff" in line and ".so" in line}
+        for path in sorted(paths):
+            lib = ctypes.CDLL(path)
+            lib.TIFFSetErrorHandler.restype = lib.TIFFSetWarningHandler.restype = ctypes.c_void_p
+            lib.TIFFSetErrorHandler(None)
+            lib.TIFFSetWarningHandler(None)
+    except (OSError, AttributeError) as e:  # no /proc, or not that libtiff
+        log.debug("libtiff's messages stay on stderr: %s", e)
 
 
 @dataclass(frozen=True)
