@@ -20,6 +20,7 @@ import itertools
 import logging
 import re
 import struct
+import warnings
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -349,8 +350,8 @@ def open_checked(data: bytes, limits: Limits, filename: str = "image") -> Image.
     if known in ("PNG", "JPEG"):
         declared_size(data, known, filename)  # raises past MAX_PNG_CHUNKS / MAX_JPEG_SEGMENTS
     check_decoding_cost(data, known, filename)
-    if known == "TIFF" and not _libtiff_quiet:
-        _quiet_libtiff()
+    if not _decoders_quiet:
+        _quiet_decoders()
     try:
         img = Image.open(io.BytesIO(data), formats=limits.formats)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -364,15 +365,23 @@ def open_checked(data: bytes, limits: Limits, filename: str = "image") -> Image.
     return img
 
 
-_libtiff_quiet: list[bool] = []
+_decoders_quiet: list[bool] = []
 
 
-def _quiet_libtiff() -> None:
-    """Pillow decodes compressed TIFFs with libtiff, whose default handlers print every error and warning to
-    stderr ("tempfile.tif: Using code not yet in table."): a line in the server's log per bad TIFF, at any
-    client's will. Pillow raises its own error all the same, so the handlers are set to none, once, in the
-    libtiff the process has loaded (found among its mappings: Linux; elsewhere nothing changes)."""
-    _libtiff_quiet.append(True)
+def _quiet_decoders() -> None:
+    """What Pillow prints about an upload, silenced once before the first is opened: nothing an upload holds may
+    write to the process's stderr (a client could add lines to the server's log at will).
+
+    - Pillow warns (``UserWarning``) of the corrupt metadata it skips, with the tag in the text ("Tag data larger
+      than file. Skipping tag 270"), so Python prints each new one: up to 65,536 lines from an EXIF block per
+      tag number. Those warnings from Pillow's modules are ignored (the metadata is skipped all the same, and a
+      decode that fails raises).
+    - Pillow decodes compressed TIFFs with libtiff, whose default handlers print every error and warning
+      ("tempfile.tif: Using code not yet in table."). Pillow raises its own error all the same, so they are set to
+      none in the libtiff the process has loaded (found among its mappings: Linux; elsewhere they stay).
+    """
+    _decoders_quiet.append(True)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
             paths = {line.split()[-1] for line in f if "/libtiff" in line and ".so" in line}

@@ -245,6 +245,31 @@ def test_a_tiff_that_cannot_be_decoded_writes_nothing_to_stderr(capfd: pytest.Ca
     assert err == "", err
 
 
+def test_corrupt_metadata_writes_nothing_to_stderr() -> None:
+    """Pillow warned of each EXIF tag it skipped with the tag in the text ("Tag data larger than file. Skipping tag
+    270"), so Python printed every new one: an upload per tag number put a line in the server's log, 65,536 of
+    them. Run in a fresh interpreter as the server is (pytest records warnings itself)."""
+    import subprocess
+    import sys
+
+    code = """
+import io, struct
+from PIL import Image
+from service import images
+for tag in range(256, 296):  # each an EXIF entry whose data lies beyond the file
+    ifd = struct.pack("<2sHI", b"II", 42, 8) + struct.pack("<HHHII", 1, tag, 2, 100, 10000) + struct.pack("<I", 0)
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (9, 9, 9)).save(buf, "JPEG", exif=b"Exif\\0\\0" + ifd)
+    assert images.decode(buf.getvalue(), images.Limits()).array.shape == (3, 16, 16)
+print("decoded")
+"""
+    from tests.service.support import ROOT
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0 and done.stdout.strip() == "decoded", done.stdout + done.stderr
+    assert done.stderr == "", done.stderr
+
+
 def _photo(h: int, w: int, c: int, seed: int = 0) -> np.ndarray:
     """Smooth shapes plus noise: every 8x8 block has detail, so the decoders' rounding would show."""
     rng = np.random.default_rng(seed)
