@@ -518,6 +518,8 @@ def _png_for_libpng(data: bytes) -> bytes | None:
         pos = end
     if not idat or not _png_data_whole(idat, _png_rows(width, height, channels * 2, bool(interlace))):
         return None
+    if 8 + sum(map(len, keep)) + sum(map(len, idat)) + end - pos == n:
+        return data  # nothing dropped (OpenCV's own files, for one): no copy
     return _PNG_SIGNATURE + b"".join(keep) + b"".join(idat) + data[pos:end]
 
 

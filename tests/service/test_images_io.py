@@ -177,6 +177,7 @@ def test_16_bit_colour_png_layouts_keep_their_precision(shape: tuple[int, int, i
     if shape[2] != 2 and not interlace:  # filters other than 0 (OpenCV writes RGB(A) only, not interlaced)
         for level in (1, 9):
             data = cv2.imencode(".png", a16[..., [2, 1, 0, 3][:shape[2]]], [cv2.IMWRITE_PNG_COMPRESSION, level])[1]
+            assert images._png_for_libpng(data.tobytes()) == data.tobytes()  # nothing to drop
             d = images.decode(data.tobytes(), limits)
             assert d.bits == 16
             np.testing.assert_allclose(d.array, _composited(a16), atol=1e-6)
