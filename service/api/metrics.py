@@ -40,7 +40,8 @@ class Metrics:
         self.ready = Gauge("stn_ready", "1 when the service is ready", registry=r)
         self.connections_closed = Counter("stn_connections_closed", "Connections the server ended: head_timeout (no "
                                           "complete request head in STN_HEAD_TIMEOUT_S), evicted (the oldest waiting "
-                                          "for a head, to make room under STN_MAX_CONNECTIONS), refused (no room)",
+                                          "for a head, to make room under STN_MAX_CONNECTIONS), refused (no room), small_pieces (a body "
+                                          "in pieces averaging under 256 bytes: 400)",
                                           ["reason"], registry=r)
 
     def observe_batch(self, model: str, size: int, queue_seconds: Sequence[float], compute_seconds: float) -> None:

@@ -48,6 +48,10 @@
   another version (llhttp takes ``HTTP/2.0`` and ``HTTP/0.9``) gets 505; an HTTP/1.1 request without
   exactly one ``Host`` gets 400 (RFC 9112 3.2). Refusals are logged at INFO: a client must not be able to
   write to the server's log at will.
+- **Bodies in tiny pieces.** Each piece of a body (a chunk of a chunked body, a read of the rest) costs
+  the event loop a callback, and uvicorn copies what it holds of the body at each: one client sending
+  1-byte chunks stalled /healthz for 0.75 s. Past ``small_pieces_allowed`` pieces a body must average
+  ``min_piece_bytes`` a piece, else 400 and the connection closes.
 - **Slow readers.** A client that stops reading its response (the transport's buffer stays over its
   high-water mark, writing paused) for ``STN_BODY_TIMEOUT_S`` has its connection aborted, which
   drops what is buffered for it; responses count against the memory budget while they are sent
@@ -163,6 +167,10 @@ if HttpToolsProtocol is not None:
         max_pipelined = 16  # request heads one read may hold; at the next, the connection ends after answering these
         head_timeout_s = 10.0  # a request head must arrive within this of the connection's opening or its first byte
         max_connections = 10000
+        # A body's pieces (each chunk of a chunked body, each read of the rest) cost the event loop a callback, and
+        # uvicorn copies what it holds of the body at each: in 1-byte chunks, one client stalled /healthz for 0.75 s
+        min_piece_bytes = 256  # past small_pieces_allowed pieces, a body must average this much a piece, else 400
+        small_pieces_allowed = 1024
         linger_idle_s = 1.0  # a lingering close (answered, closing, body still arriving) ends when nothing arrives this long
         waiting: dict = {}  # noqa: RUF012 (replaced per server in http_protocol) connections waiting for a head, oldest first
 
@@ -177,6 +185,7 @@ if HttpToolsProtocol is not None:
             self._pipeline_full = False  # a read held too many: answer what was taken, then end the connection
             self._ending = False
             self._discard_left = 65536  # bytes discarded while ending; then reading stops until the close
+            self._body_pieces = self._body_bytes = 0  # the current request's body so far (on_body calls, bytes)
             self._head_bytes = 0  # bytes of the current request's head seen so far
             self._head_lines = 0
             self._in_head = True
@@ -220,6 +229,7 @@ if HttpToolsProtocol is not None:
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self._head_open = True
+            self._body_pieces = self._body_bytes = 0
             # A door answer earlier in this read armed the keep-alive timer (the connection looked idle); this
             # request begins in the same read, so nothing else cancels it and it would cut the request short.
             self._unset_keepalive_if_required()
@@ -398,6 +408,21 @@ if HttpToolsProtocol is not None:
                 self.cycle.transport = _LingeringTransport(self)  # type: ignore[assignment]
 
         def on_body(self, body: bytes) -> None:
+            self._body_pieces += 1
+            self._body_bytes += len(body)
+            if self._body_pieces > self.small_pieces_allowed and \
+                    self._body_pieces * self.min_piece_bytes > self._body_bytes:
+                self._count_closed("small_pieces")
+                detail = (f"the body came in {self._body_pieces} pieces of {self._body_bytes} bytes in all; send "
+                          f"chunks of {self.min_piece_bytes} bytes or more on average")
+                answered = self._answered is not None or self._lingering or (
+                    self.cycle is not None and self.cycle.response_started)
+                if answered:  # its answer is written (or being written): no second one
+                    log.info("closed a connection: %s", detail)
+                    self._close()
+                else:
+                    self._refuse(400, detail)
+                raise _StopParsing
             if self._answered is None:
                 super().on_body(body)  # else: the body of an answered request is discarded
 

@@ -538,6 +538,39 @@ def test_upgrade_offers_whose_head_comes_in_pieces_are_served_as_http_1_1(server
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
+def test_a_body_in_tiny_chunks_gets_400_before_it_stalls_the_event_loop(server) -> None:  # noqa: ANN001
+    """Each chunk of a chunked body costs the event loop a callback, and uvicorn copied what it held of the body at
+    each: one client sending 1-byte chunks (5 bytes on the wire each) stalled /healthz for 0.75 s. Past 1,024
+    pieces a body must average 256 bytes a piece; normal chunked uploads pass."""
+    host, port = server.url.removeprefix("http://").split(":")
+    noise = np.random.default_rng(0).integers(0, 256, (300, 400), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, "PNG")
+    img = buf.getvalue()  # about 120 KB
+
+    def send(pieces: list[bytes]) -> tuple[int, bytes]:
+        body = b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces) + b"0\r\n\r\n"
+        with socket.create_connection((host, int(port)), timeout=20) as sock:
+            sock.sendall(b"POST /v1/rectify?model=affine&format=png HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n")
+            try:
+                sock.sendall(body)
+            except OSError:  # refused and closed while sending
+                pass
+            status, _, answer = read_response(sock.makefile("rb"))
+        return status, answer
+
+    before = metric(httpx.get(server.url + "/metrics").text, "stn_connections_closed_total", reason="small_pieces")
+    status, answer = send([img[:64]] + [img[i:i + 1] for i in range(64, 20000)])  # 1-byte chunks
+    assert status == 400 and b"pieces" in answer and b"256 bytes" in answer, answer[:300]
+    after = metric(httpx.get(server.url + "/metrics").text, "stn_connections_closed_total", reason="small_pieces")
+    assert after == before + 1
+    for size in (300, 4096, 65536):  # uploads that chunk their bodies as clients do
+        status, answer = send([img[i:i + size] for i in range(0, len(img), size)])
+        assert status == 200 and answer.startswith(b"\x89PNG"), (size, answer[:300])
+    assert httpx.get(server.url + "/healthz").status_code == 200
+
+
 # ---- 3b. pipelining is bounded: what one connection may have parsed, answered and unread ------------
 
 def pipelined(n: int, path: str, first: int = 0) -> bytes:
