@@ -169,7 +169,7 @@ if HttpToolsProtocol is not None:
         max_connections = 10000
         # A body's pieces (each chunk of a chunked body, each read of the rest) cost the event loop a callback, and
         # uvicorn copies what it holds of the body at each: in 1-byte chunks, one client stalled /healthz for 0.75 s
-        min_piece_bytes = 256  # past small_pieces_allowed pieces, a body must average this much a piece, else 400
+        min_piece_bytes = 128  # past small_pieces_allowed pieces, a body must average this much a piece, else 400
         small_pieces_allowed = 1024
         linger_idle_s = 1.0  # a lingering close (answered, closing, body still arriving) ends when nothing arrives this long
         waiting: dict = {}  # noqa: RUF012 (replaced per server in http_protocol) connections waiting for a head, oldest first
