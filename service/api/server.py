@@ -413,15 +413,8 @@ if HttpToolsProtocol is not None:
             if self._body_pieces > self.small_pieces_allowed and \
                     self._body_pieces * self.min_piece_bytes > self._body_bytes:
                 self._count_closed("small_pieces")
-                detail = (f"the body came in {self._body_pieces} pieces of {self._body_bytes} bytes in all; send "
-                          f"chunks of {self.min_piece_bytes} bytes or more on average")
-                answered = self._answered is not None or self._lingering or (
-                    self.cycle is not None and self.cycle.response_started)
-                if answered:  # its answer is written (or being written): no second one
-                    log.info("closed a connection: %s", detail)
-                    self._close()
-                else:
-                    self._refuse(400, detail)
+                self._refuse_or_close(400, f"the body came in {self._body_pieces} pieces of {self._body_bytes} "
+                                           f"bytes in all; send chunks of {self.min_piece_bytes} bytes or more on average")
                 raise _StopParsing
             if self._answered is None:
                 super().on_body(body)  # else: the body of an answered request is discarded
@@ -513,12 +506,22 @@ if HttpToolsProtocol is not None:
 
         def _malformed(self, reason: str) -> None:
             """The parser refused the request (llhttp's reason: "Invalid method encountered", "Invalid header value
-            char"): 400 with it, and close (only close when an answer to it is being written already)."""
-            if self.cycle is not None and self.cycle.response_started and not self.cycle.response_complete:
-                log.info("refused a request: malformed HTTP/1.1 (%s) while its answer was being written", reason)
-                self.transport.close()
+            char"): 400 with it, and close."""
+            self._refuse_or_close(400, f"malformed HTTP/1.1 request: {reason}")
+
+        def _refuse_or_close(self, status: int, detail: str) -> None:
+            """:meth:`_refuse`, or only the close when an answer has begun: one is being written, or the request
+            whose body is arriving was answered already (the door's 503, an early 413): a second answer to it would
+            be read as the answer to the client's next request."""
+            cycle = self.cycle
+            begun = (cycle is not None and cycle.response_started and not cycle.response_complete) or (
+                self._body_pending and (self._answered is not None or self._lingering
+                                        or (cycle is not None and cycle.response_started)))
+            if not begun:
+                self._refuse(status, detail)
                 return
-            self._refuse(400, f"malformed HTTP/1.1 request: {reason}")
+            log.info("closed a connection: %s (its answer was given)", detail)
+            self._close()
 
         def _refuse(self, status: int, detail: str) -> None:
             """Answer a request that will not be served (431 head too large, 408 head too slow, 400 malformed or

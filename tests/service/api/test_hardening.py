@@ -475,6 +475,29 @@ def test_a_malformed_request_gets_a_problem_with_the_parsers_reason_and_no_warni
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
+def test_a_malformed_body_after_its_answer_gets_no_second_answer(model_dir: Path) -> None:
+    """The door answers a request it sheds at once and discards its body; a malformed chunk in that body made the
+    protocol write a 400 as well, which a keep-alive client would read as the answer to its next request. The
+    connection is closed instead (as when an answer is being written)."""
+    with live_server(model_dir=model_dir, max_uploads=1, body_timeout_s=30) as srv:
+        hold = raw_request(srv.url, "POST /v1/rectify?model=affine HTTP/1.1\nHost: x\nContent-Type: image/png\n"
+                                    "Content-Length: 5000\n", b"\x89PNG")
+        try:
+            assert wait_for(lambda: srv.state.admission.uploads == 1)
+            with raw_request(srv.url, "POST /v1/rectify?model=affine HTTP/1.1\nHost: x\nContent-Type: image/png\n"
+                                      "Transfer-Encoding: chunked\n", b"4\r\nabcd\r\n") as sock:
+                time.sleep(0.3)  # the 503 is written; then the body goes on, malformed
+                sock.sendall(b"zz\r\n")
+                t0 = time.monotonic()
+                reply = read_all(sock, timeout=5)
+                closed_after = time.monotonic() - t0
+        finally:
+            hold.close()
+    assert reply.startswith(b"HTTP/1.1 503") and b"STN_MAX_UPLOADS" in reply, reply[:300]
+    assert reply.count(b"HTTP/1.1 ") == 1, reply
+    assert closed_after < 4, closed_after  # closed, not left waiting for the rest of the body
+
+
 @pytest.mark.parametrize("version", ["2.0", "0.9"])
 def test_a_request_line_of_another_http_version_gets_505(server, version: str) -> None:  # noqa: ANN001
     """llhttp parses `HTTP/2.0` and `HTTP/0.9` request lines, and they were served as HTTP/1.1."""
