@@ -41,7 +41,7 @@ class Metrics:
         self.connections_closed = Counter("stn_connections_closed", "Connections the server ended: head_timeout (no "
                                           "complete request head in STN_HEAD_TIMEOUT_S), evicted (the oldest waiting "
                                           "for a head, to make room under STN_MAX_CONNECTIONS), refused (no room), small_pieces (a body "
-                                          "in pieces averaging under 128 bytes: 400)",
+                                          "in pieces too small on average: 400)",
                                           ["reason"], registry=r)
 
     def observe_batch(self, model: str, size: int, queue_seconds: Sequence[float], compute_seconds: float) -> None:

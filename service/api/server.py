@@ -94,8 +94,12 @@ except ImportError:  # httptools is not installed: uvicorn uses h11, capped by i
     HttpToolsProtocol = None  # type: ignore[assignment,misc]
 
 _END = b"\r\n\r\n"
-_UPGRADE = re.compile(rb"\r\nupgrade:", re.IGNORECASE)  # renamed before parsing: the service speaks HTTP/1.1 only
-_UPGRADE_NAME = b"\r\nupgrade:"
+_UPGRADE_NAME = b"\r\nupgrade:"  # renamed before parsing: the service speaks HTTP/1.1 only
+_UPGRADE = re.compile(re.escape(_UPGRADE_NAME), re.IGNORECASE)
+
+
+def _rename_upgrade(head: bytes) -> bytes:
+    return _UPGRADE.sub(b"\r\nx-ignored-upgrade:", head)
 
 
 def _upgrade_prefix(data: bytes) -> int:
@@ -337,14 +341,13 @@ if HttpToolsProtocol is not None:
                 if end >= 0:
                     self._in_head = False
                     if held or _UPGRADE.search(head):  # (else the read goes on as it came: no copy)
-                        data = _UPGRADE.sub(b"\r\nx-ignored-upgrade:", held + head) + data[len(head):]
+                        data = _rename_upgrade(held + head) + data[len(head):]
                 else:
                     data = held + data if held else data
                     keep = _upgrade_prefix(data)
                     if keep:
                         data, self._held = data[:-keep], data[-keep:]
-                    if _UPGRADE.search(data):
-                        data = _UPGRADE.sub(b"\r\nx-ignored-upgrade:", data)
+                    data = _rename_upgrade(data)
             super().data_received(data)
             if self._head_open and self._head_timer is None and not self._refused:  # a head is arriving in pieces
                 self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
