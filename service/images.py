@@ -482,7 +482,7 @@ def _png_for_libpng(data: bytes) -> bytes | None:
     image data inflated once here, in 1 MB pieces, to check it is whole, exactly as long as the
     header says, with valid filter bytes. None (Pillow decodes it at 8 bits, or says why it
     cannot) for anything else."""
-    n, pos = len(data), 8
+    n = len(data)
     if n < 33 or data[12:16] != b"IHDR" or int.from_bytes(data[8:12], "big") != 13:
         return None
     width, height, depth, colour, compression, filtering, interlace = struct.unpack(">IIBBBBB", data[16:29])
@@ -491,18 +491,15 @@ def _png_for_libpng(data: bytes) -> bytes | None:
         return None
     keep: list[bytes] = []  # IHDR, tRNS
     idat: list[bytes] = []
-    ended = False  # the run of IDATs
-    while True:
-        if pos + 12 > n:
-            return None  # no IEND
-        length = int.from_bytes(data[pos:pos + 4], "big")
-        kind, end = data[pos + 4:pos + 8], pos + 12 + length
+    ended, end = False, 8  # the run of IDATs; where the last chunk ends
+    for pos, kind in _png_chunks(data):
+        end = pos + 12 + int.from_bytes(data[pos:pos + 4], "big")
         if end > n:
             return None
         critical = not kind[0] & 0x20  # an upper-case first letter
         if critical and (kind not in _PNG_CRITICAL or (kind == b"IHDR") != (pos == 8)):
             return None  # a second IHDR, an unknown critical chunk
-        wanted = kind != b"PLTE" and (critical or (kind == b"tRNS" and colour == 2 and length == 6 and not idat))
+        wanted = kind != b"PLTE" and (critical or (kind == b"tRNS" and colour == 2 and end - pos == 18 and not idat))
         if wanted and zlib.crc32(memoryview(data)[pos + 4:end - 4]) != int.from_bytes(data[end - 4:end], "big"):
             return None
         if kind == b"IDAT":
@@ -511,16 +508,15 @@ def _png_for_libpng(data: bytes) -> bytes | None:
             idat.append(data[pos:end])
         else:
             ended = bool(idat)
-            if kind == b"IEND":
-                break
             if wanted:
                 keep.append(data[pos:end])
-        pos = end
+    if data[end:end + 12] != _PNG_IEND:  # the walk ended at the data's end, or at a malformed IEND
+        return None
     if not idat or not _png_data_whole(idat, _png_rows(width, height, channels * 2, bool(interlace))):
         return None
-    if 8 + sum(map(len, keep)) + sum(map(len, idat)) + end - pos == n:
+    if 8 + sum(map(len, keep)) + sum(map(len, idat)) + 12 == n:
         return data  # nothing dropped (OpenCV's own files, for one): no copy
-    return _PNG_SIGNATURE + b"".join(keep) + b"".join(idat) + data[pos:end]
+    return b"".join([_PNG_SIGNATURE, *keep, *idat, _PNG_IEND])
 
 
 def _png_data_whole(idat: list[bytes], rows: list[tuple[int, int]]) -> bool:
@@ -745,6 +741,9 @@ _PNG_COLOUR_TYPES = {1: 0, 2: 4, 3: 2, 4: 6}  # channels -> PNG colour type (gra
 
 def _png_chunk(tag: bytes, payload: bytes) -> bytes:
     return struct.pack(">I", len(payload)) + tag + payload + struct.pack(">I", zlib.crc32(payload, zlib.crc32(tag)))
+
+
+_PNG_IEND = _png_chunk(b"IEND", b"")
 
 
 def png8(pixels: np.ndarray) -> bytes:
