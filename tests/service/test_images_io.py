@@ -211,6 +211,7 @@ def test_16_bit_colour_png_that_libpng_would_warn_about_writes_nothing_to_stderr
         "bad adaptive filter value": _png16_file(a16, stream=zlib.compress(b"\7" + raw[1:])),
         "IDAT CRC error": _png16_file(a16)[:-16] + b"\0\0\0\0" + _chunk(b"IEND", b""),
         "stream cut short": _png16_file(a16, stream=zlib.compress(raw)[:-30]),
+        "IEND invalid": _png16_file(a16)[:-12] + _chunk(b"IEND", b"xx"),
     }
     capfd.readouterr()
     for name, data in whole.items():
