@@ -27,24 +27,34 @@ def gradient(h: int = 20, w: int = 30) -> np.ndarray:
     return np.stack([x * 255 // (w - 1), y * 255 // (h - 1), (x + y) * 255 // (h + w - 2)], -1).astype(np.uint8)
 
 
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _png16_raw(a16: np.ndarray, interlace: bool = False) -> bytes:
+    """The image data of a 16-bit PNG of ``a16`` [H, W, C] before compression (filter type 0), Adam7 or not."""
+    passes = [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2)]
+    subs = [a16[y0::dy, x0::dx] for x0, y0, dx, dy in passes] if interlace else [a16]
+    return b"".join(b"\0" + row.astype(">u2").tobytes() for sub in subs if sub.size for row in sub)
+
+
+def _png16_file(a16: np.ndarray, interlace: bool = False, before: bytes = b"", stream: bytes | None = None,
+                pieces: int = 1, between: bytes = b"") -> bytes:
+    """A 16-bit PNG (gray, gray+alpha, RGB or RGBA by the channel count): optional chunks ``before`` the image
+    data, its zlib ``stream`` (default: the image's) in ``pieces`` IDATs with ``between`` after the first."""
+    h, w, c = a16.shape
+    stream = zlib.compress(_png16_raw(a16, interlace)) if stream is None else stream
+    cut = [len(stream) * i // pieces for i in range(pieces + 1)]
+    idats = [_chunk(b"IDAT", stream[cut[i]:cut[i + 1]]) for i in range(pieces)]
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, {1: 0, 2: 4, 3: 2, 4: 6}[c], 0, 0, int(interlace))
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + before + idats[0] + between + b"".join(idats[1:])
+            + _chunk(b"IEND", b""))
+
+
 def png16(a: np.ndarray, exif: bytes = b"") -> bytes:
     """A 16-bit PNG written by hand (gray, gray+alpha, RGB or RGBA by the channel count), optional eXIf chunk."""
-    import struct
-    import zlib
-
-    a = a[..., None] if a.ndim == 2 else a
-    h, w, c = a.shape
-    color_type = {1: 0, 2: 4, 3: 2, 4: 6}[c]
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-
-    rows = a.astype(">u2").reshape(h, w * c)
-    raw = b"".join(b"\0" + row.tobytes() for row in rows)
-    ihdr = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
-    extra = chunk(b"eXIf", exif.removeprefix(b"Exif\0\0")) if exif else b""
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + extra + chunk(b"IDAT", zlib.compress(raw))
-            + chunk(b"IEND", b""))
+    return _png16_file(a[..., None] if a.ndim == 2 else a,
+                       before=_chunk(b"eXIf", exif.removeprefix(b"Exif\0\0")) if exif else b"")
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "BMP", "TIFF"])
@@ -126,30 +136,6 @@ def test_16_bit_colour_exif_orientation_as_pil(orientation: int) -> None:
         ref = np.asarray(ImageOps.exif_transpose(im).convert("RGB")).transpose(2, 0, 1) / 255.0
     assert d.bits == 16 and d.array.shape == ref.shape
     np.testing.assert_allclose(d.array, ref, atol=1e-6)
-
-
-def _chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-
-def _png16_raw(a16: np.ndarray, interlace: bool = False) -> bytes:
-    """The image data of a 16-bit PNG of ``a16`` [H, W, C] before compression (filter type 0), Adam7 or not."""
-    passes = [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2)]
-    subs = [a16[y0::dy, x0::dx] for x0, y0, dx, dy in passes] if interlace else [a16]
-    return b"".join(b"\0" + row.astype(">u2").tobytes() for sub in subs if sub.size for row in sub)
-
-
-def _png16_file(a16: np.ndarray, interlace: bool = False, before: bytes = b"", stream: bytes | None = None,
-                pieces: int = 1, between: bytes = b"") -> bytes:
-    """A 16-bit colour PNG: optional chunks ``before`` the image data, its zlib ``stream`` (default: the image's)
-    in ``pieces`` IDATs with ``between`` after the first."""
-    h, w, c = a16.shape
-    stream = zlib.compress(_png16_raw(a16, interlace)) if stream is None else stream
-    cut = [len(stream) * i // pieces for i in range(pieces + 1)]
-    idats = [_chunk(b"IDAT", stream[cut[i]:cut[i + 1]]) for i in range(pieces)]
-    ihdr = struct.pack(">IIBBBBB", w, h, 16, {2: 4, 3: 2, 4: 6}[c], 0, 0, int(interlace))
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + before + idats[0] + between + b"".join(idats[1:])
-            + _chunk(b"IEND", b""))
 
 
 def _composited(a16: np.ndarray) -> np.ndarray:
